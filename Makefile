@@ -1,0 +1,29 @@
+# Two commands do all set-up on a fresh machine: `make serve` and `make test`.
+# Both create .venv and install the project when needed; a stamp file makes the second run instant.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch is pinned to the CPU build 2.13.0; where a local wheel folder exists, pip takes it from there.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
+.PHONY: serve test install demo clean-venv
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "kvswitch needs Python >= 3.11"'
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install $(FIND_LINKS) -e '.[test]'
+	@$(PY) -c 'import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith("2.13.0") else f"torch {v} installed; kvswitch pins torch==2.13.0 (CPU)")'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+serve: $(STAMP)
+	$(VENV)/bin/kvswitch demo
+
+clean-venv:
+	rm -rf $(VENV)

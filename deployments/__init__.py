@@ -1,0 +1,1 @@
+"""Thin Ray Serve deployment classes over serve_app (added by the service issue)."""
