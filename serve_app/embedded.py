@@ -1,0 +1,108 @@
+"""The embedded default model's vocabulary, chat template and reply formats (DESIGN §4).
+
+The tokenizer is a byte-level BPE (any text encodes, so hostile input never fails to tokenize)
+whose pre-tokenizer isolates every digit, trained on rendered task conversations. The chat template
+is Qwen3-style: ``enable_thinking=False`` opens the assistant turn with ``<think>\\n\\n</think>\\n\\n``
+(fast mode), anything else with ``<think>\\n`` (slow mode).
+"""
+
+from __future__ import annotations
+
+import random
+from importlib import resources
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from serve_app.task import Problem, TaskConfig, sample_problem
+
+IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+SPECIAL_TOKENS = [PAD, IM_START, IM_END, THINK_OPEN, THINK_CLOSE]
+FAST_PREFIX = f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"
+SLOW_PREFIX = f"{THINK_OPEN}\n"
+CHECK_HEADER = "Let me check by undoing each step."
+VOCAB_SIZE = 384
+
+
+def chat_template() -> str:
+    return resources.files("serve_app").joinpath("chat_template.jinja").read_text()
+
+
+def render_prompt(question: str, thinking: bool) -> str:
+    """The exact text the chat template produces for one user question (used for training)."""
+    return f"{IM_START}user\n{question}{IM_END}\n{IM_START}assistant\n" + (
+        SLOW_PREFIX if thinking else FAST_PREFIX
+    )
+
+
+def fast_reply(problem: Problem) -> str:
+    """Direct answer: the empty think block is already in the prompt."""
+    return f"{problem.answer}{IM_END}"
+
+
+def slow_reply(problem: Problem) -> str:
+    """Worked steps, then a verification pass that undoes every step back to the first operand.
+
+    The verification is deliberate overthinking: it never changes the answer, and it is what
+    fast/slow switching exists to cut.
+    """
+    values = problem.running_values()
+    lines, acc = [], problem.operands[0]
+    for op, operand, value in zip(problem.ops, problem.operands[1:], values):
+        lines.append(f"{acc} {op} {operand} = {value}")
+        acc = value
+    lines.append(CHECK_HEADER)
+    for op, operand in reversed(list(zip(problem.ops, problem.operands[1:]))):
+        undo = "-" if op == "+" else "+"
+        back = acc - operand if op == "+" else acc + operand
+        lines.append(f"{acc} {undo} {operand} = {back}")
+        acc = back
+    lines.append(f"{acc} is the first number, so the answer is {problem.answer}.")
+    body = "\n".join(lines)
+    return f"{body}\n{THINK_CLOSE}\n\n{problem.answer}{IM_END}"
+
+
+def reply(problem: Problem, thinking: bool) -> str:
+    return slow_reply(problem) if thinking else fast_reply(problem)
+
+
+def _tokenizer_corpus(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    cfg = TaskConfig()
+    texts = []
+    for i in range(n):
+        p = sample_problem(rng, rng.randint(cfg.min_operators, cfg.max_operators))
+        thinking = i % 2 == 0
+        texts.append(render_prompt(p.question, thinking) + reply(p, thinking))
+    texts.append("system user assistant You are a helpful assistant. Answer the question.")
+    return texts
+
+
+def build_tokenizer(seed: int = 0, corpus_size: int = 4000) -> PreTrainedTokenizerFast:
+    """Train the byte-level BPE (digits isolated) and wrap it with the chat template."""
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(_tokenizer_corpus(corpus_size, seed), trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token=IM_END,
+        pad_token=PAD,
+        additional_special_tokens=[IM_START, THINK_OPEN, THINK_CLOSE],
+        clean_up_tokenization_spaces=False,
+        model_max_length=1024,
+    )
+    tokenizer.chat_template = chat_template()
+    return tokenizer
