@@ -1,0 +1,175 @@
+"""Train the embedded default model from scratch (DESIGN §4): a small Qwen3 on chain arithmetic.
+
+Read top to bottom: constants, data, the loop. Both modes are mixed in every run: fast replies
+answer directly after the empty think block; slow replies work the steps, undo them to re-check,
+then answer. Loss is on reply tokens only (the question's operands are noise to predict).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field
+from tqdm import tqdm
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from serve_app.embedded import build_tokenizer, render_prompt, reply
+from serve_app.generate import build_prompt, generate_greedy
+from serve_app.task import TaskConfig, generate_problems, is_correct, sample_problem
+
+MONITOR_SEED = 7_777  # in-training spot checks; never used for shipped evaluation sets
+
+
+class TrainConfig(BaseModel):
+    """Everything that decides the trained weights; stored next to them as train_config.json."""
+
+    seed: int = 0
+    steps: int = Field(6000, ge=1)
+    tokens_per_batch: int = Field(6144, ge=256)
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 200
+    weight_decay: float = 0.05
+    slow_fraction: float = Field(0.6, ge=0, le=1)
+    layers: int = Field(4, ge=4)
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    attention_heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 64
+    bf16: bool = True
+    threads: int = 2
+    monitor_every: int = 1000
+    task: TaskConfig = TaskConfig()
+
+
+def model_config(cfg: TrainConfig, tokenizer) -> Qwen3Config:
+    if cfg.kv_heads >= cfg.attention_heads or cfg.attention_heads % cfg.kv_heads:
+        raise ValueError("GQA needs kv_heads < attention_heads and attention_heads % kv_heads == 0")
+    return Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.attention_heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=1024,
+        rope_theta=10_000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def sample_batches(cfg: TrainConfig, tokenizer, rng: random.Random, pool_size: int = 2048):
+    """Endless length-bucketed batches of (input_ids, labels); about tokens_per_batch tokens each."""
+    while True:
+        prompts, replies = [], []
+        for _ in range(pool_size):
+            k = rng.randint(cfg.task.min_operators, cfg.task.max_operators)
+            problem = sample_problem(rng, k, cfg.task.max_operand)
+            thinking = rng.random() < cfg.slow_fraction
+            prompts.append(render_prompt(problem.question, thinking))
+            replies.append(reply(problem, thinking))
+        p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        r_ids = tokenizer(replies, add_special_tokens=False)["input_ids"]
+        rows = sorted(zip(p_ids, r_ids), key=lambda pr: len(pr[0]) + len(pr[1]))
+        batches, start = [], 0
+        while start < len(rows):
+            end = start + 1
+            while end < len(rows) and (end - start + 1) * (len(rows[end][0]) + len(rows[end][1])) <= cfg.tokens_per_batch:
+                end += 1
+            batches.append(rows[start:end])
+            start = end
+        rng.shuffle(batches)
+        for batch in batches:
+            width = max(len(p) + len(r) for p, r in batch)
+            ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+            labels = torch.full((len(batch), width), -100)
+            for i, (p, r) in enumerate(batch):
+                ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+                labels[i, len(p) : len(p) + len(r)] = torch.tensor(r)
+            yield ids, labels
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def monitor(model, tokenizer, n_per_cell: int = 32) -> dict:
+    """Greedy accuracy of both modes at 1, 3 and 6 operators on a fixed small set."""
+    model.eval()
+    report = {}
+    for k in (1, 3, 6):
+        problems = generate_problems(n_per_cell, MONITOR_SEED + k, TaskConfig(min_operators=k, max_operators=k))
+        for thinking in (False, True):
+            gens = generate_greedy(
+                model, tokenizer, [build_prompt(tokenizer, p.question, thinking) for p in problems],
+                max_new_tokens=320 if thinking else 16,
+            )
+            acc = sum(is_correct(g.text, p.answer) for g, p in zip(gens, problems)) / len(problems)
+            report[f"{'slow' if thinking else 'fast'}@{k}"] = round(acc, 3)
+    model.train()
+    return report
+
+
+def train(cfg: TrainConfig, out: Path) -> dict:
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    rng = random.Random(cfg.seed)
+    tokenizer = build_tokenizer(seed=cfg.seed)
+    model = Qwen3ForCausalLM(model_config(cfg, tokenizer))
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.98),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    log = {"params": n_params, "config": cfg.model_dump(), "monitor": [], "loss": []}
+    batches = sample_batches(cfg, tokenizer, rng)
+    model.train()
+    started, tokens_seen = time.time(), 0
+    bar = tqdm(range(cfg.steps), desc="train", unit="step", mininterval=5)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        ids, labels = next(batches)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        tokens_seen += ids.numel()
+        if step % 50 == 0:
+            elapsed = time.time() - started
+            log["loss"].append([step, round(loss.item(), 4), round(elapsed, 1)])
+            bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens_seen / elapsed:.0f}")
+        if (step + 1) % cfg.monitor_every == 0 or step + 1 == cfg.steps:
+            report = monitor(model, tokenizer)
+            log["monitor"].append({"step": step + 1, "elapsed_s": round(time.time() - started, 1), **report})
+            tqdm.write(f"step {step + 1}: {report}")
+            save(model, tokenizer, cfg, log, out)
+    log["train_seconds"] = round(time.time() - started, 1)
+    log["tokens_seen"] = tokens_seen
+    save(model, tokenizer, cfg, log, out)
+    return log
+
+
+def save(model, tokenizer, cfg: TrainConfig, log: dict, out: Path) -> None:
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "train_config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
+    (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
