@@ -91,14 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="fast,slow", help="comma list: fast, slow")
     p.add_argument("--out")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=400)
+    p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--limit", type=int, help="evaluate only the first N questions")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("demo", help="answer one question in both modes")
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--question", default="What is 37 + 48 - 19?")
-    p.add_argument("--max-new-tokens", type=int, default=400)
+    p.add_argument("--max-new-tokens", type=int, default=512)
     p.set_defaults(func=_cmd_demo)
     return parser
 

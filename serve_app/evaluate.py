@@ -27,7 +27,7 @@ class EvalConfig(BaseModel):
     dataset: str
     policies: list[str] = ["fast", "slow"]
     batch_size: int = Field(32, ge=1)
-    max_new_tokens: int = Field(400, ge=1)
+    max_new_tokens: int = Field(512, ge=1)
     limit: int | None = Field(None, ge=1)
 
     @field_validator("policies")

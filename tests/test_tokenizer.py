@@ -1,7 +1,9 @@
+import re
+
 import pytest
 from transformers import AutoTokenizer
 
-from serve_app.embedded import FAST_PREFIX, SLOW_PREFIX, render_prompt, reply, slow_reply
+from serve_app.embedded import FAST_PREFIX, SLOW_PREFIX, render_prompt, reply, slow_reply, step_line
 from serve_app.task import Problem, generate_problems
 
 
@@ -70,30 +72,81 @@ def test_template_matches_training_prompt_and_drops_old_thoughts(tokenizer):
     assert "<|im_start|>assistant\n2<|im_end|>\n" in text  # previous reasoning is not replayed
 
 
-def test_slow_reply_steps_and_checks_are_arithmetically_true():
-    for p in generate_problems(100, seed=5):
-        text = slow_reply(p)
-        body, answer = text.split("</think>")
-        for line in body.splitlines():
-            if " = " in line:
-                lhs, rhs = line.split(" = ")
-                a, op, b = lhs.split()
-                assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(rhs)
-        assert f"{p.operands[0]} is the first number" in body
+STEP_RE = re.compile(r"^(-?\d+) ([+-]) (\d+):(?: (\d+) ([+-]) (\d+) instead,)? (.+), so (-?\d+)$")
+COLUMN_RE = re.compile(r"^(1?)(\d)([+-])(\d)((?:[+-]1)?)=(\d+)$")
+
+
+def check_step(line: str) -> int:
+    """Re-derive one worked step from its own columns; return the value it states."""
+    m = STEP_RE.match(line)
+    assert m, line
+    acc, op, operand = int(m[1]), m[2], int(m[3])
+    value = acc + operand if op == "+" else acc - operand
+    assert int(m[8]) == value, line
+    if m[4] is not None:
+        x, col_op, y = int(m[4]), m[5], int(m[6])
+    else:
+        x, col_op, y = acc, op, operand
+    assert x >= 0 and y >= 0 and (col_op == "+" or x >= y), line
+    assert (x + y if col_op == "+" else x - y) == abs(value), line
+    digits, carry = [], 0
+    for i, col in enumerate(m[7].split(", ")):
+        c = COLUMN_RE.match(col)
+        assert c, (line, col)
+        borrowed, a, cop, b, paid, shown = c.groups()
+        assert cop == col_op and int(a) == x // 10**i % 10 and int(b) == y // 10**i % 10, (line, col)
+        assert paid == ("" if not carry else ("+1" if col_op == "+" else "-1")), (line, col)
+        if col_op == "+":
+            assert not borrowed and int(shown) == int(a) + int(b) + carry
+            digits.append(int(shown) % 10)
+            carry = int(shown) // 10
+        else:
+            rest = int(a) - int(b) - carry
+            assert bool(borrowed) == (rest < 0) and int(shown) == rest + 10 * bool(borrowed), (line, col)
+            digits.append(int(shown))
+            carry = int(bool(borrowed))
+    assert sum(d * 10**i for i, d in enumerate(digits)) + carry * 10 ** len(digits) == abs(value), line
+    return value
+
+
+def test_every_worked_step_checks_out_column_by_column():
+    for p in generate_problems(300, seed=5):
+        body, answer = slow_reply(p).split("</think>")
+        lines = body.strip().splitlines()
+        k = p.num_operators
+        values = [check_step(line) for line in lines[:k]]
+        assert values == p.running_values()
+        assert lines[k] == "Let me check by undoing each step."
+        for line in lines[k + 1 : 2 * k + 1]:  # the re-check: compact undo lines
+            lhs, rhs = line.split(" = ")
+            a, op, b = lhs.split()
+            assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(rhs)
+        assert lines[-1] == f"{p.operands[0]} is the first number, so the answer is {p.answer}."
         assert answer == f"\n\n{p.answer}<|im_end|>"
         assert reply(p, thinking=False) == f"{p.answer}<|im_end|>"
 
 
-def test_slow_reply_has_one_step_line_and_one_check_line_per_operator():
-    p = Problem((1, 2, 3, 4), ("+", "-", "+"))
-    lines = slow_reply(p).split("</think>")[0].strip().splitlines()
-    assert lines == [
-        "1 + 2 = 3",
-        "3 - 3 = 0",
-        "0 + 4 = 4",
-        "Let me check by undoing each step.",
-        "4 - 4 = 0",
-        "0 + 3 = 3",
-        "3 - 2 = 1",
-        "1 is the first number, so the answer is 4.",
-    ]
+def test_step_lines_are_right_for_every_reachable_running_value():
+    # running values stay within [-6*99, 6*99 + 99]; check every one against every operand
+    for acc in range(-6 * 99, 7 * 99 + 1, 7):
+        for operand in range(100):
+            for op in "+-":
+                assert check_step(step_line(acc, op, operand)) == (acc + operand if op == "+" else acc - operand)
+
+
+def test_slow_reply_layout():
+    p = Problem((37, 48, 19, 60), ("+", "-", "-"))
+    assert slow_reply(p) == (
+        "37 + 48: 7+8=15, 3+4+1=8, so 85\n"
+        "85 - 19: 15-9=6, 8-1-1=6, so 66\n"
+        "66 - 60: 6-0=6, 6-6=0, so 6\n"
+        "Let me check by undoing each step.\n"
+        "6 + 60 = 66\n"
+        "66 + 19 = 85\n"
+        "85 - 48 = 37\n"
+        "37 is the first number, so the answer is 6.\n"
+        "</think>\n\n6<|im_end|>"
+    )
+    assert step_line(-142, "+", 48) == "-142 + 48: 142 - 48 instead, 12-8=4, 14-4-1=9, 1-0-1=0, so -94"
+    assert step_line(32, "-", 35) == "32 - 35: 35 - 32 instead, 5-2=3, 3-3=0, so -3"
+    assert step_line(-55, "-", 97) == "-55 - 97: 55 + 97 instead, 5+7=12, 5+9+1=15, so -152"

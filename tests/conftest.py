@@ -1,0 +1,23 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# Nothing in the suite may reach the network: the shipped files alone must load.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from serve_app.cli import DEFAULT_MODEL  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    assert (DEFAULT_MODEL / "config.json").is_file(), f"shipped model missing at {DEFAULT_MODEL}"
+    return DEFAULT_MODEL
+
+
+@pytest.fixture(scope="session")
+def shipped(model_dir):
+    """The embedded default model and its tokenizer, loaded once per test session."""
+    from serve_app.evaluate import load_model
+
+    return load_model(model_dir)
