@@ -52,6 +52,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from serve_app.evaluate import load_model
     from serve_app.generate import build_prompt, generate_greedy
+    from serve_app.task import extract_answer, parse_question
 
     model, tokenizer = load_model(args.model)
     for thinking in (False, True):
@@ -59,6 +60,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         gen = generate_greedy(model, tokenizer, [prompt], max_new_tokens=args.max_new_tokens)[0]
         print(f"--- {'slow (thinking on)' if thinking else 'fast (thinking off)'}: {gen.tokens} tokens")
         print(prompt + gen.text)
+        problem = parse_question(args.question)
+        graded = extract_answer(gen.text)
+        verdict = "" if problem is None else f" (reference {problem.answer}: {'correct' if graded == problem.answer else 'wrong'})"
+        print(f"--- graded answer: {graded}{verdict}")
     return 0
 
 
