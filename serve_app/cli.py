@@ -36,8 +36,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         policies=[p.strip() for p in args.policy.split(",") if p.strip()],
         batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
         limit=args.limit,
+        **({"max_new_tokens": args.max_new_tokens} if args.max_new_tokens is not None else {}),
     )
     report = run_eval(cfg)
     print_report(report)
@@ -51,16 +51,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from serve_app.evaluate import load_model
-    from serve_app.generate import build_prompt, generate_greedy
+    from serve_app.generate import MAX_NEW_TOKENS, build_prompt, generate_greedy
     from serve_app.task import extract_answer, parse_question
 
     model, tokenizer = load_model(args.model)
+    problem = parse_question(args.question)
     for thinking in (False, True):
         prompt = build_prompt(tokenizer, args.question, thinking)
-        gen = generate_greedy(model, tokenizer, [prompt], max_new_tokens=args.max_new_tokens)[0]
+        gen = generate_greedy(model, tokenizer, [prompt], max_new_tokens=MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens)[0]
         print(f"--- {'slow (thinking on)' if thinking else 'fast (thinking off)'}: {gen.tokens} tokens")
         print(prompt + gen.text)
-        problem = parse_question(args.question)
         graded = extract_answer(gen.text)
         verdict = "" if problem is None else f" (reference {problem.answer}: {'correct' if graded == problem.answer else 'wrong'})"
         print(f"--- graded answer: {graded}{verdict}")
@@ -96,14 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="fast,slow", help="comma list: fast, slow")
     p.add_argument("--out")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, help="generation cap per reply (default 512)")
     p.add_argument("--limit", type=int, help="evaluate only the first N questions")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("demo", help="answer one question in both modes")
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--question", default="What is 37 + 48 - 19?")
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, help="generation cap per reply (default 512)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

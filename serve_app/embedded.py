@@ -90,9 +90,9 @@ def slow_reply(problem: Problem) -> str:
     fast/slow switching exists to cut.
     """
     lines, acc = [], problem.operands[0]
-    for op, operand in zip(problem.ops, problem.operands[1:]):
+    for op, operand, value in zip(problem.ops, problem.operands[1:], problem.running_values()):
         lines.append(step_line(acc, op, operand))
-        acc = acc + operand if op == "+" else acc - operand
+        acc = value
     lines.append(CHECK_HEADER)
     for op, operand in reversed(list(zip(problem.ops, problem.operands[1:]))):
         undo = "-" if op == "+" else "+"

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, field_validator
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from serve_app.generate import build_prompt, generate_greedy
+from serve_app.generate import MAX_NEW_TOKENS, build_prompt, generate_greedy
 from serve_app.task import is_correct, extract_answer, num_operators, read_jsonl
 
 POLICIES = {"fast": False, "slow": True}
@@ -27,7 +27,7 @@ class EvalConfig(BaseModel):
     dataset: str
     policies: list[str] = ["fast", "slow"]
     batch_size: int = Field(32, ge=1)
-    max_new_tokens: int = Field(512, ge=1)
+    max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1)
     limit: int | None = Field(None, ge=1)
 
     @field_validator("policies")

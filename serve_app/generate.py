@@ -26,6 +26,10 @@ def build_prompt(tokenizer: PreTrainedTokenizerBase, question: str, thinking: bo
     )
 
 
+MAX_NEW_TOKENS = 512
+"""Default generation cap: the longest slow reply of the embedded model (6 operators) is ~330 tokens."""
+
+
 @torch.inference_mode()
 def generate_greedy(
     model: PreTrainedModel,

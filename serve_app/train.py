@@ -19,7 +19,7 @@ from tqdm import tqdm
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from serve_app.embedded import build_tokenizer, render_prompt, reply
-from serve_app.generate import build_prompt, generate_greedy
+from serve_app.generate import MAX_NEW_TOKENS, build_prompt, generate_greedy
 from serve_app.task import TaskConfig, generate_problems, is_correct, sample_problem
 
 MONITOR_SEED = 7_777  # in-training spot checks; never used for shipped evaluation sets
@@ -123,7 +123,7 @@ def monitor(model, tokenizer, n_per_cell: int = 32) -> dict:
         for thinking in (False, True):
             gens = generate_greedy(
                 model, tokenizer, [build_prompt(tokenizer, p.question, thinking) for p in problems],
-                max_new_tokens=512 if thinking else 16,
+                max_new_tokens=MAX_NEW_TOKENS if thinking else 16,
             )
             acc = sum(is_correct(g.text, p.answer) for g, p in zip(gens, problems)) / len(problems)
             report[f"{'slow' if thinking else 'fast'}@{k}"] = round(acc, 3)
