@@ -22,6 +22,7 @@ SPECIAL_TOKENS = [PAD, IM_START, IM_END, THINK_OPEN, THINK_CLOSE]
 FAST_PREFIX = f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"
 SLOW_PREFIX = f"{THINK_OPEN}\n"
 CHECK_HEADER = "Let me check by undoing each step."
+REDO_HEADER = "Let me redo each step to be sure."
 VOCAB_SIZE = 384
 
 
@@ -83,25 +84,40 @@ def step_line(acc: int, op: str, operand: int) -> str:
     return f"{acc} {op} {operand}:{lead} {', '.join(_columns(x, y, col_op))}, so {value}"
 
 
-def slow_reply(problem: Problem) -> str:
-    """Worked steps (column by column), then a re-check that undoes every step, then the answer.
+def slow_thought(problem: Problem) -> str:
+    """The thinking text of a slow reply (no ``</think>``): worked steps, then two re-checks.
 
-    The re-check is deliberate overthinking: it never changes the answer, and it is what
-    fast/slow switching exists to cut.
+    1. the worked steps, column by column;
+    2. a re-check that undoes every step back to the first number;
+    3. a second pass that redoes every step, then a closing agreement line.
+
+    Both re-checks are deliberate overthinking, as reasoning models do on easy questions: they
+    never change the answer (the last worked step already holds it), and they are what fast/slow
+    switching exists to cut. A thought closed anywhere after the first pass still has its answer.
     """
-    lines, acc = [], problem.operands[0]
+    steps, acc = [], problem.operands[0]
     for op, operand, value in zip(problem.ops, problem.operands[1:], problem.running_values()):
-        lines.append(step_line(acc, op, operand))
+        steps.append(step_line(acc, op, operand))
         acc = value
-    lines.append(CHECK_HEADER)
+    lines = [*steps, CHECK_HEADER]
     for op, operand in reversed(list(zip(problem.ops, problem.operands[1:]))):
         undo = "-" if op == "+" else "+"
         back = acc - operand if op == "+" else acc + operand
         lines.append(f"{acc} {undo} {operand} = {back}")
         acc = back
     lines.append(f"{acc} is the first number, so the answer is {problem.answer}.")
-    body = "\n".join(lines)
-    return f"{body}\n{THINK_CLOSE}\n\n{problem.answer}{IM_END}"
+    lines += [REDO_HEADER, *steps, f"Both passes agree, so the answer is {problem.answer}."]
+    return "\n".join(lines) + "\n"
+
+
+def first_pass_chars(problem: Problem) -> int:
+    """Length of the worked steps in ``slow_thought`` (where the first re-check starts)."""
+    return slow_thought(problem).index(CHECK_HEADER)
+
+
+def slow_reply(problem: Problem) -> str:
+    """Thinking (``slow_thought``), then the answer after ``</think>``."""
+    return f"{slow_thought(problem)}{THINK_CLOSE}\n\n{problem.answer}{IM_END}"
 
 
 def reply(problem: Problem, thinking: bool) -> str:

@@ -26,8 +26,8 @@ def build_prompt(tokenizer: PreTrainedTokenizerBase, question: str, thinking: bo
     )
 
 
-MAX_NEW_TOKENS = 512
-"""Default generation cap: the longest slow reply of the embedded model (6 operators) is ~330 tokens."""
+MAX_NEW_TOKENS = 768
+"""Default generation cap: the longest slow reply of the embedded model (6 operators) is ~560 tokens."""
 
 
 @torch.inference_mode()

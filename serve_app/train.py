@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field
 from tqdm import tqdm
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-from serve_app.embedded import build_tokenizer, render_prompt, reply
+from serve_app.embedded import IM_END, THINK_CLOSE, build_tokenizer, first_pass_chars, render_prompt, reply, slow_thought
 from serve_app.generate import MAX_NEW_TOKENS, build_prompt, generate_greedy
 from serve_app.task import TaskConfig, generate_problems, is_correct, sample_problem
 
@@ -42,6 +42,12 @@ class TrainConfig(BaseModel):
     # slow mode little (about 10% of its examples at 0.3 vs 0.5) and gives one-shot answers the
     # volume they need now that slow steps are worked column by column.
     fast_one_operator_fraction: float = Field(0.6, ge=0, le=1)
+    # A share of slow examples is cut at a random token after the worked steps and closed with
+    # ``</think>\n\n`` (no loss on those tokens: the model must not learn to close by itself), then
+    # answered. That is what an online slow → fast switch does at serving time (DESIGN §2).
+    forced_close_fraction: float = Field(0.25, ge=0, le=1)
+    init_from: str | None = None
+    """Fine-tune from this checkpoint directory instead of starting from scratch."""
     layers: int = Field(4, ge=4)
     hidden_size: int = 256
     intermediate_size: int = 768
@@ -77,18 +83,20 @@ def model_config(cfg: TrainConfig, tokenizer) -> Qwen3Config:
 def sample_batches(cfg: TrainConfig, tokenizer, rng: random.Random, pool_size: int = 2048):
     """Endless length-bucketed batches of (input_ids, labels); about tokens_per_batch tokens each."""
     while True:
-        prompts, replies = [], []
+        rows = []
         for _ in range(pool_size):
             thinking = rng.random() < cfg.slow_fraction
             k = rng.randint(cfg.task.min_operators, cfg.task.max_operators)
             if not thinking and rng.random() < cfg.fast_one_operator_fraction:
                 k = cfg.task.min_operators
             problem = sample_problem(rng, k, cfg.task.max_operand)
-            prompts.append(render_prompt(problem.question, thinking))
-            replies.append(reply(problem, thinking))
-        p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        r_ids = tokenizer(replies, add_special_tokens=False)["input_ids"]
-        rows = sorted(zip(p_ids, r_ids), key=lambda pr: len(pr[0]) + len(pr[1]))
+            p = tokenizer.encode(render_prompt(problem.question, thinking), add_special_tokens=False)
+            if thinking and rng.random() < cfg.forced_close_fraction:
+                rows.append((p, *forced_close_reply(tokenizer, problem, rng)))
+            else:
+                r = tokenizer.encode(reply(problem, thinking), add_special_tokens=False)
+                rows.append((p, r, r))
+        rows.sort(key=lambda pr: len(pr[0]) + len(pr[1]))
         batches, start = [], 0
         while start < len(rows):
             end = start + 1
@@ -98,13 +106,27 @@ def sample_batches(cfg: TrainConfig, tokenizer, rng: random.Random, pool_size: i
             start = end
         rng.shuffle(batches)
         for batch in batches:
-            width = max(len(p) + len(r) for p, r in batch)
+            width = max(len(p) + len(r) for p, r, _ in batch)
             ids = torch.full((len(batch), width), tokenizer.pad_token_id)
             labels = torch.full((len(batch), width), -100)
-            for i, (p, r) in enumerate(batch):
+            for i, (p, r, lab) in enumerate(batch):
                 ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-                labels[i, len(p) : len(p) + len(r)] = torch.tensor(r)
+                labels[i, len(p) : len(p) + len(r)] = torch.tensor(lab)
             yield ids, labels
+
+
+def forced_close_reply(tokenizer, problem, rng: random.Random) -> tuple[list[int], list[int]]:
+    """A slow reply cut at a random token after the worked steps, closed, then answered.
+
+    Returns (reply ids, labels): the close tokens carry label -100 (they are injected, not learnt).
+    """
+    thought = slow_thought(problem)
+    ids = tokenizer.encode(thought, add_special_tokens=False)
+    first = len(tokenizer.encode(thought[: first_pass_chars(problem)], add_special_tokens=False))
+    cut = rng.randint(min(first, len(ids)), len(ids))
+    close = tokenizer.encode(f"{THINK_CLOSE}\n\n", add_special_tokens=False)
+    answer = tokenizer.encode(f"{problem.answer}{IM_END}", add_special_tokens=False)
+    return ids[:cut] + close + answer, ids[:cut] + [-100] * len(close) + answer
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -135,8 +157,13 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = random.Random(cfg.seed)
-    tokenizer = build_tokenizer(seed=cfg.seed)
-    model = Qwen3ForCausalLM(model_config(cfg, tokenizer))
+    if cfg.init_from:
+        # Fine-tuning keeps the checkpoint's tokenizer and architecture.
+        tokenizer = AutoTokenizer.from_pretrained(cfg.init_from, local_files_only=True)
+        model = Qwen3ForCausalLM.from_pretrained(cfg.init_from, local_files_only=True, dtype=torch.float32)
+    else:
+        tokenizer = build_tokenizer(seed=cfg.seed)
+        model = Qwen3ForCausalLM(model_config(cfg, tokenizer))
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]

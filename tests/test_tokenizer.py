@@ -121,7 +121,10 @@ def test_every_worked_step_checks_out_column_by_column():
             lhs, rhs = line.split(" = ")
             a, op, b = lhs.split()
             assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(rhs)
-        assert lines[-1] == f"{p.operands[0]} is the first number, so the answer is {p.answer}."
+        assert lines[2 * k + 1] == f"{p.operands[0]} is the first number, so the answer is {p.answer}."
+        assert lines[2 * k + 2] == "Let me redo each step to be sure."
+        assert lines[2 * k + 3 : 3 * k + 3] == lines[:k]
+        assert lines[-1] == f"Both passes agree, so the answer is {p.answer}."
         assert answer == f"\n\n{p.answer}<|im_end|>"
         assert reply(p, thinking=False) == f"{p.answer}<|im_end|>"
 
@@ -145,6 +148,11 @@ def test_slow_reply_layout():
         "66 + 19 = 85\n"
         "85 - 48 = 37\n"
         "37 is the first number, so the answer is 6.\n"
+        "Let me redo each step to be sure.\n"
+        "37 + 48: 7+8=15, 3+4+1=8, so 85\n"
+        "85 - 19: 15-9=6, 8-1-1=6, so 66\n"
+        "66 - 60: 6-0=6, 6-6=0, so 6\n"
+        "Both passes agree, so the answer is 6.\n"
         "</think>\n\n6<|im_end|>"
     )
     assert step_line(-142, "+", 48) == "-142 + 48: 142 - 48 instead, 12-8=4, 14-4-1=9, 1-0-1=0, so -94"
