@@ -1,0 +1,250 @@
+"""Output-free answer-correctness scores: Chain-of-Embedding (CoE) and token-level baselines.
+
+CoE (Wang et al., ICLR 2025; KV variant arXiv 2601.20326) reads a trajectory of per-layer
+embeddings ``e_0 … e_T`` (a ``[T+1, D]`` tensor) and scores how "straight" the path is:
+
+    M_t = ‖e_{t+1} − e_t‖ / ‖e_T − e_0‖                          (relative step magnitude)
+    A_t = arccos(cos(e_{t+1}, e_t)) / arccos(cos(e_T, e_0))      (relative step angle)
+    CoE-R = mean_t M_t − mean_t A_t
+    CoE-C = | mean_t M_t · exp(i·A_t) |
+
+for ``t = 0 … T-1``. Everything is computed in float64; denominators are clamped to ``EPS`` and
+cosines to ``[-1, 1]``, so no input yields NaN (a zero vector has cosine 0 with anything).
+
+Also here: token-level baselines (max-prob, perplexity, entropy), ranking metrics with "correct"
+as the positive class, a Platt-scaled score → confidence calibration and a plain-text table.
+Pure math: no Ray, no model code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+EPS = 1e-12
+"""Clamp for zero denominators (norms and the endpoint angle)."""
+
+ArrayLike = Sequence[float] | np.ndarray | torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------- CoE
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine similarity, 0 where either vector is zero, clamped to [-1, 1]."""
+    denom = (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(EPS)
+    return ((a * b).sum(-1) / denom).clamp(-1.0, 1.0)
+
+
+def coe_features(trajectory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-step relative magnitudes ``M`` and angles ``A`` (each float64 ``[T]``) of ``[T+1, D]``.
+
+    Returns two empty tensors when ``T < 1`` (fewer than two points).
+    """
+    e = torch.as_tensor(trajectory).detach().to(torch.float64)
+    if e.ndim != 2:
+        raise ValueError(f"trajectory must be [T+1, D], got shape {tuple(e.shape)}")
+    if e.shape[0] < 2:
+        empty = torch.zeros(0, dtype=torch.float64)
+        return empty, empty
+    m_den = (e[-1] - e[0]).norm().clamp_min(EPS)
+    a_den = torch.arccos(_cos(e[-1], e[0])).clamp_min(EPS)
+    mags = (e[1:] - e[:-1]).norm(dim=-1) / m_den
+    angles = torch.arccos(_cos(e[1:], e[:-1])) / a_den
+    return mags, angles
+
+
+def coe_scores(trajectory: torch.Tensor) -> dict[str, float]:
+    """CoE-R and CoE-C of a trajectory ``[T+1, D]``: ``{"coe_r": …, "coe_c": …}``.
+
+    ``CoE-R = mean(M) − mean(A)``; ``CoE-C = sqrt(mean(M cos A)² + mean(M sin A)²)``.
+    Degenerate ``T < 1`` (a single point) returns ``0.0`` for both.
+    """
+    mags, angles = coe_features(trajectory)
+    if mags.numel() == 0:
+        return {"coe_r": 0.0, "coe_c": 0.0}
+    coe_r = mags.mean() - angles.mean()
+    coe_c = torch.hypot((mags * torch.cos(angles)).mean(), (mags * torch.sin(angles)).mean())
+    return {"coe_r": float(coe_r), "coe_c": float(coe_c)}
+
+
+# ------------------------------------------------------------------------- token-level baselines
+
+
+def token_stats(logits: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row ``(max prob, log prob of chosen, entropy)``, each float32 ``[B]``.
+
+    ``logits`` is ``[B, V]``, ``chosen`` the sampled token ids ``[B]``. All three come from one
+    ``log_softmax`` in float32; ``-inf`` (masked) logits contribute 0 to the entropy.
+    """
+    logp = torch.log_softmax(logits.detach().to(torch.float32), dim=-1)
+    probs = logp.exp()
+    max_prob = probs.max(dim=-1).values
+    chosen_logp = logp.gather(-1, chosen.long().reshape(-1, 1)).squeeze(-1)
+    entropy = -torch.where(probs > 0, probs * logp, torch.zeros_like(logp)).sum(-1)
+    return max_prob, chosen_logp, entropy
+
+
+def _mean(values: ArrayLike) -> float:
+    arr = np.asarray(values, dtype=np.float64).reshape(-1)
+    return float(arr.mean()) if arr.size else float("nan")
+
+
+def maxprob(token_max_probs: ArrayLike) -> float:
+    """Mean over generated tokens of the max softmax probability (higher = more confident).
+
+    NaN for an empty sequence.
+    """
+    return _mean(token_max_probs)
+
+
+def perplexity_score(token_logprobs: ArrayLike) -> float:
+    """Negative perplexity ``-exp(-mean log p(chosen))`` (higher = more confident).
+
+    NaN for an empty sequence.
+    """
+    mean_lp = _mean(token_logprobs)
+    return float("nan") if math.isnan(mean_lp) else -math.exp(-mean_lp)
+
+
+def entropy_score(token_entropies: ArrayLike) -> float:
+    """Negative mean per-token predictive entropy in nats (higher = more confident).
+
+    NaN for an empty sequence.
+    """
+    return -_mean(token_entropies)
+
+
+# ------------------------------------------------------------------------------------- metrics
+
+
+def _clean(scores: ArrayLike, correct: Sequence[bool] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 scores and int labels with non-finite scores dropped (lengths must match)."""
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    y = np.asarray(correct).astype(bool).astype(int).reshape(-1)
+    if s.shape != y.shape:
+        raise ValueError(f"{s.size} scores but {y.size} labels")
+    keep = np.isfinite(s)
+    return s[keep], y[keep]
+
+
+def _two_classes(y: np.ndarray) -> bool:
+    return 0 < int(y.sum()) < y.size
+
+
+def auroc(scores: ArrayLike, correct: Sequence[bool]) -> float:
+    """ROC AUC with "correct" positive; NaN if only one class (or none) is present.
+
+    Non-finite scores are dropped, here and in every metric below.
+    """
+    s, y = _clean(scores, correct)
+    return float(roc_auc_score(y, s)) if _two_classes(y) else float("nan")
+
+
+def aupr(scores: ArrayLike, correct: Sequence[bool]) -> float:
+    """Average precision with "correct" positive; NaN if only one class is present."""
+    s, y = _clean(scores, correct)
+    return float(average_precision_score(y, s)) if _two_classes(y) else float("nan")
+
+
+def fpr_at_95_tpr(scores: ArrayLike, correct: Sequence[bool]) -> float:
+    """FPR at the first (highest) threshold whose TPR ≥ 0.95 — the lowest such FPR.
+
+    NaN if only one class is present.
+    """
+    s, y = _clean(scores, correct)
+    if not _two_classes(y):
+        return float("nan")
+    fpr, tpr, _ = roc_curve(y, s)
+    return float(fpr[int(np.argmax(tpr >= 0.95))])
+
+
+def score_metrics(scores: ArrayLike, correct: Sequence[bool]) -> dict[str, float | int]:
+    """``{auroc, aupr, fpr95, n, positives}``; ``n``/``positives`` count the finite-score rows."""
+    s, y = _clean(scores, correct)
+    return {
+        "auroc": auroc(s, y),
+        "aupr": aupr(s, y),
+        "fpr95": fpr_at_95_tpr(s, y),
+        "n": int(y.size),
+        "positives": int(y.sum()),
+    }
+
+
+def coe_table(rows: dict[str, ArrayLike], correct: Sequence[bool]) -> dict[str, dict[str, float | int]]:
+    """``score_metrics`` for each named score column against the same labels."""
+    return {name: score_metrics(values, correct) for name, values in rows.items()}
+
+
+def format_coe_table(table: dict[str, dict[str, float | int]]) -> str:
+    """Plain-text table with columns score, AUROC, AUPR, FPR95, n."""
+    width = max([len("score"), *(len(k) for k in table)])
+    lines = [f"{'score':<{width}}  {'AUROC':>6}  {'AUPR':>6}  {'FPR95':>6}  {'n':>6}"]
+    for name, m in table.items():
+        lines.append(
+            f"{name:<{width}}  {m['auroc']:>6.3f}  {m['aupr']:>6.3f}  {m['fpr95']:>6.3f}  {int(m['n']):>6d}"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------- calibration
+
+
+class ConfidenceCalibration(BaseModel):
+    """Platt-scaled map from a raw score to P(correct): ``sigmoid(a · sign · score + b)``.
+
+    ``sign`` orients the score so that higher means more likely correct; the fit-time
+    standardisation is folded into ``a`` and ``b``.
+    """
+
+    score: str
+    sign: Literal[1, -1] = 1
+    a: float = 0.0
+    b: float = 0.0
+    fitted_on: int = 0
+    train_auroc: float = float("nan")
+
+    @classmethod
+    def fit(cls, scores: ArrayLike, correct: Sequence[bool], score_name: str) -> ConfidenceCalibration:
+        """Fit on ``(scores, correct)``; non-finite scores are dropped.
+
+        ``sign = +1`` if the fit-data AUROC ≥ 0.5 else ``-1``; then a 1-D logistic regression
+        (C=1.0) on the standardised signed score. With a single class (or no data) the result is
+        constant: ``a = 0`` and confidence = observed correct rate clipped to [0.01, 0.99]
+        (0.5 with no data).
+        """
+        s, y = _clean(scores, correct)
+        train_auroc = auroc(s, y)
+        if not _two_classes(y):
+            rate = float(np.clip(y.mean(), 0.01, 0.99)) if y.size else 0.5
+            b = math.log(rate / (1.0 - rate))
+            return cls(score=score_name, sign=1, a=0.0, b=b, fitted_on=int(y.size), train_auroc=train_auroc)
+        sign: Literal[1, -1] = 1 if train_auroc >= 0.5 else -1
+        x = sign * s
+        mu, sd = float(x.mean()), float(x.std())
+        sd = sd if sd > EPS else 1.0
+        lr = LogisticRegression(C=1.0).fit(((x - mu) / sd).reshape(-1, 1), y)
+        w, c = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+        return cls(score=score_name, sign=sign, a=w / sd, b=c - w * mu / sd, fitted_on=int(y.size), train_auroc=train_auroc)
+
+    def confidence(self, score: float | ArrayLike) -> float | np.ndarray:
+        """Calibrated P(correct) in [0, 1]: a float for a scalar input, else an array."""
+        z = self.a * self.sign * np.asarray(score, dtype=np.float64) + self.b
+        conf = 0.5 * (1.0 + np.tanh(0.5 * z))  # numerically stable sigmoid
+        return float(conf) if conf.ndim == 0 else conf
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain dict (``model_dump``)."""
+        return self.model_dump()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> ConfidenceCalibration:
+        """Inverse of ``to_dict`` (``model_validate``)."""
+        return cls.model_validate(data)
