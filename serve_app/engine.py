@@ -1,0 +1,417 @@
+"""The HF-transformers engine: one batched decode loop for every routing policy.
+
+One prefill of the shared prompt (everything up to the assistant turn, *before* the think
+prefix) produces the KV cache that both the routing feature and the generation use. The mode
+prefix (fast ``<think>\\n\\n</think>\\n\\n`` or slow ``<think>\\n``) and any mid-generation switch
+(``</think>\\n\\n`` or ``<think>\\n``) are fed as *forced tokens*, one per decode step, into the same
+live cache — never a second prefill. Every row of a batch carries its own mode, forced-token
+queue and switch point; finished rows leave the batch (their cache rows are dropped).
+
+Token accounting: the mode prefix belongs to the prompt (as in always-fast / always-slow
+serving); every sampled token, the closing ``<|im_end|>`` included, and every appended switch
+token count as generated.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from serve_app.coe import token_stats
+from serve_app.embedded import FAST_PREFIX, SLOW_PREFIX, THINK_CLOSE, THINK_OPEN
+from serve_app.kv_features import PoolingConfig, cache_kv, kv_embedding, pool_hidden, pool_kv, token_kv_vectors
+
+Mode = Literal["fast", "slow"]
+
+
+class ModePrompts(BaseModel):
+    """Model-specific mode texts (Qwen3 style by default). Configuration, not code."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fast_prefix: str = FAST_PREFIX
+    slow_prefix: str = SLOW_PREFIX
+    close_think: str = f"{THINK_CLOSE}\n\n"
+    """Appended to a slow reply to end thinking (slow → fast switch)."""
+    open_think: str = f"{THINK_OPEN}\n"
+    """Appended to a fast reply to start thinking (fast → slow switch)."""
+
+
+class OnlineConfig(BaseModel):
+    """Two-step switching (DESIGN §2): every ``every`` generated tokens re-score the last S cached
+    positions; slow → fast below ``tau - delta``, fast → slow above ``tau + delta``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    every: int = Field(8, ge=1, description="k: generated tokens between checks")
+    tau: float = 50.0
+    delta: float = 20.0
+    max_switches: int = Field(1, ge=0)
+    confirm: int = Field(1, ge=1, description="consecutive checks past the threshold before switching (1 = the paper)")
+
+
+class DifficultyScorer(Protocol):
+    """What the engine needs from a calibrated probe (serve_app.probe.Probe implements it)."""
+
+    pooling: PoolingConfig
+    decode_pooling: PoolingConfig
+    """Pooling of the last S cached positions during decoding (often the same as ``pooling``)."""
+
+    def prompt_difficulty(self, features: torch.Tensor, kind: str = "kv") -> torch.Tensor: ...
+
+    def decode_difficulty(self, features: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    """Token ids of the shared prompt: the chat template up to the assistant turn, no think prefix."""
+    mode: Mode | None = None
+    """Forced mode; ``None`` lets the probe decide (d > tau → slow)."""
+    online: bool = False
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    add_prefix: bool = True
+    """False: ``prompt_ids`` already end inside the assistant turn (calibration's forced closes)."""
+
+
+@dataclass
+class GenResult:
+    text: str
+    """The generated text (switch tokens included), without the mode prefix."""
+    reply: str
+    """The whole assistant turn: mode prefix + text. Grade this."""
+    tokens: int
+    """Every generated token plus every appended switch token."""
+    finished: bool
+    start_mode: Mode
+    end_mode: Mode
+    difficulty: float | None = None
+    """Prompt difficulty (0–100) from the probe, when a probe was used."""
+    switched_at: int | None = None
+    """Generated-token index at which the switch tokens were appended."""
+    checks: list[tuple[int, float]] = field(default_factory=list)
+    prompt_feature: torch.Tensor | None = None
+    embedding: torch.Tensor | None = None
+    hidden_feature: torch.Tensor | None = None
+    kv_trajectory: torch.Tensor | None = None
+    """[T+1, 2*kv_heads*head_dim]: last prompt position, then every fed generated token."""
+    hidden_trajectory: torch.Tensor | None = None
+    """[layers+1, hidden]: hidden state per layer averaged over the generated tokens."""
+    token_max_probs: list[float] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)
+    token_entropies: list[float] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    recorded: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    """(counted tokens so far, pooled feature of the last S cached positions), when recording."""
+
+
+@dataclass
+class _Row:
+    req: GenRequest
+    mode: Mode
+    forced: deque
+    forced_counted: bool = False
+    """True while the queued forced tokens are a switch (counted), False for the mode prefix."""
+    out_ids: list[int] = field(default_factory=list)
+    generated: int = 0
+    appended: int = 0
+    switches: int = 0
+    switched_at: int | None = None
+    finished: bool = False
+    next_pos: int = 0
+    since_check: int = 0
+    streak: int = 0
+    """Consecutive checks past the switch threshold (OnlineConfig.confirm)."""
+    checks: list = field(default_factory=list)
+    recorded: list = field(default_factory=list)
+    traj: list = field(default_factory=list)
+    hidden_sum: torch.Tensor | None = None
+    hidden_n: int = 0
+    max_probs: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    entropies: list = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+
+def base_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], prompts: ModePrompts = ModePrompts()) -> str:
+    """The shared prompt text every request prefills: the chat template with the generation
+    prompt, minus the slow-mode prefix where the template adds one (real Qwen3 templates add none)."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=True, tokenize=False)
+    if prompts.slow_prefix and text.endswith(prompts.slow_prefix):
+        text = text[: -len(prompts.slow_prefix)]
+    return text
+
+
+class HFEngine:
+    """Batched greedy / sampled decoding with per-row modes and online switching on one live cache."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: ModePrompts = ModePrompts()):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prompts = prompts
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+        self.prefix_ids = {"fast": enc(prompts.fast_prefix), "slow": enc(prompts.slow_prefix)}
+        self.switch_ids = {"fast": enc(prompts.close_think), "slow": enc(prompts.open_think)}
+        """Tokens appended when a row switches *into* the given mode."""
+
+    def encode_prompt(self, messages: list[dict] | str) -> list[int]:
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        return self.tokenizer.encode(base_prompt(self.tokenizer, messages, self.prompts), add_special_tokens=False)
+
+    @torch.inference_mode()
+    def prefill(self, prompt_ids: Sequence[Sequence[int]], hidden: bool = False):
+        """Left-padded prefill. Returns (cache, attention_mask, next_positions, outputs)."""
+        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("every prompt needs at least one token")
+        width = max(len(p) for p in prompt_ids)
+        ids = torch.full((len(prompt_ids), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+        for i, p in enumerate(prompt_ids):
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            output_hidden_states=hidden,
+        )
+        return out.past_key_values, mask, mask.sum(-1), out
+
+    def prompt_features(self, prompt_ids: Sequence[Sequence[int]], pooling: PoolingConfig, hidden: bool = False) -> dict:
+        """Probe feature, KV embedding (and hidden-state feature) of prompts; no generation."""
+        cache, mask, _, out = self.prefill(prompt_ids, hidden=hidden)
+        keys, values = cache_kv(cache)
+        feats = {"kv": pool_kv(keys, values, mask, pooling), "embedding": kv_embedding(keys, values, mask)}
+        if hidden:
+            feats["hidden"] = pool_hidden(out.hidden_states[1:], mask, pooling)
+        return feats
+
+    def _pick(self, row: _Row, logits: torch.Tensor) -> int:
+        if row.req.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float() / row.req.temperature, -1)
+        if row.req.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < row.req.top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=row.generator))
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        requests: Sequence[GenRequest],
+        probe: DifficultyScorer | None = None,
+        online: OnlineConfig = OnlineConfig(),
+        prompt_feature: Literal["kv", "hidden"] = "kv",
+        collect_hidden: bool = False,
+        keep_features: bool = False,
+        record: tuple[PoolingConfig, int] | None = None,
+    ) -> list[GenResult]:
+        """Generate every request in one batch. Rows with ``mode=None`` or ``online=True`` need a probe."""
+        if not requests:
+            return []
+        if probe is None and any(r.mode is None or r.online for r in requests):
+            raise ValueError("requests without a forced mode, or with online switching, need a calibrated probe")
+        need_hidden = collect_hidden or (prompt_feature == "hidden" and any(r.mode is None for r in requests))
+        cache, mask, next_pos, out = self.prefill([r.prompt_ids for r in requests], hidden=need_hidden)
+        keys, values = cache_kv(cache)
+        embedding = kv_embedding(keys, values, mask)
+        feature = hidden_feature = difficulty = None
+        if probe is not None:
+            feature = pool_kv(keys, values, mask, probe.pooling)
+            if need_hidden:
+                hidden_feature = pool_hidden(out.hidden_states[1:], mask, probe.pooling)
+            scored = hidden_feature if prompt_feature == "hidden" else feature
+            if scored is not None:
+                difficulty = probe.prompt_difficulty(scored, kind=prompt_feature).tolist()
+        tau = online.tau
+        rows: list[_Row] = []
+        for i, req in enumerate(requests):
+            mode = req.mode or ("slow" if difficulty[i] > tau else "fast")
+            gen = None
+            if req.temperature > 0:
+                gen = torch.Generator().manual_seed(req.seed if req.seed is not None else torch.seed())
+            prefix = self.prefix_ids[mode] if req.add_prefix else []
+            row = _Row(req=req, mode=mode, forced=deque(prefix), next_pos=int(next_pos[i]), generator=gen)
+            rows.append(row)
+        # KV-CoE's e_0: the last prompt position (present in every row with left padding).
+        last = torch.full((len(rows),), mask.shape[1] - 1, dtype=torch.long)
+        start_vecs = token_kv_vectors(keys, values, last)
+        for i, row in enumerate(rows):
+            row.traj.append(start_vecs[i])
+        results: list[GenResult | None] = [None] * len(rows)
+        active = list(range(len(rows)))
+        logits = out.logits[:, -1, :]
+        while active:
+            feed, keep, fed_counted = [], [], []
+            for b, ri in enumerate(active):
+                row = rows[ri]
+                if row.forced:
+                    tok = row.forced.popleft()
+                    if row.forced_counted:
+                        row.appended += 1
+                        row.out_ids.append(tok)
+                    counted = row.forced_counted
+                else:
+                    row_logits = logits[b]
+                    tok = self._pick(row, row_logits)
+                    mp, lp, ent = token_stats(row_logits.unsqueeze(0), torch.tensor([tok]))
+                    row.max_probs.append(float(mp[0]))
+                    row.logprobs.append(float(lp[0]))
+                    row.entropies.append(float(ent[0]))
+                    row.generated += 1
+                    row.out_ids.append(tok)
+                    counted = True
+                    if tok == self.eos_id:
+                        row.finished = True
+                if not row.forced:
+                    row.forced_counted = False
+                total = row.generated + row.appended
+                if row.finished or (counted and total >= row.req.max_new_tokens):
+                    results[ri] = self._result(row, difficulty[ri] if difficulty else None, feature, embedding, hidden_feature, ri, keep_features)
+                    continue
+                if counted:
+                    row.since_check += 1
+                keep.append(b)
+                feed.append(tok)
+                fed_counted.append(counted)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                idx = torch.tensor(keep, dtype=torch.long)
+                cache.batch_select_indices(idx)
+                mask = mask[idx]
+            active = [active[b] for b in keep]
+            positions = torch.tensor([[rows[ri].next_pos] for ri in active], dtype=torch.long)
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], 1)
+            out = self.model(
+                input_ids=torch.tensor(feed, dtype=torch.long).unsqueeze(1),
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                output_hidden_states=collect_hidden,
+            )
+            cache = out.past_key_values
+            logits = out.logits[:, -1, :]
+            keys, values = cache_kv(cache)
+            newest = torch.full((len(active),), mask.shape[1] - 1, dtype=torch.long)
+            vecs = token_kv_vectors(keys, values, newest)
+            for b, ri in enumerate(active):
+                row = rows[ri]
+                row.next_pos += 1
+                if not fed_counted[b]:
+                    continue  # mode-prefix tokens belong to the prompt, not to the trajectory
+                row.traj.append(vecs[b])
+                if collect_hidden:
+                    h = torch.stack([hs[b, -1] for hs in out.hidden_states]).float()
+                    row.hidden_sum = h if row.hidden_sum is None else row.hidden_sum + h
+                    row.hidden_n += 1
+            if probe is not None:
+                self._online_checks(rows, active, keys, values, mask, probe, online)
+            if record is not None:
+                self._record(rows, active, keys, values, mask, *record)
+        return results  # type: ignore[return-value]
+
+    def _online_checks(self, rows, active, keys, values, mask, probe: DifficultyScorer, online: OnlineConfig) -> None:
+        due = [
+            b
+            for b, ri in enumerate(active)
+            if rows[ri].req.online
+            and rows[ri].switches < online.max_switches
+            and not rows[ri].forced
+            and rows[ri].since_check >= online.every
+        ]
+        if not due:
+            return
+        idx = torch.tensor(due, dtype=torch.long)
+        pooling = getattr(probe, "decode_pooling", probe.pooling)
+        feats = pool_kv([k[idx] for k in keys], [v[idx] for v in values], mask[idx], pooling)
+        scores = probe.decode_difficulty(feats).tolist()
+        for b, d in zip(due, scores):
+            row = rows[active[b]]
+            row.since_check = 0
+            row.checks.append((row.generated + row.appended, float(d)))
+            target = None
+            if row.mode == "slow" and d < online.tau - online.delta:
+                target = "fast"
+            elif row.mode == "fast" and d > online.tau + online.delta:
+                target = "slow"
+            row.streak = row.streak + 1 if target is not None else 0
+            if target is not None and row.streak >= online.confirm:
+                row.streak = 0
+                row.switched_at = row.generated + row.appended
+                row.switches += 1
+                row.mode = target
+                row.forced.extend(self.switch_ids[target])
+                row.forced_counted = True
+
+    def _record(self, rows, active, keys, values, mask, pooling: PoolingConfig, every: int) -> None:
+        """Calibration: pool the last S cached positions every ``every`` counted tokens."""
+        due = [b for b, ri in enumerate(active) if not rows[ri].forced and (rows[ri].generated + rows[ri].appended) % every == 0]
+        due = [b for b in due if not rows[active[b]].recorded or rows[active[b]].recorded[-1][0] != rows[active[b]].generated + rows[active[b]].appended]
+        if not due:
+            return
+        idx = torch.tensor(due, dtype=torch.long)
+        feats = pool_kv([k[idx] for k in keys], [v[idx] for v in values], mask[idx], pooling)
+        for j, b in enumerate(due):
+            row = rows[active[b]]
+            row.recorded.append((row.generated + row.appended, feats[j].clone()))
+
+    def _result(self, row: _Row, difficulty, feature, embedding, hidden_feature, i, keep_features) -> GenResult:
+        text = self.tokenizer.decode(row.out_ids)
+        start_mode = row.mode if row.switches == 0 else ("slow" if row.mode == "fast" else "fast")
+        prefix = self.prompts.fast_prefix if start_mode == "fast" else self.prompts.slow_prefix
+        hidden_traj = None
+        if row.hidden_sum is not None and row.hidden_n:
+            hidden_traj = row.hidden_sum / row.hidden_n
+        return GenResult(
+            text=text,
+            reply=prefix + text,
+            tokens=row.generated + row.appended,
+            finished=row.finished,
+            start_mode=start_mode,
+            end_mode=row.mode,
+            difficulty=difficulty,
+            switched_at=row.switched_at,
+            checks=row.checks,
+            prompt_feature=feature[i].clone() if keep_features and feature is not None else None,
+            embedding=embedding[i].clone() if keep_features else None,
+            hidden_feature=hidden_feature[i].clone() if keep_features and hidden_feature is not None else None,
+            kv_trajectory=torch.stack(row.traj),
+            hidden_trajectory=hidden_traj,
+            token_max_probs=row.max_probs,
+            token_logprobs=row.logprobs,
+            token_entropies=row.entropies,
+            token_ids=row.out_ids,
+            recorded=row.recorded,
+        )
+
+
+def run_batched(engine: HFEngine, requests: list[GenRequest], batch_size: int, desc: str, **kwargs) -> list[GenResult]:
+    """Generate in length-sorted batches (less padding) and return results in request order."""
+    order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids))
+    out: list[GenResult | None] = [None] * len(requests)
+    with tqdm(total=len(requests), desc=desc, unit="q") as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            for i, res in zip(idx, engine.generate([requests[i] for i in idx], **kwargs)):
+                out[i] = res
+            bar.update(len(idx))
+    return out  # type: ignore[return-value]
