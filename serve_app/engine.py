@@ -231,7 +231,7 @@ class HFEngine:
         need_hidden = collect_hidden or (prompt_feature == "hidden" and any(r.mode is None for r in requests))
         cache, mask, next_pos, out = self.prefill([r.prompt_ids for r in requests], hidden=need_hidden)
         keys, values = cache_kv(cache)
-        embedding = kv_embedding(keys, values, mask)
+        embedding = kv_embedding(keys, values, mask) if keep_features else None  # /v1/embeddings' job
         feature = hidden_feature = difficulty = None
         if probe is not None:
             feature = pool_kv(keys, values, mask, probe.pooling)

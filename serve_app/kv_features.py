@@ -59,15 +59,37 @@ def last_real_weights(attention_mask: torch.Tensor, last_tokens: int | None, tok
 def _pool_layers(
     tensors: Sequence[torch.Tensor], weights: torch.Tensor, heads: str, layers: str
 ) -> torch.Tensor:
-    """``tensors``: per-layer ``[batch, heads, seq, dim]``; returns ``[batch, heads*dim | dim]``."""
-    pooled = []
-    for t in tensors:
-        # [b,1,1,s] @ [b,h,s,d] -> [b,h,1,d]; a batched matmul is ~6x faster than the einsum on CPU
-        v = (weights[:, None, None, :] @ t.to(torch.float32)).squeeze(2)
-        v = v.flatten(1) if heads == "flatten" else v.mean(1)
-        pooled.append(v)
-    stacked = torch.stack(pooled, 0)
-    return stacked.mean(0) if layers == "mean" else stacked.sum(0)
+    """``tensors``: per-layer ``[batch, heads, seq, dim]``; ``weights``: ``[batch, s']`` over the
+    *last* s' positions. Returns ``[batch, heads*dim | dim]``.
+
+    The layers are pooled with one batched matmul over the last s' positions only: few kernel
+    launches, a copy of s' positions per layer at most, never of the whole cache.
+    """
+    span = weights.shape[1]
+    stacked = torch.stack([t[:, :, -span:] for t in tensors], 0).to(torch.float32)  # [L, b, h, s', d]
+    v = (weights[None, :, None, None, :] @ stacked).squeeze(-2)  # [L, b, h, d]
+    v = v.flatten(2) if heads == "flatten" else v.mean(2)
+    return v.mean(0) if layers == "mean" else v.sum(0)
+
+
+def _tail_weights(attention_mask: torch.Tensor, cfg: PoolingConfig) -> torch.Tensor:
+    """Weights over the shortest tail of the sequence that holds every selected position.
+
+    Fast path for left-padded or unpadded batches (what the engines build): the last S real
+    positions are the last S columns. Other layouts (right padding, holes) rank real positions
+    from the end of each row.
+    """
+    seq = attention_mask.shape[1]
+    if bool(attention_mask[:, -1].all()):
+        span = min(cfg.last_tokens, seq) if cfg.token != "last" else 1
+        mask = attention_mask[:, -span:].to(torch.float32)
+        if cfg.token == "mean":
+            mask = mask / mask.sum(-1, keepdim=True).clamp(min=1.0)
+        return mask
+    weights = last_real_weights(attention_mask, cfg.last_tokens, cfg.token)
+    used = weights.any(0).nonzero()
+    start = int(used[0]) if used.numel() else seq - 1
+    return weights[:, start:]
 
 
 def _l2(x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +109,7 @@ def pool_kv(
         raise ValueError(f"pooling asks for the last {cfg.last_layers} layers; the cache has {len(keys)}")
     if tuple(attention_mask.shape) != (keys[0].shape[0], keys[0].shape[2]):
         raise ValueError(f"attention mask {tuple(attention_mask.shape)} does not match cache {tuple(keys[0].shape)}")
-    weights = last_real_weights(attention_mask, cfg.last_tokens, cfg.token)
+    weights = _tail_weights(attention_mask, cfg)
     ks, vs = keys[-cfg.last_layers :], values[-cfg.last_layers :]
     parts = []
     if cfg.part in ("k", "kv"):
@@ -106,7 +128,7 @@ def pool_hidden(hidden_states: Sequence[torch.Tensor], attention_mask: torch.Ten
     layers = [h.unsqueeze(1) for h in hidden_states]
     if cfg.last_layers > len(layers):
         raise ValueError(f"pooling asks for the last {cfg.last_layers} layers; the model has {len(layers)}")
-    weights = last_real_weights(attention_mask, cfg.last_tokens, cfg.token)
+    weights = _tail_weights(attention_mask, cfg)
     out = _pool_layers(layers[-cfg.last_layers :], weights, "flatten", cfg.layers)
     return _l2(out) if cfg.l2 else out
 
@@ -116,10 +138,11 @@ def kv_embedding(
 ) -> torch.Tensor:
     """KV sentence embedding: masked mean over all real tokens, mean over heads, [K; V],
     mean over the last 4 layers, L2-normalised → ``[batch, 2 * head_dim]``."""
-    weights = last_real_weights(attention_mask, None, "mean")
+    weights = last_real_weights(attention_mask, None, "mean")[:, None, None, :]
     n = min(EMBEDDING_LAYERS, len(keys))
-    k = _pool_layers(keys[-n:], weights, "mean", "mean")
-    v = _pool_layers(values[-n:], weights, "mean", "mean")
+    # Every real token is pooled: one matmul per layer, never a stacked copy of the cache.
+    k = torch.stack([(weights @ t.to(torch.float32)).squeeze(2).mean(1) for t in keys[-n:]]).mean(0)
+    v = torch.stack([(weights @ t.to(torch.float32)).squeeze(2).mean(1) for t in values[-n:]]).mean(0)
     return _l2(torch.cat([k, v], -1))
 
 
