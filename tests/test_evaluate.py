@@ -1,0 +1,79 @@
+"""``kvswitch eval`` with every policy, the CoE table, and the report's invariants."""
+
+import json
+
+import pytest
+
+from serve_app.cli import main
+from serve_app.evaluate import POLICIES, EvalConfig, oracle_efficiency
+from serve_app.task import TaskConfig, generate_problems, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def report(model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    data = tmp / "mix.jsonl"
+    write_jsonl(generate_problems(16, seed=515151, config=TaskConfig(min_operators=1, max_operators=3)), data)
+    out = tmp / "r.json"
+    rc = main(["eval", "--model", str(model_dir), "--dataset", str(data), "--policy", ",".join(POLICIES),
+               "--coe", "--batch-size", "8", "--out", str(out)])
+    assert rc == 0
+    assert out.with_suffix(".png").stat().st_size > 0
+    return json.loads(out.read_text())  # strict JSON: NaN would not parse back as a float here
+
+
+def test_every_policy_is_reported(report):
+    assert list(report["policies"]) == list(POLICIES)
+    for name, pol in report["policies"].items():
+        assert pol["n"] == 16 and len(pol["records"]) == 16
+        assert {"accuracy", "mean_tokens", "by_operators", "token_reduction_vs_slow", "fast_fraction"} <= pol.keys(), name
+        if name != "slow":
+            assert "oracle_efficiency" in pol
+    assert report["policies"]["oracle"]["oracle_efficiency"] == pytest.approx(1.0)
+    assert report["policies"]["slow"]["token_reduction_vs_slow"] == pytest.approx(1.0)
+    assert set(report["policies"]["kv-online"]["switches"]) == {"total", "slow_to_fast", "fast_to_slow"}
+
+
+def test_oracle_and_random_are_built_from_the_same_replies(report):
+    pols = report["policies"]
+    fast, slow, oracle = pols["fast"]["records"], pols["slow"]["records"], pols["oracle"]["records"]
+    for f, s, o in zip(fast, slow, oracle):
+        assert o["correct"] == (f["correct"] or s["correct"])
+        assert o["tokens"] == (f["tokens"] if f["correct"] else s["tokens"])
+    assert pols["oracle"]["accuracy"] >= max(pols["fast"]["accuracy"], pols["slow"]["accuracy"])
+    assert pols["random"]["fast_fraction"] == pytest.approx(pols["kv-oneshot"]["fast_fraction"])
+
+
+def test_probe_auroc_per_feature_kind_and_routes(report):
+    assert set(report["probe_auroc"]) == {"kv", "hidden", "minilm", "random"}
+    kv = report["policies"]["kv-oneshot"]
+    assert kv["feature"] == "kv" and kv["probe_auroc"] == report["probe_auroc"]
+    tau = report["online"]["tau"]
+    for name in ("kv-oneshot", "hidden-oneshot", "minilm-oneshot"):
+        records = report["policies"][name]["records"]
+        for r in records:
+            assert r["route"] == ("slow" if r["difficulty"] > tau else "fast"), name
+        # each policy is routed by its own head: one-operator questions (fast is right) go fast
+        assert all(r["route"] == "fast" for r in records if r["operators"] == 1), name
+    assert any(r["operators"] == 1 for r in kv["records"])
+
+
+def test_coe_table_for_both_modes(report):
+    for mode in ("fast", "slow"):
+        table = report["coe"][mode]["table"]
+        assert {"kv_coe_r", "kv_coe_c", "hidden_coe_r", "hidden_coe_c", "maxprob", "perplexity", "entropy"} <= set(table)
+        assert all({"auroc", "aupr", "fpr95"} <= set(row) for row in table.values())
+    conf = [r["confidence"] for r in report["policies"]["slow"]["records"]]
+    assert all(0.0 <= c <= 1.0 for c in conf)
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="unknown policy"):
+        EvalConfig(model="m", dataset="d", policies=["kv-oneshot", "always"])
+
+
+def test_oracle_efficiency_formula():
+    assert oracle_efficiency(t_slow=100, t_policy=40, t_oracle=30) == pytest.approx(60 / 70)
+    assert oracle_efficiency(100, 100, 30) == 0.0
+    assert oracle_efficiency(100, 20, 30) == pytest.approx(80 / 70)  # online switching can beat the mode oracle
+    assert oracle_efficiency(100, 50, 100) is None
