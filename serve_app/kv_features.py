@@ -110,13 +110,20 @@ def pool_kv(
     if tuple(attention_mask.shape) != (keys[0].shape[0], keys[0].shape[2]):
         raise ValueError(f"attention mask {tuple(attention_mask.shape)} does not match cache {tuple(keys[0].shape)}")
     weights = _tail_weights(attention_mask, cfg)
-    ks, vs = keys[-cfg.last_layers :], values[-cfg.last_layers :]
-    parts = []
+    n = cfg.last_layers
+    tensors = []
     if cfg.part in ("k", "kv"):
-        parts.append(_pool_layers(ks, weights, cfg.heads, cfg.layers))
+        tensors += keys[-n:]
     if cfg.part in ("v", "kv"):
-        parts.append(_pool_layers(vs, weights, cfg.heads, cfg.layers))
-    out = torch.cat(parts, -1)
+        tensors += values[-n:]
+    # K and V layers in one stack and one matmul: [P*n, b, F] -> reduce layers -> [b, P*F]
+    span = weights.shape[1]
+    stacked = torch.stack([t[:, :, -span:] for t in tensors], 0).to(torch.float32)
+    v = (weights[None, :, None, None, :] @ stacked).squeeze(-2)
+    v = v.flatten(2) if cfg.heads == "flatten" else v.mean(2)
+    v = v.unflatten(0, (-1, n))
+    v = v.mean(1) if cfg.layers == "mean" else v.sum(1)
+    out = v.transpose(0, 1).flatten(1)
     return _l2(out) if cfg.l2 else out
 
 
