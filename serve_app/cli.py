@@ -47,10 +47,23 @@ def _write_json(report: dict, out: str) -> Path:
     return path
 
 
+def _given(args: argparse.Namespace, *names: str) -> dict:
+    """The named options the user set (None = not given, so the config's default applies)."""
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
+def _write_report(report: dict, out: str | None, plot) -> None:
+    """JSON report at ``out`` and its PNG beside it (nothing when ``out`` is not given)."""
+    if out:
+        path = _write_json(report, out)
+        plot(report, path.with_suffix(".png"))
+        print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from serve_app.evaluate import EvalConfig, plot_report, print_report, run_eval
 
-    optional = {k: getattr(args, k) for k in ("max_new_tokens", "probe", "tau", "delta", "every", "confirm") if getattr(args, k) is not None}
+    optional = _given(args, "max_new_tokens", "probe", "tau", "delta", "every", "confirm")
     cfg = EvalConfig(
         model=args.model,
         dataset=args.dataset,
@@ -63,10 +76,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     )
     report = run_eval(cfg)
     print_report(report)
-    if args.out:
-        path = _write_json(report, args.out)
-        plot_report(report, path.with_suffix(".png"))
-        print(f"wrote {path} and {path.with_suffix('.png')}")
+    _write_report(report, args.out, plot_report)
     return 0
 
 
@@ -75,14 +85,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from serve_app.engine import OnlineConfig
     from serve_app.kv_features import PoolingConfig
 
-    pooling = {k: getattr(args, k) for k in ("last_tokens", "last_layers", "token", "heads", "layers", "part") if getattr(args, k) is not None}
+    pooling = _given(args, "last_tokens", "last_layers", "token", "heads", "layers", "part")
     if args.l2:
         pooling["l2"] = True
-    online = {k: getattr(args, k) for k in ("tau", "delta", "every", "confirm") if getattr(args, k) is not None}
+    online = _given(args, "tau", "delta", "every", "confirm")
     decode = None
     if args.decode_last_tokens is not None:
         decode = PoolingConfig(**{**pooling, "last_tokens": args.decode_last_tokens})
-    extra = {k: getattr(args, k) for k in ("limit", "max_new_tokens") if getattr(args, k) is not None}
+    extra = _given(args, "limit", "max_new_tokens")
     cfg = CalibrateConfig(
         model=args.model,
         dataset=args.dataset,
@@ -106,7 +116,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 def _cmd_bench_overhead(args: argparse.Namespace) -> int:
     from serve_app.bench_overhead import BenchOverheadConfig, plot_bench, print_bench, run_bench_overhead
 
-    optional = {k: getattr(args, k) for k in ("repeats", "warmup", "threads") if getattr(args, k) is not None}
+    optional = _given(args, "repeats", "warmup", "threads")
     probe_path = Path(args.probe) if args.probe else Path(args.model) / "probe.pt"
     if probe_path.is_file():  # time the pooling that serving uses
         from serve_app.probe import Probe
@@ -120,10 +130,7 @@ def _cmd_bench_overhead(args: argparse.Namespace) -> int:
     )
     report = run_bench_overhead(cfg)
     print_bench(report)
-    if args.out:
-        path = _write_json(report, args.out)
-        plot_bench(report, path.with_suffix(".png"))
-        print(f"wrote {path} and {path.with_suffix('.png')}")
+    _write_report(report, args.out, plot_bench)
     return 0
 
 

@@ -202,9 +202,8 @@ class HFEngine:
             feats["hidden"] = pool_hidden(out.hidden_states[1:], mask, pooling)
         return feats
 
-    def _pick(self, row: _Row, logits: torch.Tensor) -> int:
-        if row.req.temperature <= 0:
-            return int(logits.argmax())
+    def _sample(self, row: _Row, logits: torch.Tensor) -> int:
+        """Temperature / top-p sampling of one row (greedy rows are picked batch-wide)."""
         probs = torch.softmax(logits.float() / row.req.temperature, -1)
         if row.req.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
@@ -260,6 +259,14 @@ class HFEngine:
         logits = out.logits[:, -1, :]
         while active:
             feed, keep, fed_counted = [], [], []
+            # Choose every sampled token first, then score them all with one batched softmax.
+            greedy = logits.argmax(-1).tolist()
+            chosen = {b: greedy[b] if rows[ri].req.temperature <= 0 else self._sample(rows[ri], logits[b])
+                      for b, ri in enumerate(active) if not rows[ri].forced}
+            if chosen:
+                idx = list(chosen)
+                stats = zip(*(t.tolist() for t in token_stats(logits[idx], torch.tensor([chosen[b] for b in idx]))))
+                stats = dict(zip(idx, stats))
             for b, ri in enumerate(active):
                 row = rows[ri]
                 if row.forced:
@@ -269,12 +276,11 @@ class HFEngine:
                         row.out_ids.append(tok)
                     counted = row.forced_counted
                 else:
-                    row_logits = logits[b]
-                    tok = self._pick(row, row_logits)
-                    mp, lp, ent = token_stats(row_logits.unsqueeze(0), torch.tensor([tok]))
-                    row.max_probs.append(float(mp[0]))
-                    row.logprobs.append(float(lp[0]))
-                    row.entropies.append(float(ent[0]))
+                    tok = chosen[b]
+                    mp, lp, ent = stats[b]
+                    row.max_probs.append(mp)
+                    row.logprobs.append(lp)
+                    row.entropies.append(ent)
                     row.generated += 1
                     row.out_ids.append(tok)
                     counted = True

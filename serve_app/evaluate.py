@@ -191,6 +191,9 @@ def run_eval(cfg: EvalConfig) -> dict:
             kwargs["prompt_feature"] = "hidden"
         if policy in ("fast", "slow") and cfg.coe:
             kwargs["collect_hidden"] = True
+        if policy == "fast" and probe is not None:
+            # The probe features of every prompt come from this run's own prefill (no second one).
+            kwargs.update(collect_hidden=True, keep_features=True)
         res = run_batched(engine, reqs, cfg.batch_size, desc=policy, **kwargs)
         raw[policy] = res
         runs[policy] = [_record(row, r, confidence) for row, r in zip(rows, res)]
@@ -204,12 +207,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     # Prompt-level features of every question: the probe's AUROC per feature kind on this set.
     difficulty: dict[str, list[float]] = {}
     if probe is not None:
-        kv, hidden = [], []
-        for start in range(0, len(prompt_ids), cfg.batch_size):
-            f = engine.prompt_features(prompt_ids[start : start + cfg.batch_size], probe.pooling, hidden=True)
-            kv.append(f["kv"])
-            hidden.append(f["hidden"])
-        feats = {"kv": torch.cat(kv), "hidden": torch.cat(hidden)}
+        fast_res = raw["fast"]
+        feats = {"kv": torch.stack([r.prompt_feature for r in fast_res]), "hidden": torch.stack([r.hidden_feature for r in fast_res])}
         if "minilm" in probe.heads:
             m = _minilm_or_none(questions)
             if m is not None:

@@ -57,19 +57,22 @@ def last_real_weights(attention_mask: torch.Tensor, last_tokens: int | None, tok
 
 
 def _pool_layers(
-    tensors: Sequence[torch.Tensor], weights: torch.Tensor, heads: str, layers: str
+    tensors: Sequence[torch.Tensor], weights: torch.Tensor, heads: str, layers: str, parts: int = 1
 ) -> torch.Tensor:
-    """``tensors``: per-layer ``[batch, heads, seq, dim]``; ``weights``: ``[batch, s']`` over the
-    *last* s' positions. Returns ``[batch, heads*dim | dim]``.
+    """``tensors``: ``parts`` groups of per-layer ``[batch, heads, seq, dim]`` (e.g. the K layers
+    then the V layers); ``weights``: ``[batch, s']`` over the *last* s' positions. Each group is
+    reduced over its layers; the groups are concatenated → ``[batch, parts * (heads*dim | dim)]``.
 
-    The layers are pooled with one batched matmul over the last s' positions only: few kernel
+    Everything is pooled with one batched matmul over the last s' positions only: few kernel
     launches, a copy of s' positions per layer at most, never of the whole cache.
     """
     span = weights.shape[1]
-    stacked = torch.stack([t[:, :, -span:] for t in tensors], 0).to(torch.float32)  # [L, b, h, s', d]
-    v = (weights[None, :, None, None, :] @ stacked).squeeze(-2)  # [L, b, h, d]
+    stacked = torch.stack([t[:, :, -span:] for t in tensors], 0).to(torch.float32)  # [P*L, b, h, s', d]
+    v = (weights[None, :, None, None, :] @ stacked).squeeze(-2)  # [P*L, b, h, d]
     v = v.flatten(2) if heads == "flatten" else v.mean(2)
-    return v.mean(0) if layers == "mean" else v.sum(0)
+    v = v.unflatten(0, (parts, -1))  # [P, L, b, F]
+    v = v.mean(1) if layers == "mean" else v.sum(1)
+    return v.transpose(0, 1).flatten(1)
 
 
 def _tail_weights(attention_mask: torch.Tensor, cfg: PoolingConfig) -> torch.Tensor:
@@ -116,14 +119,7 @@ def pool_kv(
         tensors += keys[-n:]
     if cfg.part in ("v", "kv"):
         tensors += values[-n:]
-    # K and V layers in one stack and one matmul: [P*n, b, F] -> reduce layers -> [b, P*F]
-    span = weights.shape[1]
-    stacked = torch.stack([t[:, :, -span:] for t in tensors], 0).to(torch.float32)
-    v = (weights[None, :, None, None, :] @ stacked).squeeze(-2)
-    v = v.flatten(2) if cfg.heads == "flatten" else v.mean(2)
-    v = v.unflatten(0, (-1, n))
-    v = v.mean(1) if cfg.layers == "mean" else v.sum(1)
-    out = v.transpose(0, 1).flatten(1)
+    out = _pool_layers(tensors, weights, cfg.heads, cfg.layers, parts=2 if cfg.part == "kv" else 1)
     return _l2(out) if cfg.l2 else out
 
 
