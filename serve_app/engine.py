@@ -114,7 +114,7 @@ class GenResult:
     """(counted tokens so far, pooled feature of the last S cached positions), when recording."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Row:
     req: GenRequest
     mode: Mode
@@ -140,6 +140,13 @@ class _Row:
     logprobs: list = field(default_factory=list)
     entropies: list = field(default_factory=list)
     generator: torch.Generator | None = None
+    difficulty: float | None = None
+    prompt_len: int = 0
+    feature: torch.Tensor | None = None
+    embedding: torch.Tensor | None = None
+    hidden_feature: torch.Tensor | None = None
+    cancelled: bool = False
+    result: GenResult | None = None
 
 
 def base_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], prompts: ModePrompts = ModePrompts()) -> str:
@@ -211,6 +218,35 @@ class HFEngine:
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs, 1, generator=row.generator))
 
+    def _result(self, row: _Row) -> GenResult:
+        text = self.tokenizer.decode(row.out_ids)
+        start_mode = row.mode if row.switches == 0 else ("slow" if row.mode == "fast" else "fast")
+        prefix = self.prompts.fast_prefix if start_mode == "fast" else self.prompts.slow_prefix
+        hidden_traj = None
+        if row.hidden_sum is not None and row.hidden_n:
+            hidden_traj = row.hidden_sum / row.hidden_n
+        return GenResult(
+            text=text,
+            reply=prefix + text,
+            tokens=row.generated + row.appended,
+            finished=row.finished,
+            start_mode=start_mode,
+            end_mode=row.mode,
+            difficulty=row.difficulty,
+            switched_at=row.switched_at,
+            checks=row.checks,
+            prompt_feature=row.feature,
+            embedding=row.embedding,
+            hidden_feature=row.hidden_feature,
+            kv_trajectory=torch.stack(row.traj),
+            hidden_trajectory=hidden_traj,
+            token_max_probs=row.max_probs,
+            token_logprobs=row.logprobs,
+            token_entropies=row.entropies,
+            token_ids=row.out_ids,
+            recorded=row.recorded,
+        )
+
     @torch.inference_mode()
     def generate(
         self,
@@ -225,133 +261,211 @@ class HFEngine:
         """Generate every request in one batch. Rows with ``mode=None`` or ``online=True`` need a probe."""
         if not requests:
             return []
+        batch = DecodeBatch(self, probe, online, prompt_feature, collect_hidden, keep_features, record)
+        rows = batch.add(requests)
+        while batch.rows:
+            batch.step()
+        return [row.result for row in rows]  # type: ignore[misc]
+
+
+class DecodeBatch:
+    """A live decode batch on one KV cache. Rows join between steps (``add``: their own prefill,
+    then the caches are left-padded to one width and concatenated) and leave when they finish or
+    are cancelled — continuous batching for the serving generator; ``HFEngine.generate`` is one
+    ``add`` followed by ``step`` until empty."""
+
+    def __init__(
+        self,
+        engine: HFEngine,
+        probe: DifficultyScorer | None = None,
+        online: OnlineConfig = OnlineConfig(),
+        prompt_feature: Literal["kv", "hidden"] = "kv",
+        collect_hidden: bool = False,
+        keep_features: bool = False,
+        record: tuple[PoolingConfig, int] | None = None,
+    ):
+        self.engine, self.probe, self.online = engine, probe, online
+        self.prompt_feature, self.collect_hidden, self.keep_features, self.record = prompt_feature, collect_hidden, keep_features, record
+        self.rows: list[_Row] = []
+        """Active rows, in cache batch order."""
+        self.cache = self.mask = self.logits = None
+
+    @torch.inference_mode()
+    def add(self, requests: Sequence[GenRequest]) -> list[_Row]:
+        """Prefill ``requests`` and join them to the live batch; returns their rows (``row.result``
+        is set when a row finishes)."""
+        eng, probe = self.engine, self.probe
+        if not requests:
+            return []
         if probe is None and any(r.mode is None or r.online for r in requests):
             raise ValueError("requests without a forced mode, or with online switching, need a calibrated probe")
-        need_hidden = collect_hidden or (prompt_feature == "hidden" and any(r.mode is None for r in requests))
-        cache, mask, next_pos, out = self.prefill([r.prompt_ids for r in requests], hidden=need_hidden)
+        need_hidden = self.collect_hidden or (self.prompt_feature == "hidden" and any(r.mode is None for r in requests))
+        cache, mask, next_pos, out = eng.prefill([r.prompt_ids for r in requests], hidden=need_hidden)
         keys, values = cache_kv(cache)
-        embedding = kv_embedding(keys, values, mask) if keep_features else None  # /v1/embeddings' job
+        embedding = kv_embedding(keys, values, mask) if self.keep_features else None  # /v1/embeddings' job
         feature = hidden_feature = difficulty = None
         if probe is not None:
             feature = pool_kv(keys, values, mask, probe.pooling)
             if need_hidden:
                 hidden_feature = pool_hidden(out.hidden_states[1:], mask, probe.pooling)
-            scored = hidden_feature if prompt_feature == "hidden" else feature
+            scored = hidden_feature if self.prompt_feature == "hidden" else feature
             if scored is not None:
-                difficulty = probe.prompt_difficulty(scored, kind=prompt_feature).tolist()
-        tau = online.tau
-        rows: list[_Row] = []
+                difficulty = probe.prompt_difficulty(scored, kind=self.prompt_feature).tolist()
+        # KV-CoE's e_0: the last prompt position (present in every row with left padding).
+        last = torch.full((len(requests),), mask.shape[1] - 1, dtype=torch.long)
+        start_vecs = token_kv_vectors(keys, values, last)
+        rows = []
         for i, req in enumerate(requests):
-            mode = req.mode or ("slow" if difficulty[i] > tau else "fast")
+            d = difficulty[i] if difficulty else None
+            mode = req.mode or ("slow" if d > self.online.tau else "fast")
             gen = None
             if req.temperature > 0:
                 gen = torch.Generator().manual_seed(req.seed if req.seed is not None else torch.seed())
-            prefix = self.prefix_ids[mode] if req.add_prefix else []
-            row = _Row(req=req, mode=mode, forced=deque(prefix), next_pos=int(next_pos[i]), generator=gen)
-            rows.append(row)
-        # KV-CoE's e_0: the last prompt position (present in every row with left padding).
-        last = torch.full((len(rows),), mask.shape[1] - 1, dtype=torch.long)
-        start_vecs = token_kv_vectors(keys, values, last)
-        for i, row in enumerate(rows):
+            prefix = eng.prefix_ids[mode] if req.add_prefix else []
+            row = _Row(req=req, mode=mode, forced=deque(prefix), next_pos=int(next_pos[i]), generator=gen, difficulty=d, prompt_len=len(req.prompt_ids))
+            if self.keep_features:
+                row.feature = None if feature is None else feature[i].clone()
+                row.embedding = embedding[i].clone()
+                row.hidden_feature = None if hidden_feature is None else hidden_feature[i].clone()
             row.traj.append(start_vecs[i])
-        results: list[GenResult | None] = [None] * len(rows)
-        active = list(range(len(rows)))
-        logits = out.logits[:, -1, :]
-        while active:
-            feed, keep, fed_counted = [], [], []
-            # Choose every sampled token first, then score them all with one batched softmax.
-            greedy = logits.argmax(-1).tolist()
-            chosen = {b: greedy[b] if rows[ri].req.temperature <= 0 else self._sample(rows[ri], logits[b])
-                      for b, ri in enumerate(active) if not rows[ri].forced}
-            if chosen:
-                idx = list(chosen)
-                stats = zip(*(t.tolist() for t in token_stats(logits[idx], torch.tensor([chosen[b] for b in idx]))))
-                stats = dict(zip(idx, stats))
-            for b, ri in enumerate(active):
-                row = rows[ri]
-                if row.forced:
-                    tok = row.forced.popleft()
-                    if row.forced_counted:
-                        row.appended += 1
-                        row.out_ids.append(tok)
-                    counted = row.forced_counted
-                else:
-                    tok = chosen[b]
-                    mp, lp, ent = stats[b]
-                    row.max_probs.append(mp)
-                    row.logprobs.append(lp)
-                    row.entropies.append(ent)
-                    row.generated += 1
-                    row.out_ids.append(tok)
-                    counted = True
-                    if tok == self.eos_id:
-                        row.finished = True
-                if not row.forced:
-                    row.forced_counted = False
-                total = row.generated + row.appended
-                if row.finished or (counted and total >= row.req.max_new_tokens):
-                    results[ri] = self._result(row, difficulty[ri] if difficulty else None, feature, embedding, hidden_feature, ri, keep_features)
-                    continue
-                if counted:
-                    row.since_check += 1
-                keep.append(b)
-                feed.append(tok)
-                fed_counted.append(counted)
-            if not keep:
-                break
-            if len(keep) < len(active):
-                idx = torch.tensor(keep, dtype=torch.long)
-                cache.batch_select_indices(idx)
-                mask = mask[idx]
-            active = [active[b] for b in keep]
-            positions = torch.tensor([[rows[ri].next_pos] for ri in active], dtype=torch.long)
-            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], 1)
-            out = self.model(
-                input_ids=torch.tensor(feed, dtype=torch.long).unsqueeze(1),
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                output_hidden_states=collect_hidden,
-            )
-            cache = out.past_key_values
-            logits = out.logits[:, -1, :]
-            keys, values = cache_kv(cache)
-            newest = torch.full((len(active),), mask.shape[1] - 1, dtype=torch.long)
-            vecs = token_kv_vectors(keys, values, newest)
-            for b, ri in enumerate(active):
-                row = rows[ri]
-                row.next_pos += 1
-                if not fed_counted[b]:
-                    continue  # mode-prefix tokens belong to the prompt, not to the trajectory
-                row.traj.append(vecs[b])
-                if collect_hidden:
-                    h = torch.stack([hs[b, -1] for hs in out.hidden_states]).float()
-                    row.hidden_sum = h if row.hidden_sum is None else row.hidden_sum + h
-                    row.hidden_n += 1
-            if probe is not None:
-                self._online_checks(rows, active, keys, values, mask, probe, online)
-            if record is not None:
-                self._record(rows, active, keys, values, mask, *record)
-        return results  # type: ignore[return-value]
+            rows.append(row)
+        self._join(cache, mask, out.logits[:, -1, :], rows)
+        return rows
 
-    def _online_checks(self, rows, active, keys, values, mask, probe: DifficultyScorer, online: OnlineConfig) -> None:
+    def _join(self, cache, mask: torch.Tensor, logits: torch.Tensor, rows: list[_Row]) -> None:
+        if self.cache is None:
+            self.cache, self.mask, self.logits, self.rows = cache, mask, logits, list(rows)
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        pad = lambda t, w: torch.nn.functional.pad(t, (0, 0, w - t.shape[-2], 0)) if t.shape[-2] < w else t  # noqa: E731
+        for live, new in zip(self.cache.layers, cache.layers):
+            live.keys = torch.cat([pad(live.keys, width), pad(new.keys, width)])
+            live.values = torch.cat([pad(live.values, width), pad(new.values, width)])
+        padm = lambda m: torch.nn.functional.pad(m, (width - m.shape[1], 0))  # noqa: E731
+        self.mask = torch.cat([padm(self.mask), padm(mask)])
+        self.logits = torch.cat([self.logits, logits])
+        self.rows.extend(rows)
+
+    def cancel(self, row: _Row) -> None:
+        """Drop ``row`` at the next step (a client went away); its result stays ``None``."""
+        row.cancelled = True
+
+    @torch.inference_mode()
+    def step(self) -> list[_Row]:
+        """One decode step for every active row. Returns the rows that finished (``row.result``)."""
+        eng, rows = self.engine, self.rows
+        logits = self.logits
+        feed, keep, fed_counted, done = [], [], [], []
+        # Choose every sampled token first, then score them all with one batched softmax.
+        greedy = logits.argmax(-1).tolist()
+        chosen = {b: greedy[b] if row.req.temperature <= 0 else eng._sample(row, logits[b])
+                  for b, row in enumerate(rows) if not row.forced and not row.cancelled}
+        if chosen:
+            idx = list(chosen)
+            stats = zip(*(t.tolist() for t in token_stats(logits[idx], torch.tensor([chosen[b] for b in idx]))))
+            stats = dict(zip(idx, stats))
+        for b, row in enumerate(rows):
+            if row.cancelled:
+                continue
+            if row.forced:
+                tok = row.forced.popleft()
+                if row.forced_counted:
+                    row.appended += 1
+                    row.out_ids.append(tok)
+                counted = row.forced_counted
+            else:
+                tok = chosen[b]
+                mp, lp, ent = stats[b]
+                row.max_probs.append(mp)
+                row.logprobs.append(lp)
+                row.entropies.append(ent)
+                row.generated += 1
+                row.out_ids.append(tok)
+                counted = True
+                if tok == eng.eos_id:
+                    row.finished = True
+            if not row.forced:
+                row.forced_counted = False
+            total = row.generated + row.appended
+            if row.finished or (counted and total >= row.req.max_new_tokens):
+                row.result = eng._result(row)
+                done.append(row)
+                continue
+            if counted:
+                row.since_check += 1
+            keep.append(b)
+            feed.append(tok)
+            fed_counted.append(counted)
+        if len(keep) < len(rows):
+            self._select(keep)
+        if not self.rows:
+            return done
+        rows = self.rows
+        positions = torch.tensor([[row.next_pos] for row in rows], dtype=torch.long)
+        self.mask = torch.cat([self.mask, torch.ones((len(rows), 1), dtype=self.mask.dtype)], 1)
+        out = eng.model(
+            input_ids=torch.tensor(feed, dtype=torch.long).unsqueeze(1),
+            attention_mask=self.mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            output_hidden_states=self.collect_hidden,
+        )
+        self.cache = out.past_key_values
+        self.logits = out.logits[:, -1, :]
+        keys, values = cache_kv(self.cache)
+        newest = torch.full((len(rows),), self.mask.shape[1] - 1, dtype=torch.long)
+        vecs = token_kv_vectors(keys, values, newest)
+        for b, row in enumerate(rows):
+            row.next_pos += 1
+            if not fed_counted[b]:
+                continue  # mode-prefix tokens belong to the prompt, not to the trajectory
+            row.traj.append(vecs[b])
+            if self.collect_hidden:
+                h = torch.stack([hs[b, -1] for hs in out.hidden_states]).float()
+                row.hidden_sum = h if row.hidden_sum is None else row.hidden_sum + h
+                row.hidden_n += 1
+        if self.probe is not None:
+            self._online_checks(keys, values)
+        if self.record is not None:
+            self._record(keys, values, *self.record)
+        return done
+
+    def _select(self, keep: list[int]) -> None:
+        """Keep only the rows at ``keep``; drop cache columns no remaining row attends to."""
+        self.rows = [self.rows[b] for b in keep]
+        if not keep:
+            self.cache = self.mask = self.logits = None
+            return
+        idx = torch.tensor(keep, dtype=torch.long)
+        self.cache.batch_select_indices(idx)
+        self.mask = self.mask[idx]
+        self.logits = self.logits[idx]
+        unused = int((self.mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
+        if unused:
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, unused:]
+                layer.values = layer.values[:, :, unused:]
+            self.mask = self.mask[:, unused:]
+
+    def _online_checks(self, keys, values) -> None:
+        online, probe, rows = self.online, self.probe, self.rows
         due = [
             b
-            for b, ri in enumerate(active)
-            if rows[ri].req.online
-            and rows[ri].switches < online.max_switches
-            and not rows[ri].forced
-            and rows[ri].since_check >= online.every
+            for b, row in enumerate(rows)
+            if row.req.online
+            and row.switches < online.max_switches
+            and not row.forced
+            and row.since_check >= online.every
         ]
         if not due:
             return
         idx = torch.tensor(due, dtype=torch.long)
         pooling = getattr(probe, "decode_pooling", probe.pooling)
-        feats = pool_kv([k[idx] for k in keys], [v[idx] for v in values], mask[idx], pooling)
+        feats = pool_kv([k[idx] for k in keys], [v[idx] for v in values], self.mask[idx], pooling)
         scores = probe.decode_difficulty(feats).tolist()
         for b, d in zip(due, scores):
-            row = rows[active[b]]
+            row = rows[b]
             row.since_check = 0
             row.checks.append((row.generated + row.appended, float(d)))
             target = None
@@ -365,49 +479,21 @@ class HFEngine:
                 row.switched_at = row.generated + row.appended
                 row.switches += 1
                 row.mode = target
-                row.forced.extend(self.switch_ids[target])
+                row.forced.extend(self.engine.switch_ids[target])
                 row.forced_counted = True
 
-    def _record(self, rows, active, keys, values, mask, pooling: PoolingConfig, every: int) -> None:
+    def _record(self, keys, values, pooling: PoolingConfig, every: int) -> None:
         """Calibration: pool the last S cached positions every ``every`` counted tokens."""
-        due = [b for b, ri in enumerate(active) if not rows[ri].forced and (rows[ri].generated + rows[ri].appended) % every == 0]
-        due = [b for b in due if not rows[active[b]].recorded or rows[active[b]].recorded[-1][0] != rows[active[b]].generated + rows[active[b]].appended]
+        rows = self.rows
+        due = [b for b, row in enumerate(rows) if not row.forced and (row.generated + row.appended) % every == 0]
+        due = [b for b in due if not rows[b].recorded or rows[b].recorded[-1][0] != rows[b].generated + rows[b].appended]
         if not due:
             return
         idx = torch.tensor(due, dtype=torch.long)
-        feats = pool_kv([k[idx] for k in keys], [v[idx] for v in values], mask[idx], pooling)
+        feats = pool_kv([k[idx] for k in keys], [v[idx] for v in values], self.mask[idx], pooling)
         for j, b in enumerate(due):
-            row = rows[active[b]]
+            row = rows[b]
             row.recorded.append((row.generated + row.appended, feats[j].clone()))
-
-    def _result(self, row: _Row, difficulty, feature, embedding, hidden_feature, i, keep_features) -> GenResult:
-        text = self.tokenizer.decode(row.out_ids)
-        start_mode = row.mode if row.switches == 0 else ("slow" if row.mode == "fast" else "fast")
-        prefix = self.prompts.fast_prefix if start_mode == "fast" else self.prompts.slow_prefix
-        hidden_traj = None
-        if row.hidden_sum is not None and row.hidden_n:
-            hidden_traj = row.hidden_sum / row.hidden_n
-        return GenResult(
-            text=text,
-            reply=prefix + text,
-            tokens=row.generated + row.appended,
-            finished=row.finished,
-            start_mode=start_mode,
-            end_mode=row.mode,
-            difficulty=difficulty,
-            switched_at=row.switched_at,
-            checks=row.checks,
-            prompt_feature=feature[i].clone() if keep_features and feature is not None else None,
-            embedding=embedding[i].clone() if keep_features else None,
-            hidden_feature=hidden_feature[i].clone() if keep_features and hidden_feature is not None else None,
-            kv_trajectory=torch.stack(row.traj),
-            hidden_trajectory=hidden_traj,
-            token_max_probs=row.max_probs,
-            token_logprobs=row.logprobs,
-            token_entropies=row.entropies,
-            token_ids=row.out_ids,
-            recorded=row.recorded,
-        )
 
 
 def run_batched(engine: HFEngine, requests: list[GenRequest], batch_size: int, desc: str, **kwargs) -> list[GenResult]:

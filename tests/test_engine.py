@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from serve_app.engine import GenRequest, HFEngine, OnlineConfig
+from serve_app.engine import DecodeBatch, GenRequest, HFEngine, OnlineConfig
 from serve_app.generate import build_prompt, generate_greedy
 from serve_app.kv_features import PoolingConfig
 from serve_app.probe import Probe
@@ -149,3 +149,41 @@ def test_sampling_is_seeded(engine):
     req = lambda: GenRequest(engine.encode_prompt(HARD), mode="slow", temperature=1.0, seed=7, max_new_tokens=40)  # noqa: E731
     a, b = engine.generate([req()])[0], engine.generate([req()])[0]
     assert a.text == b.text
+
+
+def test_rows_joining_mid_flight_decode_as_if_alone(engine, probe):
+    """Continuous batching: rows added between steps (left-padded cache merge) and rows leaving
+    give token-for-token the same replies as each request on its own, online switching included."""
+    online = OnlineConfig(**probe.thresholds)
+    first = [GenRequest(engine.encode_prompt(HARD), mode="slow", max_new_tokens=700),
+             GenRequest(engine.encode_prompt(EASY), online=True, max_new_tokens=700)]
+    later = [GenRequest(engine.encode_prompt("What is 56 + 13 - 20?"), online=True, max_new_tokens=700),
+             GenRequest(engine.encode_prompt("What is 7 - 9 + 99 - 14 + 3?"), mode="fast", max_new_tokens=700)]
+    batch = DecodeBatch(engine, probe, online)
+    rows = batch.add(first)
+    for _ in range(12):
+        batch.step()
+    rows += batch.add(later[:1])
+    for _ in range(30):
+        batch.step()
+    rows += batch.add(later[1:])
+    while batch.rows:
+        batch.step()
+    alone = [engine.generate([r], probe=probe, online=online)[0] for r in first + later]
+    assert [r.result.text for r in rows] == [a.text for a in alone]
+    assert [r.result.switched_at for r in rows] == [a.switched_at for a in alone]
+    assert batch.cache is None  # every row left; nothing is held
+
+
+def test_cancelled_row_leaves_without_disturbing_the_others(engine):
+    reqs = [GenRequest(engine.encode_prompt(q), mode="slow", max_new_tokens=700) for q in (HARD, EASY)]
+    batch = DecodeBatch(engine)
+    rows = batch.add(reqs)
+    for _ in range(5):
+        batch.step()
+    batch.cancel(rows[0])
+    batch.step()
+    assert batch.rows == [rows[1]] and rows[0].result is None
+    while batch.rows:
+        batch.step()
+    assert rows[1].result.text == engine.generate([reqs[1]])[0].text
