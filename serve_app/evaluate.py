@@ -35,7 +35,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from serve_app.coe import auroc, coe_scores, coe_table, entropy_score, format_coe_table, maxprob, perplexity_score
+from serve_app.coe import auroc, coe_scores, coe_table, entropy_score, kv_confidence, format_coe_table, maxprob, perplexity_score
 from serve_app.generate import MAX_NEW_TOKENS
 from serve_app.task import extract_answer, is_correct, num_operators, read_jsonl
 
@@ -121,10 +121,9 @@ def _record(row: dict, res, confidence=None) -> dict:
         "switched_at": res.switched_at,
         "output": res.text,
     }
-    if confidence is not None:
-        cal = confidence.get(res.end_mode)
-        if cal is not None:
-            rec["confidence"] = round(float(cal.confidence(coe_scores(res.kv_trajectory)[cal.score.removeprefix("kv_")])), 4)
+    conf = kv_confidence(confidence, res.end_mode, res.kv_trajectory)
+    if conf is not None:
+        rec["confidence"] = round(conf, 4)
     return rec
 
 

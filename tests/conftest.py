@@ -5,6 +5,9 @@ import pytest
 
 # Nothing in the suite may reach the network: the shipped files alone must load.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray 2.60 turns token auth on for new local clusters; the service tests keep it on, deliberately.
+# It must be set before Ray is first imported (Ray caches its config at import).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from serve_app.cli import DEFAULT_MODEL  # noqa: E402
 

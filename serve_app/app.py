@@ -1,0 +1,44 @@
+"""``build_app``: the whole Ray Serve graph from one validated ``AppConfig``.
+
+``serve run serve_config.yaml`` calls ``serve_app.app:build_app`` with the YAML's ``args``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+from transformers import AutoConfig
+
+from serve_app.config import AppConfig
+from serve_app.engine import OnlineConfig
+from serve_app.probe import Probe
+
+
+def _tau_and_context(cfg: AppConfig) -> tuple[float, int]:
+    model_config = AutoConfig.from_pretrained(cfg.model, local_files_only=True)
+    probe = Probe.load(cfg.probe, model_config)  # refuses a probe calibrated on another model, before any replica starts
+    tau = cfg.policy.tau if cfg.policy.tau is not None else (cfg.online.tau if cfg.online.tau is not None else OnlineConfig(**probe.thresholds).tau)
+    return tau, cfg.context_length or int(getattr(model_config, "max_position_embeddings", 4096))
+
+
+def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
+    from deployments.generator import Generator
+    from deployments.prefill import PrefillPool
+    from deployments.request_router import PredictedTokensRouter
+    from deployments.router import Router
+
+    cfg = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
+    tau, context = _tau_and_context(cfg)
+    prefill = PrefillPool.options(name="prefill", **cfg.prefill.options()).bind(cfg)
+    pools = {}
+    for name in ("fast", "slow"):
+        opts = cfg.pool(name).options()
+        if cfg.request_router:
+            opts["request_router_config"] = RequestRouterConfig(
+                request_router_class=PredictedTokensRouter,
+                request_router_kwargs={"stats_period_s": cfg.routing_stats_period_s},
+                request_routing_stats_period_s=cfg.routing_stats_period_s,
+            )
+        pools[name] = Generator.options(name=name, **opts).bind(cfg, name)
+    return Router.options(name="router", **cfg.router.options()).bind(cfg, prefill, pools["fast"], pools["slow"], tau, context)

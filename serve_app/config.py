@@ -1,0 +1,130 @@
+"""One pydantic ``AppConfig`` validates the ``args`` that ``serve_config.yaml`` passes to
+``serve_app.app:build_app``; deployments receive already-validated pieces of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serve_app.policy import PolicyConfig
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "arith-qwen3-tiny"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DeploymentConfig(_Strict):
+    """Ray Serve deployment options shared by every deployment of the graph."""
+
+    num_replicas: int | Literal["auto"] | None = 1
+    autoscaling_config: dict[str, Any] | None = None
+    max_ongoing_requests: int = Field(16, ge=1, description="set deliberately: Ray 2.60 defaults to 5")
+    max_queued_requests: int = Field(-1, ge=-1, description="-1 = unbounded; beyond it callers get 503 + Retry-After")
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] | None = None
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscaling(self) -> "DeploymentConfig":
+        if self.autoscaling_config is not None:
+            self.num_replicas = None
+        return self
+
+    def max_replicas(self) -> int:
+        if self.autoscaling_config is not None:
+            return int(self.autoscaling_config.get("max_replicas", 1))
+        return self.num_replicas if isinstance(self.num_replicas, int) else 1
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options``."""
+        actor: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.resources:
+            actor["resources"] = dict(self.resources)
+        opts: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": actor,
+        }
+        if self.autoscaling_config is not None:
+            opts["autoscaling_config"] = dict(self.autoscaling_config)
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+
+class PoolConfig(DeploymentConfig):
+    """A generation pool (``fast`` or ``slow``): the same class deployed twice."""
+
+    max_batch_size: int = Field(16, ge=1, description="rows decoded together (continuous batching)")
+    max_tokens: int = Field(768, ge=1, description="upper limit of a request's max_tokens in this pool")
+    max_ongoing_requests: int = Field(32, ge=1)
+    max_queued_requests: int = Field(64, ge=-1)
+
+
+class PrefillConfig(DeploymentConfig):
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.002, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+
+
+class RouterConfig(DeploymentConfig):
+    max_ongoing_requests: int = Field(256, ge=1)
+    num_cpus: float = Field(0.25, ge=0)
+
+
+class OnlineOverride(_Strict):
+    """Online-switching settings; unset fields come from the probe's calibrated thresholds."""
+
+    enabled: bool = True
+    every: int | None = Field(None, ge=1)
+    tau: float | None = None
+    delta: float | None = None
+    max_switches: int | None = Field(None, ge=0)
+    confirm: int | None = Field(None, ge=1)
+
+
+class AppConfig(_Strict):
+    """The whole service. Relative paths resolve against the directory ``serve run`` starts in."""
+
+    model: str = str(DEFAULT_MODEL)
+    model_name: str = "kvswitch-arith-tiny"
+    """The id clients send as ``model`` and ``/v1/models`` lists."""
+    probe: str | None = None
+    """Calibrated probe checkpoint; default ``<model>/probe.pt``."""
+    engine: Literal["hf"] = "hf"
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per replica")
+    context_length: int | None = Field(None, ge=1, description="prompt + max_tokens limit; default the model's max positions")
+    max_n: int = Field(8, ge=1, description="most choices per request")
+    default_mode: Literal["auto", "fast", "slow"] = "auto"
+    online: OnlineOverride = OnlineOverride()
+    policy: PolicyConfig = PolicyConfig()
+    prefill: PrefillConfig = PrefillConfig()
+    fast: PoolConfig = PoolConfig()
+    slow: PoolConfig = PoolConfig()
+    router: RouterConfig = RouterConfig()
+    request_router: bool = Field(True, description="route inside each pool by fewest predicted outstanding tokens")
+    routing_stats_period_s: float = Field(0.5, gt=0)
+
+    @field_validator("model", "probe")
+    @classmethod
+    def _absolute(cls, v: str | None) -> str | None:
+        return None if v is None else str(Path(v).expanduser().resolve())
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> "AppConfig":
+        if not (Path(self.model) / "config.json").is_file():
+            raise ValueError(f"no model at {self.model}: expected a directory with config.json")
+        if self.probe is None:
+            self.probe = str(Path(self.model) / "probe.pt")
+        if not Path(self.probe).is_file():
+            raise ValueError(f"no probe at {self.probe}: run `kvswitch calibrate --model {self.model} --out {self.probe}`")
+        if self.policy.slow_saturation_requests is None:
+            self.policy.slow_saturation_requests = self.slow.max_ongoing_requests * self.slow.max_replicas()
+        return self
+
+    def pool(self, name: str) -> PoolConfig:
+        return self.fast if name == "fast" else self.slow

@@ -1,0 +1,76 @@
+"""The routing policy: a pure function of (difficulty, live pool load, config) → pool.
+
+No Ray, no model: calibration (τ) happens outside, load is measured by the caller. Like
+RouteLLM's router, one function with one meaning — here ``choose_pool``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Pool = Literal["fast", "slow"]
+
+
+class PolicyConfig(BaseModel):
+    """Thresholds of the load-aware policy. ``tau`` defaults to the probe's calibrated threshold."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tau: float | None = Field(None, description="difficulty above which a request starts slow; None = the probe's")
+    borderline_margin: float = Field(15.0, ge=0, description="d in (tau, tau + margin] may go fast when the slow pool is saturated")
+    slow_saturation_requests: int | None = Field(None, ge=1, description="in-flight slow requests (this router's view) at which "
+                                                 "the slow pool counts as saturated; None = the pool's capacity (max_ongoing_requests × max replicas)")
+    slow_saturation_tokens: float | None = Field(None, gt=0, description="or predicted outstanding slow tokens at which it does (None = off)")
+    fast_saturation_requests: int = Field(64, ge=1, description="the fast pool never takes shifted traffic beyond this")
+    fast_tokens: float = Field(4.0, ge=0, description="expected generated tokens of a fast request")
+    slow_tokens_min: float = Field(120.0, ge=0, description="expected slow tokens at difficulty 0")
+    slow_tokens_max: float = Field(420.0, ge=0, description="expected slow tokens at difficulty 100")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "PolicyConfig":
+        if self.slow_tokens_max < self.slow_tokens_min:
+            raise ValueError("slow_tokens_max must be ≥ slow_tokens_min")
+        return self
+
+
+class PoolLoad(BaseModel):
+    """Live load of one pool as the router sees it."""
+
+    running: int = 0
+    """Requests sent to the pool and not finished (queued at the pool or generating)."""
+    predicted_tokens: float = 0.0
+    """Predicted tokens still to generate for those requests."""
+
+
+class Decision(BaseModel):
+    pool: Pool
+    reason: Literal["easy", "hard", "borderline-shifted", "forced"]
+    predicted_tokens: float
+
+
+def expected_tokens(difficulty: float, pool: Pool, cfg: PolicyConfig) -> float:
+    """Predicted generated tokens: flat for fast, linear in difficulty (0–100) for slow."""
+    if pool == "fast":
+        return cfg.fast_tokens
+    d = min(max(difficulty, 0.0), 100.0) / 100.0
+    return cfg.slow_tokens_min + d * (cfg.slow_tokens_max - cfg.slow_tokens_min)
+
+
+def slow_saturated(load: PoolLoad, cfg: PolicyConfig) -> bool:
+    if cfg.slow_saturation_requests is not None and load.running >= cfg.slow_saturation_requests:
+        return True
+    return cfg.slow_saturation_tokens is not None and load.predicted_tokens >= cfg.slow_saturation_tokens
+
+
+def choose_pool(difficulty: float, tau: float, fast: PoolLoad, slow: PoolLoad, cfg: PolicyConfig) -> Decision:
+    """d ≤ τ → fast; d > τ → slow, except that a *borderline* request (τ < d ≤ τ + margin) goes fast
+    while the slow pool is saturated and the fast pool is not. Clearly hard requests always go slow,
+    and load never pushes an easy request to the slow pool."""
+    if difficulty <= tau:
+        return Decision(pool="fast", reason="easy", predicted_tokens=expected_tokens(difficulty, "fast", cfg))
+    borderline = difficulty <= tau + cfg.borderline_margin
+    if borderline and slow_saturated(slow, cfg) and fast.running < cfg.fast_saturation_requests:
+        return Decision(pool="fast", reason="borderline-shifted", predicted_tokens=expected_tokens(difficulty, "fast", cfg))
+    return Decision(pool="slow", reason="hard", predicted_tokens=expected_tokens(difficulty, "slow", cfg))

@@ -1,0 +1,179 @@
+"""OpenAI-compatible request and response bodies (the subset kvswitch serves), plus the
+``kvswitch`` extension object. Validation here is what turns bad input into a 400."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Mode = Literal["auto", "fast", "slow"]
+
+
+class _Body(BaseModel):
+    # Unknown OpenAI parameters are ignored (clients send many); NaN / inf are refused.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class KvswitchOptions(_Body):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    mode: Mode | None = None
+    """auto: the probe and the live load pick the pool; fast / slow force it."""
+    online: bool | None = None
+    """Mid-generation switching (default: the service's setting)."""
+
+
+class ChatTemplateKwargs(_Body):
+    enable_thinking: bool | None = None
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class _Sampling(_Body):
+    model: str
+    max_tokens: int | None = None
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool | None = None
+    kvswitch: KvswitchOptions = KvswitchOptions()
+    chat_template_kwargs: ChatTemplateKwargs = ChatTemplateKwargs()
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _positive(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError("max_tokens must be a positive integer")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str]:
+        stops = [] if v is None else [v] if isinstance(v, str) else list(v)
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes at most 4 non-empty strings")
+        return stops
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: bool | None) -> bool | None:
+        if v:
+            raise ValueError("logprobs are not supported by kvswitch")
+        return v
+
+    @model_validator(mode="after")
+    def _mode(self) -> "_Sampling":
+        thinking = self.chat_template_kwargs.enable_thinking
+        if thinking is not None:
+            wanted = "slow" if thinking else "fast"
+            if self.kvswitch.mode not in (None, wanted):
+                raise ValueError(f"chat_template_kwargs.enable_thinking={thinking} contradicts kvswitch.mode={self.kvswitch.mode!r}")
+        return self
+
+    def forced_mode(self) -> Literal["fast", "slow"] | None:
+        """The mode the client fixed (``enable_thinking`` is honoured), else None."""
+        thinking = self.chat_template_kwargs.enable_thinking
+        if thinking is not None:
+            return "slow" if thinking else "fast"
+        return None if self.kvswitch.mode in (None, "auto") else self.kvswitch.mode
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+
+    @model_validator(mode="after")
+    def _max_tokens_alias(self) -> "ChatCompletionRequest":
+        if self.max_completion_tokens is not None:
+            if self.max_completion_tokens <= 0:
+                raise ValueError("max_completion_tokens must be a positive integer")
+            self.max_tokens = self.max_completion_tokens
+        if self.messages[-1].role == "assistant":
+            raise ValueError("the last message must not be from the assistant (continuation is not supported)")
+        return self
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    """Wrapped in the chat template as one user message, so routing works as for chat."""
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str]) -> str:
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise ValueError("send one prompt per request")
+            v = v[0]
+        if not v.strip():
+            raise ValueError("prompt must not be empty")
+        return v
+
+
+class EmbeddingRequest(_Body):
+    model: str
+    input: str | list[str] = Field(min_length=1)
+    encoding_format: Literal["float", "base64"] = "float"
+    """base64: little-endian float32 bytes (what the openai client asks for by default)."""
+
+    @field_validator("input")
+    @classmethod
+    def _texts(cls, v: str | list[str]) -> list[str]:
+        texts = [v] if isinstance(v, str) else v
+        if any(not t.strip() for t in texts):
+            raise ValueError("input strings must not be empty")
+        if len(texts) > 256:
+            raise ValueError("at most 256 inputs per request")
+        return texts
+
+
+# ----------------------------------------------------------------------------------- responses
+
+
+class KvswitchInfo(BaseModel):
+    route: Literal["fast", "slow"]
+    """The pool that generated the reply."""
+    reason: str
+    """easy / hard / borderline-shifted / forced."""
+    difficulty: float | None
+    start_mode: Literal["fast", "slow"]
+    end_mode: Literal["fast", "slow"]
+    switched: bool
+    switched_at: int | None
+    """Generated-token index of the switch, when one happened."""
+    confidence: float | None
+    """Calibrated P(correct) from KV Chain-of-Embedding (no extra forward pass)."""
+    replica: str | None = None
+
+
+def completion_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

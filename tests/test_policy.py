@@ -1,0 +1,45 @@
+"""The routing policy is a pure function: pinned here without Ray or a model."""
+
+import pytest
+
+from serve_app.policy import PolicyConfig, PoolLoad, choose_pool, expected_tokens
+
+CFG = PolicyConfig(borderline_margin=10, slow_saturation_requests=4, slow_saturation_tokens=1000, fast_saturation_requests=8)
+IDLE = PoolLoad()
+BUSY = PoolLoad(running=4, predicted_tokens=100)
+
+
+def test_difficulty_decides_when_pools_are_idle():
+    assert choose_pool(50.0, 50.0, IDLE, IDLE, CFG).pool == "fast"  # d ≤ τ
+    assert choose_pool(50.1, 50.0, IDLE, IDLE, CFG).pool == "slow"
+    assert choose_pool(99.0, 50.0, IDLE, IDLE, CFG).reason == "hard"
+
+
+def test_saturated_slow_pool_shifts_only_borderline_requests_to_fast():
+    shifted = choose_pool(55.0, 50.0, IDLE, BUSY, CFG)
+    assert shifted.pool == "fast" and shifted.reason == "borderline-shifted"
+    assert choose_pool(60.0, 50.0, IDLE, BUSY, CFG).pool == "fast"  # edge of the margin
+    assert choose_pool(60.5, 50.0, IDLE, BUSY, CFG).pool == "slow"  # clearly hard: never shifted
+
+
+def test_predicted_tokens_alone_can_saturate_the_slow_pool():
+    heavy = PoolLoad(running=1, predicted_tokens=1000)
+    assert choose_pool(55.0, 50.0, IDLE, heavy, CFG).pool == "fast"
+
+
+def test_load_never_pushes_easy_requests_to_slow_nor_overfills_fast():
+    assert choose_pool(10.0, 50.0, PoolLoad(running=1000, predicted_tokens=1e6), IDLE, CFG).pool == "fast"
+    full_fast = PoolLoad(running=8)
+    assert choose_pool(55.0, 50.0, full_fast, BUSY, CFG).pool == "slow"
+
+
+def test_expected_tokens_grow_with_difficulty_in_the_slow_pool():
+    cfg = PolicyConfig(fast_tokens=4, slow_tokens_min=100, slow_tokens_max=300)
+    assert expected_tokens(80, "fast", cfg) == 4
+    assert expected_tokens(0, "slow", cfg) == 100 and expected_tokens(50, "slow", cfg) == 200
+    assert expected_tokens(150, "slow", cfg) == 300  # clamped
+
+
+def test_config_rejects_inverted_token_range():
+    with pytest.raises(ValueError, match="slow_tokens_max"):
+        PolicyConfig(slow_tokens_min=300, slow_tokens_max=100)

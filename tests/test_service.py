@@ -1,0 +1,283 @@
+"""The real service: a local Ray Serve app on the embedded model, driven over HTTP with the
+official ``openai`` client and httpx. One Ray instance serves every test in this module."""
+
+import asyncio
+import json
+import os
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from serve_app.app import build_app  # noqa: E402
+from serve_app.engine import HFEngine  # noqa: E402
+from serve_app.probe import Probe  # noqa: E402
+from serve_app.task import generate_problems, is_correct  # noqa: E402
+
+PORT = int(os.environ.get("KVSWITCH_TEST_PORT", "18431"))
+METRICS_PORT = PORT + 1
+MODEL = "kvswitch-arith-tiny"
+EASY, HARD = "What is 2 + 3?", "What is 41 - 17 + 8 - 60 + 5 + 12?"
+
+SMALL = {"num_cpus": 0.25, "max_ongoing_requests": 64, "max_queued_requests": 128}
+MAIN = {"prefill": {"num_cpus": 0.25}, "fast": dict(SMALL), "slow": dict(SMALL)}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=8, include_dashboard=False, _metrics_export_port=METRICS_PORT, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def main_app(cluster):
+    serve.run(build_app(MAIN), name="main", route_prefix="/main")
+    return f"http://127.0.0.1:{PORT}/main"
+
+
+def client(base: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def aclient(base: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def local_probe(model_dir, shipped):
+    return HFEngine(*shipped), Probe.load(model_dir / "probe.pt", shipped[0].config)
+
+
+def test_chat_answers_and_routes_like_the_probe(main_app, local_probe):
+    engine, probe = local_probe
+    c = client(main_app)
+    for question, answer in ((EASY, "5"), (HARD, "-11")):
+        r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}])
+        kv = r.model_extra["kvswitch"]
+        assert is_correct(r.choices[0].message.content, answer)
+        feats = engine.prompt_features([engine.encode_prompt(question)], probe.pooling)
+        d = float(probe.prompt_difficulty(feats["kv"])[0])
+        assert kv["difficulty"] == pytest.approx(d, abs=0.01)
+        assert kv["route"] == ("slow" if d > probe.thresholds["tau"] else "fast") == kv["start_mode"]
+        assert r.usage.completion_tokens > 0 and 0.0 <= kv["confidence"] <= 1.0
+    assert c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": EASY}]).model_extra["kvswitch"]["route"] == "fast"
+    hard = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": HARD}])
+    details = hard.usage.completion_tokens_details
+    assert hard.model_extra["kvswitch"]["route"] == "slow" and details.reasoning_tokens > 0
+    assert hard.choices[0].message.model_extra["reasoning_content"]
+
+
+def test_streaming_gives_the_same_reply_with_usage_and_done(main_app):
+    c = client(main_app)
+    for question in (EASY, HARD):
+        whole = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}])
+        chunks = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}], stream=True,
+                                                stream_options={"include_usage": True}))
+        content = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert content == whole.choices[0].message.content
+        finals = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+        assert len(finals) == 1 and finals[0].choices[0].model_extra["kvswitch"]["route"] == whole.model_extra["kvswitch"]["route"]
+        assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    raw = httpx.post(f"{main_app}/v1/chat/completions", json={"model": MODEL, "stream": True, "messages": [{"role": "user", "content": EASY}]})
+    assert raw.headers["content-type"].startswith("text/event-stream") and raw.text.rstrip().endswith("data: [DONE]")
+
+
+def test_forced_modes_completions_and_stop(main_app):
+    c = client(main_app)
+    fast = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": HARD}], extra_body={"kvswitch": {"mode": "fast"}})
+    slow = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": EASY}],
+                                     extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    assert fast.model_extra["kvswitch"]["route"] == "fast" and fast.model_extra["kvswitch"]["reason"] == "forced"
+    assert slow.model_extra["kvswitch"]["route"] == "slow" and not slow.model_extra["kvswitch"]["switched"]  # forced: no online switch
+    assert is_correct(slow.choices[0].message.content, "5")
+    comp = c.completions.create(model=MODEL, prompt=EASY, max_tokens=20)
+    assert comp.choices[0].text.strip() == "5" and comp.usage.completion_tokens <= 20
+    stopped = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": HARD}], stop=[" - "],
+                                        extra_body={"kvswitch": {"mode": "slow"}})
+    reasoning = stopped.choices[0].message.model_extra["reasoning_content"]
+    assert stopped.choices[0].finish_reason == "stop" and " - " not in reasoning and reasoning.startswith("41")
+    capped = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": HARD}], max_tokens=10,
+                                       extra_body={"kvswitch": {"mode": "slow"}})
+    assert capped.choices[0].finish_reason == "length" and capped.usage.completion_tokens == 10
+    many = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": HARD}], n=3, temperature=0.8, seed=3, max_tokens=30)
+    assert [ch.index for ch in many.choices] == [0, 1, 2] and many.usage.completion_tokens <= 90
+
+
+def test_models_and_health(main_app):
+    assert [m.id for m in client(main_app).models.list().data] == [MODEL]
+    assert httpx.get(f"{main_app}/health").json() == {"status": "ok"}
+
+
+def test_embeddings_have_the_documented_dimension_and_are_deterministic(main_app):
+    c = client(main_app)
+    texts = [EASY, HARD, "What is 7 - 9?"]
+    a = c.embeddings.create(model=MODEL, input=texts)
+    b = c.embeddings.create(model=MODEL, input=texts[1])
+    vecs = torch.tensor([d.embedding for d in a.data])
+    assert vecs.shape == (3, 128)  # [K; V] of one head_dim (64) each, README "Embeddings"
+    assert torch.allclose(vecs.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(vecs[1], torch.tensor(b.data[0].embedding), atol=1e-5)  # batch and padding invariant
+    assert c.embeddings.create(model=MODEL, input=texts[1]).data[0].embedding == b.data[0].embedding
+
+
+def test_64_concurrent_requests_all_complete_correctly(main_app):
+    problems = generate_problems(64, seed=4242)
+
+    async def run():
+        c = aclient(main_app)
+        async def one(i, p):
+            kwargs = {"stream": True} if i % 2 else {}
+            if kwargs:
+                text = ""
+                async for ch in await c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p.question}], **kwargs):
+                    if ch.choices:
+                        text += ch.choices[0].delta.content or ""
+                return text
+            r = await c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p.question}])
+            return r.choices[0].message.content
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(problems)))
+
+    replies = asyncio.run(run())
+    assert len(replies) == 64
+    correct = sum(is_correct(r, p.answer) for r, p in zip(replies, problems))
+    assert correct >= 62, f"{correct}/64 correct"  # the model's own error rate on 1-6 operators (README: 0.98)
+
+
+BAD = [
+    ("malformed json", b"{not json", 400),
+    ("wrong type", {"model": MODEL, "messages": "hi"}, 400),
+    ("wrong number type", {"model": MODEL, "messages": [{"role": "user", "content": EASY}], "max_tokens": "ten"}, 400),
+    ("empty messages", {"model": MODEL, "messages": []}, 400),
+    ("bad role", {"model": MODEL, "messages": [{"role": "robot", "content": EASY}]}, 400),
+    ("max_tokens zero", {"model": MODEL, "messages": [{"role": "user", "content": EASY}], "max_tokens": 0}, 400),
+    ("max_tokens negative", {"model": MODEL, "messages": [{"role": "user", "content": EASY}], "max_tokens": -5}, 400),
+    ("max_tokens above limit", {"model": MODEL, "messages": [{"role": "user", "content": EASY}], "max_tokens": 100000}, 400),
+    ("prompt longer than context", {"model": MODEL, "messages": [{"role": "user", "content": "1 + " * 700}]}, 400),
+    ("unknown model", {"model": "gpt-9", "messages": [{"role": "user", "content": EASY}]}, 404),
+    ("nan temperature", b'{"model": "kvswitch-arith-tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400),
+    ("n too large", {"model": MODEL, "messages": [{"role": "user", "content": EASY}], "n": 1000}, 400),
+    ("contradicting modes", {"model": MODEL, "messages": [{"role": "user", "content": EASY}], "kvswitch": {"mode": "fast"},
+                             "chat_template_kwargs": {"enable_thinking": True}}, 400),
+    ("unknown kvswitch option", {"model": MODEL, "messages": [{"role": "user", "content": EASY}], "kvswitch": {"mood": "fast"}}, 400),
+]
+
+
+@pytest.mark.parametrize("name,body,status", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_json_4xx_and_the_service_keeps_serving(main_app, name, body, status):
+    kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(f"{main_app}/v1/chat/completions", timeout=30, **kwargs)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+    ok = httpx.post(f"{main_app}/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": EASY}]}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "5"
+
+
+def test_bad_embedding_and_completion_input(main_app):
+    for path, body in (("embeddings", {"model": MODEL, "input": ""}), ("embeddings", {"model": MODEL, "input": []}),
+                       ("completions", {"model": MODEL, "prompt": ["a", "b"]}), ("completions", {"model": MODEL})):
+        r = httpx.post(f"{main_app}/v1/{path}", json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["message"], (path, body, r.text)
+
+
+def _pool_stats(app: str, pool: str) -> dict:
+    return serve.get_deployment_handle(pool, app_name=app).record_routing_stats.remote().result()
+
+
+def test_client_disconnect_mid_stream_frees_the_generation_slot(main_app):
+    body = {"model": MODEL, "stream": True, "max_tokens": 700, "kvswitch": {"mode": "slow"},
+            "messages": [{"role": "user", "content": "What is 99 - 98 + 97 - 96 + 95 - 94?"}]}
+    with httpx.stream("POST", f"{main_app}/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data:")
+        assert _pool_stats("main", "slow")["running"] == 1
+    deadline = time.time() + 20
+    while _pool_stats("main", "slow")["running"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert _pool_stats("main", "slow") == {"queued": 0, "running": 0, "predicted_tokens": 0.0}
+
+
+def test_metrics_reach_the_prometheus_endpoint(main_app):
+    client(main_app).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": EASY}])
+    wanted = ["ray_kvswitch_requests", "ray_kvswitch_generated_tokens", "ray_kvswitch_difficulty_bucket", "ray_kvswitch_queue_depth"]
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+        if all(w in text for w in wanted):
+            break
+        time.sleep(2)
+    missing = [w for w in wanted if w not in text]
+    assert not missing, missing
+    assert 'route="fast"' in text
+
+
+# --------------------------------------------------------------------- load-aware behaviour
+
+HARD_QS = [p.question for p in generate_problems(200, seed=777) if p.num_operators >= 4][:16]
+
+
+def test_saturated_slow_pool_shifts_borderline_traffic_to_fast(cluster):
+    """Test config: every request above τ counts as borderline and the slow pool saturates at
+    2 in-flight requests, so a burst of hard questions overflows to the fast pool."""
+    cfg = {**MAIN, "policy": {"borderline_margin": 100, "slow_saturation_requests": 2}}
+    serve.run(build_app(cfg), name="sat", route_prefix="/sat")
+    base = f"http://127.0.0.1:{PORT}/sat"
+    try:
+        alone = client(base).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": HARD_QS[0]}])
+        assert alone.model_extra["kvswitch"]["route"] == "slow"  # idle: hard goes slow
+
+        async def burst():
+            c = aclient(base)
+            return await asyncio.gather(*(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q}])
+                                          for q in HARD_QS))
+
+        infos = [r.model_extra["kvswitch"] for r in asyncio.run(burst())]
+        reasons = [i["reason"] for i in infos]
+        assert all(i["difficulty"] > 50 for i in infos)
+        assert reasons.count("borderline-shifted") >= len(HARD_QS) // 2, reasons
+        assert all(i["route"] == "fast" for i in infos if i["reason"] == "borderline-shifted")
+        assert 1 <= reasons.count("hard") <= 8, reasons
+    finally:
+        serve.delete("sat")
+
+
+def test_a_pool_autoscales_from_one_to_two_replicas_under_load(cluster):
+    slow = {**SMALL, "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+                                            "upscale_delay_s": 0.5, "look_back_period_s": 1, "metrics_interval_s": 0.25}}
+    serve.run(build_app({**MAIN, "slow": slow}), name="scale", route_prefix="/scale")
+    base = f"http://127.0.0.1:{PORT}/scale"
+
+    def replicas() -> int:
+        dep = serve.status().applications["scale"].deployments["slow"]
+        return dep.replica_states.get("RUNNING", 0)
+
+    try:
+        assert replicas() == 1
+        seen = []
+
+        async def load():
+            c = aclient(base)
+            async def one(q):
+                return await c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q}], extra_body={"kvswitch": {"mode": "slow"}})
+            async def watch():
+                while True:
+                    seen.append(replicas())
+                    await asyncio.sleep(0.25)
+            w = asyncio.create_task(watch())
+            done = await asyncio.gather(*(one(q) for q in HARD_QS * 2))
+            w.cancel()
+            return done
+
+        results = asyncio.run(load())
+        assert len(results) == 2 * len(HARD_QS)
+        assert max(seen) == 2, seen
+    finally:
+        serve.delete("scale")
