@@ -22,7 +22,12 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# The service on the embedded model at http://127.0.0.1:8000 until Ctrl-C. Ray's token auth stays on
+# (Ray 2.60's default for local clusters, set explicitly); the token lives in ~/.ray/auth_token.
 serve: $(STAMP)
+	RAY_AUTH_MODE=token $(VENV)/bin/serve run serve_config.yaml
+
+demo: $(STAMP)
 	$(VENV)/bin/kvswitch demo
 
 clean-venv:

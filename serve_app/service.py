@@ -180,7 +180,7 @@ class ReplyStream:
         self.pending = ""
         self.stopped = False
         self.reasoning_tokens = 0
-        self.content_started = False
+        self.after_thought = False
 
     def _detok(self, ids: list[int]) -> str:
         self.ids.extend(i for i in ids if i not in self.skip)
@@ -190,6 +190,15 @@ class ReplyStream:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return after[len(before) :]
         return ""
+
+    def _emit(self, reasoning: list[str], content: list[str], text: str) -> None:
+        if self.in_think:
+            reasoning.append(text)
+            return
+        if self.after_thought:  # the answer starts after the blank line that closes a thought
+            text = text.lstrip("\n")
+            self.after_thought = not text
+        content.append(text)
 
     def push(self, ids: list[int], final: bool = False) -> tuple[str, str]:
         """Feed new token ids; returns the (reasoning, content) text now safe to emit."""
@@ -208,14 +217,11 @@ class ReplyStream:
             at = self.pending.find(tag)
             if at < 0:
                 break
-            (reasoning if self.in_think else content).append(self.pending[:at])
+            self._emit(reasoning, content, self.pending[:at])
             self.pending = self.pending[at + len(tag) :]
             self.in_think = not self.in_think
+            self.after_thought = not self.in_think
         keep = 0 if final else min(self.hold, len(self.pending))
         emit, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
-        (reasoning if self.in_think else content).append(emit)
-        r, c = "".join(reasoning), "".join(content)
-        if not self.content_started:  # the answer starts after the blank line that closes a thought
-            c = c.lstrip("\n")
-            self.content_started = bool(c)
-        return r, c
+        self._emit(reasoning, content, emit)
+        return "".join(reasoning), "".join(content)
