@@ -134,6 +134,15 @@ def _cmd_bench_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_handoff(args: argparse.Namespace) -> int:
+    from serve_app.bench_handoff import plot_handoff, print_handoff, run_bench_handoff
+
+    report = run_bench_handoff(args.model, prompts=args.prompts, repeats=args.repeats, threads=args.threads)
+    print_handoff(report)
+    _write_report(report, args.out, plot_handoff)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from serve_app.evaluate import load_model
     from serve_app.generate import MAX_NEW_TOKENS, build_prompt, generate_greedy
@@ -233,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rss", action="store_true", help="skip the per-variant subprocess peak-RSS measurement")
     p.add_argument("--out", help="JSON report; a PNG goes beside it")
     p.set_defaults(func=_cmd_bench_overhead)
+
+    p = sub.add_parser("bench-handoff", help="KV cache through Ray's object store vs recomputing the prefill in the generator")
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", help="JSON report path")
+    p.set_defaults(func=_cmd_bench_handoff)
 
     p = sub.add_parser("demo", help="answer one question in both modes")
     p.add_argument("--model", default=str(DEFAULT_MODEL))

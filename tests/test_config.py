@@ -1,0 +1,49 @@
+"""AppConfig validates serve_config.yaml's args; build_app wires the graph from it."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from serve_app.app import build_app
+from serve_app.config import AppConfig
+from serve_app.probe import ProbeMismatchError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_serve_config_yaml_is_a_valid_app_config():
+    spec = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    app = spec["applications"][0]
+    assert app["import_path"] == "serve_app.app:build_app"
+    cfg = AppConfig.model_validate(app["args"])
+    assert cfg.slow.autoscaling_config["max_replicas"] == 2 and cfg.slow.num_replicas is None
+    # saturation defaults to the slow pool's capacity
+    assert cfg.policy.slow_saturation_requests == cfg.slow.max_ongoing_requests * 2
+    for dep in (cfg.router, cfg.prefill, cfg.fast, cfg.slow):
+        assert dep.options()["max_ongoing_requests"] == dep.max_ongoing_requests  # never Ray's default of 5
+    assert build_app(app["args"]) is not None
+
+
+@pytest.mark.parametrize("args,match", [
+    ({"modle": "x"}, "modle"),
+    ({"model": "/nonexistent/model"}, "no model at"),
+    ({"probe": "/nonexistent/probe.pt"}, "no probe at"),
+    ({"fast": {"max_tokens": 0}}, "max_tokens"),
+    ({"policy": {"slow_tokens_min": 500, "slow_tokens_max": 100}}, "slow_tokens_max"),
+])
+def test_bad_config_is_refused_with_a_clear_message(args, match):
+    with pytest.raises(ValidationError, match=match):
+        AppConfig.model_validate(args)
+
+
+def test_a_probe_of_another_model_is_refused_before_any_replica_starts(tmp_path, model_dir):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    cfg_text = (other / "config.json").read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05')
+    (other / "config.json").write_text(cfg_text)
+    with pytest.raises(ProbeMismatchError):
+        build_app({"model": str(other)})
