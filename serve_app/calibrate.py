@@ -41,6 +41,7 @@ from serve_app.probe import (
     random_features,
     train_regressor,
 )
+from serve_app.quant import KVQuantConfig
 from serve_app.task import is_correct, read_jsonl
 
 FEATURE_KINDS = ("kv", "hidden", "minilm", "random")
@@ -67,6 +68,8 @@ class CalibrateConfig(BaseModel):
     max_new_tokens: int = 768
     limit: int | None = None
     train: TrainProbeConfig = TrainProbeConfig()
+    kv_quant: KVQuantConfig | None = None
+    """Calibrate on simulated quantized KV (features, generation, forced closes); recorded in the probe."""
 
 
 def minilm_features(texts: list[str]) -> torch.Tensor:
@@ -128,7 +131,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     # 2. features from the serving prefill (batched, padding-correct)
     feats: dict[str, list[torch.Tensor]] = {"kv": [], "hidden": []}
     for start in tqdm(range(0, len(rows), cfg.batch_size), desc="prefill features", unit="batch"):
-        f = engine.prompt_features(prompt_ids[start : start + cfg.batch_size], cfg.pooling, hidden=True)
+        f = engine.prompt_features(prompt_ids[start : start + cfg.batch_size], cfg.pooling, hidden=True, kv_quant=cfg.kv_quant)
         feats["kv"].append(f["kv"])
         feats["hidden"].append(f["hidden"])
     x = {k: torch.cat(v) for k, v in feats.items()}
@@ -142,7 +145,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     record = (decode_pooling, cfg.online.every) if cfg.decode_head else None
     gen = lambda mode, **kw: run_batched(  # noqa: E731
         engine, [GenRequest(prompt_ids=p, mode=mode, max_new_tokens=cfg.max_new_tokens) for p in prompt_ids],
-        cfg.batch_size, desc=mode, **kw,
+        cfg.batch_size, desc=mode, kv_quant=cfg.kv_quant, **kw,
     )
     fast, slow = gen("fast"), gen("slow", record=record)
     fast_ok = [is_correct(r.reply, row["answer"]) for r, row in zip(fast, rows)]
@@ -171,7 +174,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
                        mode="fast", add_prefix=False, max_new_tokens=24)
             for i, t, _ in points
         ]
-        closed = run_batched(engine, reqs, cfg.batch_size * 2, desc="forced closes")
+        closed = run_batched(engine, reqs, cfg.batch_size * 2, desc="forced closes", kv_quant=cfg.kv_quant)
         xd = torch.stack([feat for _, _, feat in points])
         yd = torch.tensor([0.0 if is_correct(engine.prompts.close_think + c.text, rows[i]["answer"]) else 100.0
                            for (i, _, _), c in zip(points, closed)])
@@ -220,6 +223,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
             "val_fraction": cfg.val_fraction,
             "val_questions": sorted({questions[i] for i in val_idx}),
             "train_probe": cfg.train.model_dump(),
+            "kv_quant": None if cfg.kv_quant is None else cfg.kv_quant.name,
         },
         "report": report,
     }

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "arith-qwen3-tiny"
+KV_QUANT_HELP = ("simulated KV-cache quantization: K<bits>V<bits>[/per-tensor|per-channel|per-token][@<layers>=K<b>V<b>;...] "
+                 "(e.g. K8V4, K4V4/per-channel, K4V2@0-1=K8V4), fp, or a .json/.yaml KVQuantConfig file")
 
 
 def _cmd_gen_data(args: argparse.Namespace) -> int:
@@ -52,31 +55,67 @@ def _given(args: argparse.Namespace, *names: str) -> dict:
     return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
 
 
-def _write_report(report: dict, out: str | None, plot) -> None:
-    """JSON report at ``out`` and its PNG beside it (nothing when ``out`` is not given)."""
+def _write_report(report: dict, out: str | None, plot, command: str | None = None) -> None:
+    """JSON report at ``out`` and its PNG beside it (nothing when ``out`` is not given);
+    ``command``, the command line that produced it, is recorded in the JSON."""
     if out:
+        if command:
+            report = {"command": command, **report}
         path = _write_json(report, out)
         plot(report, path.with_suffix(".png"))
         print(f"wrote {path} and {path.with_suffix('.png')}")
 
 
+def _split(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from serve_app.quant import parse_kv_quant
+
+    kv_quant = parse_kv_quant(args.kv_quant) if args.kv_quant else None
+    if args.best_of is not None:
+        return _best_of_n(args, kv_quant)
     from serve_app.evaluate import EvalConfig, plot_report, print_report, run_eval
 
     optional = _given(args, "max_new_tokens", "probe", "tau", "delta", "every", "confirm")
     cfg = EvalConfig(
         model=args.model,
         dataset=args.dataset,
-        policies=[p.strip() for p in args.policy.split(",") if p.strip()],
+        policies=_split(args.policy),
         batch_size=args.batch_size,
         limit=args.limit,
         coe=args.coe,
         seed=args.seed,
+        kv_quant=kv_quant,
         **optional,
     )
     report = run_eval(cfg)
     print_report(report)
-    _write_report(report, args.out, plot_report)
+    _write_report(report, args.out, plot_report, args.command_line)
+    return 0
+
+
+def _best_of_n(args: argparse.Namespace, kv_quant) -> int:
+    from serve_app.bestofn_eval import BestOfNConfig, plot_best_of_n, print_best_of_n, run_best_of_n
+
+    cfg = BestOfNConfig(
+        model=args.model,
+        dataset=args.dataset,
+        n=args.best_of,
+        modes=_split(args.policy),
+        rules=_split(args.select),
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        kv_quant=kv_quant,
+        **_given(args, "max_new_tokens", "probe"),
+    )
+    report = run_best_of_n(cfg)
+    print_best_of_n(report)
+    _write_report(report, args.out, plot_best_of_n, args.command_line)
     return 0
 
 
@@ -93,6 +132,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if args.decode_last_tokens is not None:
         decode = PoolingConfig(**{**pooling, "last_tokens": args.decode_last_tokens})
     extra = _given(args, "limit", "max_new_tokens")
+    if args.kv_quant:
+        from serve_app.quant import parse_kv_quant
+
+        extra["kv_quant"] = parse_kv_quant(args.kv_quant)
     cfg = CalibrateConfig(
         model=args.model,
         dataset=args.dataset,
@@ -109,7 +152,25 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     print_calibration(report)
     print(f"wrote {cfg.out}")
     if args.report:
-        print(f"wrote {_write_json(report, args.report)}")
+        print(f"wrote {_write_json({'command': args.command_line, **report}, args.report)}")
+    return 0
+
+
+def _cmd_quant_report(args: argparse.Namespace) -> int:
+    from serve_app.quant_report import DEFAULT_SETTINGS, QuantReportConfig, plot_quant_report, print_quant_report, run_quant_report
+
+    cfg = QuantReportConfig(
+        model=args.model,
+        dataset=args.dataset,
+        settings=_split(args.settings) if args.settings else list(DEFAULT_SETTINGS),
+        probes=_split(args.probes) if args.probes else [],
+        batch_size=args.batch_size,
+        limit=args.limit,
+        **_given(args, "max_new_tokens"),
+    )
+    report = run_quant_report(cfg)
+    print_quant_report(report)
+    _write_report(report, args.out, plot_quant_report, args.command_line)
     return 0
 
 
@@ -200,11 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, help="online switching hysteresis (default: the probe's)")
     p.add_argument("--every", type=int, help="online check every k generated tokens (default: the probe's)")
     p.add_argument("--confirm", type=int, help="consecutive checks past the threshold before a switch (default: the probe's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random policy")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random policy (and of best-of-N sampling)")
     p.add_argument("--out", help="JSON report; a PNG goes beside it")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, help="generation cap per reply (default 768)")
     p.add_argument("--limit", type=int, help="evaluate only the first N questions")
+    p.add_argument("--kv-quant", dest="kv_quant", help=KV_QUANT_HELP)
+    p.add_argument("--best-of", dest="best_of", type=int,
+                   help="sample N replies per question in each --policy mode (fast and/or slow) and select one; "
+                        "reports N = 1, 2, 4, ... against greedy fast and slow")
+    p.add_argument("--select", default="coe,vote,coe-vote", help="best-of-N selection rules: coe, vote, coe-vote, random")
+    p.add_argument("--temperature", type=float, default=1.0, help="best-of-N sampling temperature")
+    p.add_argument("--top-p", dest="top_p", type=float, default=1.0, help="best-of-N nucleus sampling")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("calibrate", help="run both modes on a calibration set, label, train and save the difficulty probe")
@@ -230,7 +298,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--limit", type=int)
+    p.add_argument("--kv-quant", dest="kv_quant", help="calibrate on quantized KV: " + KV_QUANT_HELP)
     p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("quant-report", help="probe AUROC, routed accuracy / tokens and KV-CoE AUROC under simulated KV quantization")
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--settings", help="comma list of quantization specs (fp is always included); default: int8/int4/int3/int2 "
+                                      "keys and values, per-token / per-tensor / per-channel, and a layer map (serve_app.quant_report)")
+    p.add_argument("--probes", help="comma list of probe checkpoints to compare (default: <model>/probe.pt)")
+    p.add_argument("--out", help="JSON report; a PNG goes beside it")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--limit", type=int, help="only the first N questions")
+    p.set_defaults(func=_cmd_quant_report)
 
     p = sub.add_parser("bench-overhead", help="prefill time and memory with vs without KV pooling and hidden states")
     p.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -260,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["kvswitch", *argv])
     return args.func(args)
 
 

@@ -26,6 +26,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from serve_app.coe import token_stats
 from serve_app.embedded import FAST_PREFIX, SLOW_PREFIX, THINK_CLOSE, THINK_OPEN
 from serve_app.kv_features import PoolingConfig, cache_kv, kv_embedding, pool_hidden, pool_kv, token_kv_vectors
+from serve_app.quant import KVQuantConfig, quantize_cache
 
 Mode = Literal["fast", "slow"]
 
@@ -200,9 +201,14 @@ class HFEngine:
         )
         return out.past_key_values, mask, mask.sum(-1), out
 
-    def prompt_features(self, prompt_ids: Sequence[Sequence[int]], pooling: PoolingConfig, hidden: bool = False) -> dict:
-        """Probe feature, KV embedding (and hidden-state feature) of prompts; no generation."""
+    def prompt_features(
+        self, prompt_ids: Sequence[Sequence[int]], pooling: PoolingConfig, hidden: bool = False, kv_quant: KVQuantConfig | None = None
+    ) -> dict:
+        """Probe feature, KV embedding (and hidden-state feature) of prompts; no generation.
+        ``kv_quant``: features of the (simulated) quantized cache."""
         cache, mask, _, out = self.prefill(prompt_ids, hidden=hidden)
+        if kv_quant is not None:
+            quantize_cache(cache, kv_quant, mask)
         keys, values = cache_kv(cache)
         feats = {"kv": pool_kv(keys, values, mask, pooling), "embedding": kv_embedding(keys, values, mask)}
         if hidden:
@@ -257,11 +263,12 @@ class HFEngine:
         collect_hidden: bool = False,
         keep_features: bool = False,
         record: tuple[PoolingConfig, int] | None = None,
+        kv_quant: KVQuantConfig | None = None,
     ) -> list[GenResult]:
         """Generate every request in one batch. Rows with ``mode=None`` or ``online=True`` need a probe."""
         if not requests:
             return []
-        batch = DecodeBatch(self, probe, online, prompt_feature, collect_hidden, keep_features, record)
+        batch = DecodeBatch(self, probe, online, prompt_feature, collect_hidden, keep_features, record, kv_quant)
         rows = batch.add(requests)
         while batch.rows:
             batch.step()
@@ -272,7 +279,9 @@ class DecodeBatch:
     """A live decode batch on one KV cache. Rows join between steps (``add``: their own prefill,
     then the caches are left-padded to one width and concatenated) and leave when they finish or
     are cancelled — continuous batching for the serving generator; ``HFEngine.generate`` is one
-    ``add`` followed by ``step`` until empty."""
+    ``add`` followed by ``step`` until empty. With ``kv_quant`` every newly written cache column
+    is fake-quantized (``serve_app.quant``) after prefill and after each step, before any feature,
+    KV-CoE point or later step reads it."""
 
     def __init__(
         self,
@@ -283,8 +292,9 @@ class DecodeBatch:
         collect_hidden: bool = False,
         keep_features: bool = False,
         record: tuple[PoolingConfig, int] | None = None,
+        kv_quant: KVQuantConfig | None = None,
     ):
-        self.engine, self.probe, self.online = engine, probe, online
+        self.engine, self.probe, self.online, self.kv_quant = engine, probe, online, kv_quant
         self.prompt_feature, self.collect_hidden, self.keep_features, self.record = prompt_feature, collect_hidden, keep_features, record
         self.rows: list[_Row] = []
         """Active rows, in cache batch order."""
@@ -301,6 +311,8 @@ class DecodeBatch:
             raise ValueError("requests without a forced mode, or with online switching, need a calibrated probe")
         need_hidden = self.collect_hidden or (self.prompt_feature == "hidden" and any(r.mode is None for r in requests))
         cache, mask, next_pos, out = eng.prefill([r.prompt_ids for r in requests], hidden=need_hidden)
+        if self.kv_quant is not None:
+            quantize_cache(cache, self.kv_quant, mask)
         keys, values = cache_kv(cache)
         embedding = kv_embedding(keys, values, mask) if self.keep_features else None  # /v1/embeddings' job
         feature = hidden_feature = difficulty = None
@@ -412,6 +424,8 @@ class DecodeBatch:
             output_hidden_states=self.collect_hidden,
         )
         self.cache = out.past_key_values
+        if self.kv_quant is not None:
+            quantize_cache(self.cache, self.kv_quant, self.mask, start=self.mask.shape[1] - 1)
         self.logits = out.logits[:, -1, :]
         keys, values = cache_kv(self.cache)
         newest = torch.full((len(rows),), self.mask.shape[1] - 1, dtype=torch.long)

@@ -37,6 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serve_app.coe import auroc, coe_scores, coe_table, entropy_score, kv_confidence, format_coe_table, maxprob, perplexity_score
 from serve_app.generate import MAX_NEW_TOKENS
+from serve_app.quant import KVQuantConfig
 from serve_app.task import extract_answer, is_correct, num_operators, read_jsonl
 
 ENGINE_POLICIES = ("fast", "slow", "kv-oneshot", "kv-online", "hidden-oneshot")
@@ -66,6 +67,8 @@ class EvalConfig(BaseModel):
     """Online-switching overrides; default: the thresholds stored in the probe."""
     seed: int = 0
     """Seed of the ``random`` policy's choice."""
+    kv_quant: KVQuantConfig | None = None
+    """Simulated KV-cache quantization for prefill features and generation (``serve_app.quant``)."""
 
     @field_validator("policies")
     @classmethod
@@ -175,6 +178,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         "n_questions": len(rows),
         "probe": str(cfg.probe_path()) if probe is not None else None,
         "online": online.model_dump() if online is not None else None,
+        "kv_quant": None if cfg.kv_quant is None else cfg.kv_quant.name,
         "policies": {},
     }
     runs: dict[str, list[dict]] = {}
@@ -186,6 +190,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         mode = policy if policy in ("fast", "slow") else None
         reqs = [GenRequest(prompt_ids=p, mode=mode, online=policy == "kv-online", max_new_tokens=cfg.max_new_tokens) for p in prompt_ids]
         kwargs = {"probe": probe, "online": online} if probe is not None else {}
+        kwargs["kv_quant"] = cfg.kv_quant
         if policy == "hidden-oneshot":
             kwargs["prompt_feature"] = "hidden"
         if policy in ("fast", "slow") and cfg.coe:
