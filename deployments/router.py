@@ -14,7 +14,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
 
-from serve_app.api import APIError, chat_body, chunk, completion_body, create_app, info, sse, usage
+from serve_app.api import APIError, chat_body, chunk, completion_body, create_app, info, rank_choices, sse, usage
 from serve_app.config import AppConfig
 from serve_app.engine import ModePrompts, base_prompt
 from serve_app.policy import Decision, PoolLoad, choose_pool, expected_tokens
@@ -201,8 +201,14 @@ class Router:
             return await self._stream(plan, body, kind)
         outs = await self._complete(plan, body)
         infos = [info(o, plan.decision.pool, plan.decision.reason, plan.difficulty) for o in outs]
+        selection = None
+        if body.kvswitch.select is not None and len(outs) > 1:
+            outs, infos, selection = rank_choices(outs, infos, body.kvswitch.select, seed=body.seed or 0)
         build = chat_body if kind == "chat" else completion_body
-        return JSONResponse(build(completion_id("chatcmpl" if kind == "chat" else "cmpl"), now(), self.cfg.model_name, outs, infos))
+        out = build(completion_id("chatcmpl" if kind == "chat" else "cmpl"), now(), self.cfg.model_name, outs, infos)
+        if selection is not None:
+            out["kvswitch"] = {**out["kvswitch"], "selection": selection}
+        return JSONResponse(out)
 
     # -------------------------------------------------------------------------------- routes
     @app.post("/v1/chat/completions")

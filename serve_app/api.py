@@ -4,6 +4,7 @@ builders of OpenAI response bodies and SSE chunks. ``deployments/router.py`` add
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -66,6 +67,22 @@ def info(final: dict, pool: str, reason: str, difficulty: float | None) -> dict:
         confidence=final["confidence"],
         replica=final["replica"],
     ).model_dump()
+
+
+def rank_choices(outs: list[dict], infos: list[dict], rule: str, seed: int) -> tuple[list[dict], list[dict], dict]:
+    """Best-of-n: the choice ``rule`` picks first, the others after it in sample order. Every
+    choice's info gets its sample index and score; returns the reordered outs, infos and a summary."""
+    from serve_app.bestofn import select
+    from serve_app.task import extract_answer
+
+    answers = [None if (a := extract_answer(o["content"])) is None else str(a) for o in outs]
+    chosen, scores = select(answers, [o["confidence"] for o in outs], rule, seed=seed)
+    finite = [s if math.isfinite(s) else None for s in scores]
+    for i, info_ in enumerate(infos):
+        info_["selection"] = {"rule": rule, "sample": i, "score": finite[i], "chosen": i == chosen}
+    order = [chosen] + [i for i in range(len(outs)) if i != chosen]
+    summary = {"rule": rule, "chosen_sample": chosen, "scores": finite, "confidences": [o["confidence"] for o in outs]}
+    return [outs[i] for i in order], [infos[i] for i in order], summary
 
 
 def usage(finals: list[dict]) -> dict:

@@ -24,6 +24,8 @@ class KvswitchOptions(_Body):
     """auto: the probe and the live load pick the pool; fast / slow force it."""
     online: bool | None = None
     """Mid-generation switching (default: the service's setting)."""
+    select: Literal["coe", "vote", "coe-vote"] | None = None
+    """Best-of-n: with n > 1, put the choice this rule picks first (serve_app.bestofn)."""
 
 
 class ChatTemplateKwargs(_Body):
@@ -82,6 +84,12 @@ class _Sampling(_Body):
         if v:
             raise ValueError("logprobs are not supported by kvswitch")
         return v
+
+    @model_validator(mode="after")
+    def _select_needs_choices(self) -> "_Sampling":
+        if self.kvswitch.select is not None and self.stream:
+            raise ValueError("kvswitch.select ranks finished choices: send it with stream=false")
+        return self
 
     @model_validator(mode="after")
     def _mode(self) -> "_Sampling":

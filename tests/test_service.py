@@ -111,6 +111,22 @@ def test_forced_modes_completions_and_stop(main_app):
     assert [ch.index for ch in many.choices] == [0, 1, 2] and many.usage.completion_tokens <= 90
 
 
+def test_best_of_n_puts_the_selected_choice_first(main_app):
+    c = client(main_app)
+    r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": HARD}], n=4, temperature=1.0, seed=11,
+                                  max_tokens=200, extra_body={"kvswitch": {"mode": "fast", "select": "coe"}})
+    sel = r.model_extra["kvswitch"]["selection"]
+    infos = [ch.model_extra["kvswitch"] for ch in r.choices]
+    assert sel["rule"] == "coe" and len(sel["scores"]) == 4 and sel["scores"] == sel["confidences"]
+    assert infos[0]["selection"]["chosen"] and infos[0]["selection"]["sample"] == sel["chosen_sample"]
+    assert infos[0]["confidence"] == max(sel["confidences"])
+    assert sorted(i["selection"]["sample"] for i in infos) == [0, 1, 2, 3]
+    voted = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": HARD}], n=4, temperature=1.0, seed=11,
+                                      max_tokens=200, extra_body={"kvswitch": {"mode": "fast", "select": "vote"}})
+    counts = voted.model_extra["kvswitch"]["selection"]["scores"]
+    assert voted.choices[0].model_extra["kvswitch"]["selection"]["score"] == max(counts)
+
+
 def test_models_and_health(main_app):
     assert [m.id for m in client(main_app).models.list().data] == [MODEL]
     assert httpx.get(f"{main_app}/health").json() == {"status": "ok"}
@@ -180,6 +196,9 @@ BAD = [
     ("n too large", {"model": MODEL, "messages": [{"role": "user", "content": EASY}], "n": 1000}, 400),
     ("contradicting modes", {"model": MODEL, "messages": [{"role": "user", "content": EASY}], "kvswitch": {"mode": "fast"},
                              "chat_template_kwargs": {"enable_thinking": True}}, 400),
+    ("select with stream", {"model": MODEL, "messages": [{"role": "user", "content": EASY}], "n": 2, "stream": True,
+                            "kvswitch": {"select": "coe"}}, 400),
+    ("unknown select rule", {"model": MODEL, "messages": [{"role": "user", "content": EASY}], "kvswitch": {"select": "best"}}, 400),
     ("unknown kvswitch option", {"model": MODEL, "messages": [{"role": "user", "content": EASY}], "kvswitch": {"mood": "fast"}}, 400),
 ]
 
