@@ -254,21 +254,14 @@ class HFEngine:
         )
 
     @torch.inference_mode()
-    def generate(
-        self,
-        requests: Sequence[GenRequest],
-        probe: DifficultyScorer | None = None,
-        online: OnlineConfig = OnlineConfig(),
-        prompt_feature: Literal["kv", "hidden"] = "kv",
-        collect_hidden: bool = False,
-        keep_features: bool = False,
-        record: tuple[PoolingConfig, int] | None = None,
-        kv_quant: KVQuantConfig | None = None,
-    ) -> list[GenResult]:
-        """Generate every request in one batch. Rows with ``mode=None`` or ``online=True`` need a probe."""
+    def generate(self, requests: Sequence[GenRequest], **batch_options) -> list[GenResult]:
+        """Generate every request in one batch: one ``DecodeBatch`` (``batch_options`` are its
+        keyword arguments: probe, online, prompt_feature, collect_hidden, keep_features, record,
+        kv_quant), one ``add``, then ``step`` until every row has finished. Rows with
+        ``mode=None`` or ``online=True`` need a probe."""
         if not requests:
             return []
-        batch = DecodeBatch(self, probe, online, prompt_feature, collect_hidden, keep_features, record, kv_quant)
+        batch = DecodeBatch(self, **batch_options)
         rows = batch.add(requests)
         while batch.rows:
             batch.step()
