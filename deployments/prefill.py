@@ -8,7 +8,6 @@ import torch
 from ray import serve
 
 from serve_app.config import AppConfig
-from serve_app.kv_features import cache_kv, kv_embedding, pool_kv
 from serve_app.service import load_runtime
 
 
@@ -21,11 +20,9 @@ class PrefillPool:
 
     def _features(self, prompts: list[list[int]], embed: bool) -> tuple[list[float], list[list[float]] | None]:
         with torch.inference_mode():
-            cache, mask, _, _ = self.rt.engine.prefill(prompts)
-            keys, values = cache_kv(cache)
-            d = self.rt.probe.prompt_difficulty(pool_kv(keys, values, mask, self.rt.probe.pooling)).tolist()
-            emb = kv_embedding(keys, values, mask).tolist() if embed else None
-        return d, emb
+            feats = self.rt.engine.prompt_features(prompts, self.rt.probe.pooling, embedding=embed)
+            d = self.rt.probe.prompt_difficulty(feats["kv"]).tolist()
+        return d, feats["embedding"].tolist() if embed else None
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _score_batch(self, prompts: list[list[int]]) -> list[float]:

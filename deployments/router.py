@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from serve_app.api import APIError, chat_body, chunk, completion_body, create_app, info, rank_choices, sse, usage
 from serve_app.config import AppConfig
-from serve_app.engine import ModePrompts, base_prompt
+from serve_app.engine import encode_messages, mode_prefix_ids
 from serve_app.policy import Decision, PoolLoad, choose_pool, expected_tokens
 from serve_app.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, _Sampling, completion_id, now
 
@@ -46,15 +46,13 @@ class Router:
         self.cfg, self.tau, self.context = cfg, tau, context_length
         self.prefill, self.pools = prefill, {"fast": fast, "slow": slow}
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
-        self.prompts = ModePrompts()
-        self.prefix_len = {m: len(self.tokenizer.encode(p, add_special_tokens=False))
-                           for m, p in (("fast", self.prompts.fast_prefix), ("slow", self.prompts.slow_prefix))}
+        self.prefix_len = {m: len(ids) for m, ids in mode_prefix_ids(self.tokenizer).items()}
         self.load = {"fast": PoolLoad(), "slow": PoolLoad()}
         self.metrics = RouterMetrics()
 
     # -------------------------------------------------------------------------------- planning
     def _prompt_ids(self, messages: list[dict]) -> list[int]:
-        return self.tokenizer.encode(base_prompt(self.tokenizer, messages, self.prompts), add_special_tokens=False)
+        return encode_messages(self.tokenizer, messages)
 
     async def _plan(self, body: _Sampling, messages: list[dict]) -> Plan:
         cfg = self.cfg

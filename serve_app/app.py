@@ -11,15 +11,14 @@ from ray.serve.config import RequestRouterConfig
 from transformers import AutoConfig
 
 from serve_app.config import AppConfig
-from serve_app.engine import OnlineConfig
 from serve_app.probe import Probe
+from serve_app.service import routing_limits
 
 
 def _tau_and_context(cfg: AppConfig) -> tuple[float, int]:
     model_config = AutoConfig.from_pretrained(cfg.model, local_files_only=True)
     probe = Probe.load(cfg.probe, model_config)  # refuses a probe calibrated on another model, before any replica starts
-    tau = cfg.policy.tau if cfg.policy.tau is not None else (cfg.online.tau if cfg.online.tau is not None else OnlineConfig(**probe.thresholds).tau)
-    return tau, cfg.context_length or int(getattr(model_config, "max_position_embeddings", 4096))
+    return routing_limits(cfg, probe, model_config)
 
 
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:

@@ -131,7 +131,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     # 2. features from the serving prefill (batched, padding-correct)
     feats: dict[str, list[torch.Tensor]] = {"kv": [], "hidden": []}
     for start in tqdm(range(0, len(rows), cfg.batch_size), desc="prefill features", unit="batch"):
-        f = engine.prompt_features(prompt_ids[start : start + cfg.batch_size], cfg.pooling, hidden=True, kv_quant=cfg.kv_quant)
+        f = engine.prompt_features(prompt_ids[start : start + cfg.batch_size], cfg.pooling, hidden=True, kv_quant=cfg.kv_quant, embedding=False)
         feats["kv"].append(f["kv"])
         feats["hidden"].append(f["hidden"])
     x = {k: torch.cat(v) for k, v in feats.items()}

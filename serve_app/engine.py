@@ -159,6 +159,16 @@ def base_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], prompt
     return text
 
 
+def encode_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], prompts: ModePrompts = ModePrompts()) -> list[int]:
+    """Token ids of ``base_prompt`` (what the engine prefills and the router measures)."""
+    return tokenizer.encode(base_prompt(tokenizer, messages, prompts), add_special_tokens=False)
+
+
+def mode_prefix_ids(tokenizer: PreTrainedTokenizerBase, prompts: ModePrompts = ModePrompts()) -> dict[str, list[int]]:
+    """Token ids of each mode's prefix (fed after the shared prompt; counted as prompt tokens)."""
+    return {m: tokenizer.encode(t, add_special_tokens=False) for m, t in (("fast", prompts.fast_prefix), ("slow", prompts.slow_prefix))}
+
+
 class HFEngine:
     """Batched greedy / sampled decoding with per-row modes and online switching on one live cache."""
 
@@ -169,14 +179,14 @@ class HFEngine:
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-        self.prefix_ids = {"fast": enc(prompts.fast_prefix), "slow": enc(prompts.slow_prefix)}
+        self.prefix_ids = mode_prefix_ids(tokenizer, prompts)
         self.switch_ids = {"fast": enc(prompts.close_think), "slow": enc(prompts.open_think)}
         """Tokens appended when a row switches *into* the given mode."""
 
     def encode_prompt(self, messages: list[dict] | str) -> list[int]:
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        return self.tokenizer.encode(base_prompt(self.tokenizer, messages, self.prompts), add_special_tokens=False)
+        return encode_messages(self.tokenizer, messages, self.prompts)
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: Sequence[Sequence[int]], hidden: bool = False):
@@ -202,15 +212,18 @@ class HFEngine:
         return out.past_key_values, mask, mask.sum(-1), out
 
     def prompt_features(
-        self, prompt_ids: Sequence[Sequence[int]], pooling: PoolingConfig, hidden: bool = False, kv_quant: KVQuantConfig | None = None
+        self, prompt_ids: Sequence[Sequence[int]], pooling: PoolingConfig, hidden: bool = False, kv_quant: KVQuantConfig | None = None,
+        embedding: bool = True,
     ) -> dict:
-        """Probe feature, KV embedding (and hidden-state feature) of prompts; no generation.
-        ``kv_quant``: features of the (simulated) quantized cache."""
+        """Probe feature, KV embedding (unless ``embedding=False``) and hidden-state feature (with
+        ``hidden``) of prompts; no generation. ``kv_quant``: features of the (simulated) quantized cache."""
         cache, mask, _, out = self.prefill(prompt_ids, hidden=hidden)
         if kv_quant is not None:
             quantize_cache(cache, kv_quant, mask)
         keys, values = cache_kv(cache)
-        feats = {"kv": pool_kv(keys, values, mask, pooling), "embedding": kv_embedding(keys, values, mask)}
+        feats = {"kv": pool_kv(keys, values, mask, pooling)}
+        if embedding:
+            feats["embedding"] = kv_embedding(keys, values, mask)
         if hidden:
             feats["hidden"] = pool_hidden(out.hidden_states[1:], mask, pooling)
         return feats

@@ -81,7 +81,7 @@ def run_quant_report(cfg: QuantReportConfig) -> dict:
             "probes": {},
         }
         for name, probe in probes.items():
-            feats = torch.cat([engine.prompt_features(prompt_ids[i : i + cfg.batch_size], probe.pooling, kv_quant=quant)["kv"]
+            feats = torch.cat([engine.prompt_features(prompt_ids[i : i + cfg.batch_size], probe.pooling, kv_quant=quant, embedding=False)["kv"]
                                for i in tqdm(range(0, len(rows), cfg.batch_size), desc=f"{spec} features", unit="batch")])
             difficulty = probe.predict("kv", feats).tolist()
             online = OnlineConfig(**probe.thresholds)

@@ -4,7 +4,6 @@ incremental reply parsing (thinking vs answer, stop strings). Deployments wrap t
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -23,8 +22,19 @@ class Runtime:
     probe: Probe
     online: OnlineConfig
     online_enabled: bool
-    tau: float
-    context_length: int
+
+
+def online_config(cfg: AppConfig, probe: Probe) -> OnlineConfig:
+    """The probe's calibrated switching thresholds with the config's overrides on top."""
+    thresholds = dict(probe.thresholds)
+    thresholds.update({k: v for k, v in cfg.online.model_dump(exclude={"enabled"}).items() if v is not None})
+    return OnlineConfig(**thresholds)
+
+
+def routing_limits(cfg: AppConfig, probe: Probe, model_config) -> tuple[float, int]:
+    """The router's τ (``policy.tau``, else the switching τ) and context length (config, else the model's)."""
+    tau = cfg.policy.tau if cfg.policy.tau is not None else online_config(cfg, probe).tau
+    return tau, cfg.context_length or int(getattr(model_config, "max_position_embeddings", 4096))
 
 
 def load_runtime(cfg: AppConfig) -> Runtime:
@@ -34,12 +44,7 @@ def load_runtime(cfg: AppConfig) -> Runtime:
     torch.set_num_threads(cfg.torch_threads)
     model, tokenizer = load_model(cfg.model)
     probe = Probe.load(cfg.probe, model.config)
-    thresholds = dict(probe.thresholds)
-    thresholds.update({k: v for k, v in cfg.online.model_dump(exclude={"enabled"}).items() if v is not None})
-    online = OnlineConfig(**thresholds)
-    tau = cfg.policy.tau if cfg.policy.tau is not None else online.tau
-    context = cfg.context_length or int(getattr(model.config, "max_position_embeddings", 4096))
-    return Runtime(HFEngine(model, tokenizer), probe, online, cfg.online.enabled, tau, context)
+    return Runtime(HFEngine(model, tokenizer), probe, online_config(cfg, probe), cfg.online.enabled)
 
 
 # ------------------------------------------------------------------------- continuous batching
@@ -72,8 +77,6 @@ class ContinuousBatcher:
         self.inflight: list[_Ticket] = []
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._lock = threading.Lock()
-        self.steps = 0
 
     def _new_batch(self) -> DecodeBatch:
         rt = self.runtime
@@ -116,7 +119,6 @@ class ContinuousBatcher:
                     self.batch.cancel(row)
         if self.batch.rows:
             self.batch.step()
-            self.steps += 1
 
     async def _run(self) -> None:
         while True:
