@@ -172,7 +172,7 @@ class Router:
                     return
                 if item.get("done"):
                     finals[i] = item
-                    kv = info(item, plan.decision.pool, plan.decision.reason, plan.difficulty)
+                    kv = info(item, plan.decision.pool, plan.decision.reason, plan.difficulty, plan.decision.predicted_tokens)
                     yield sse(chunk(rid, created, model, kind, i, finish_reason=item["finish_reason"], extra={"kvswitch": kv}))
                     continue
                 delta = {}
@@ -198,7 +198,7 @@ class Router:
         if body.stream:
             return await self._stream(plan, body, kind)
         outs = await self._complete(plan, body)
-        infos = [info(o, plan.decision.pool, plan.decision.reason, plan.difficulty) for o in outs]
+        infos = [info(o, plan.decision.pool, plan.decision.reason, plan.difficulty, plan.decision.predicted_tokens) for o in outs]
         selection = None
         if body.kvswitch.select is not None and len(outs) > 1:
             outs, infos, selection = rank_choices(outs, infos, body.kvswitch.select, seed=body.seed or 0)

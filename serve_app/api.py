@@ -55,7 +55,7 @@ def create_app() -> FastAPI:
 # ------------------------------------------------------------------------------- response bodies
 
 
-def info(final: dict, pool: str, reason: str, difficulty: float | None) -> dict:
+def info(final: dict, pool: str, reason: str, difficulty: float | None, predicted_tokens: float | None = None) -> dict:
     return KvswitchInfo(
         route=pool,
         reason=reason,
@@ -66,6 +66,7 @@ def info(final: dict, pool: str, reason: str, difficulty: float | None) -> dict:
         switched_at=final["switched_at"],
         confidence=final["confidence"],
         replica=final["replica"],
+        predicted_tokens=None if predicted_tokens is None else round(float(predicted_tokens), 1),
     ).model_dump()
 
 

@@ -173,6 +173,10 @@ class KvswitchInfo(BaseModel):
     confidence: float | None
     """Calibrated P(correct) from KV Chain-of-Embedding (no extra forward pass)."""
     replica: str | None = None
+    """The pool replica that generated the reply."""
+    predicted_tokens: float | None = None
+    """Tokens the router predicted for this request when it chose the pool (what the pool's request
+    router balances replicas on)."""
 
 
 def completion_id(prefix: str) -> str:
