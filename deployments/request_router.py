@@ -3,10 +3,11 @@
 Replicas publish ``{"queued", "running", "predicted_tokens"}`` via ``record_routing_stats``
 (every ``request_routing_stats_period_s``). Requests this router sent more recently than one
 report period are not in those figures yet, so their predicted tokens are added on top: a burst
-does not pile onto one replica."""
+does not pile onto one replica. Ties are broken at random."""
 
 from __future__ import annotations
 
+import random
 import time
 from collections import defaultdict
 from typing import List, Optional
@@ -34,7 +35,9 @@ class PredictedTokensRouter(FIFOMixin, RequestRouter):
     async def choose_replicas(
         self, candidate_replicas: List[RunningReplica], pending_request: Optional[PendingRequest] = None
     ) -> List[List[RunningReplica]]:
-        ranked = sorted(candidate_replicas, key=self._load)
+        # ties (idle replicas, short requests that finished) go to a random one: a stable sort
+        # would hand every tie to the same replica
+        ranked = sorted(candidate_replicas, key=lambda r: (self._load(r), random.random()))
         return [[r] for r in ranked]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:

@@ -42,3 +42,10 @@ def test_missing_stats_count_as_idle():
     router = _router()
     fresh = SimpleNamespace(replica_id="new", routing_stats={})
     assert asyncio.run(router.choose_replicas([_replica("a", 50.0), fresh]))[0][0].replica_id == "new"
+
+
+def test_ties_are_broken_at_random_not_by_candidate_order():
+    router = _router()
+    a, b = _replica("a", 0.0), _replica("b", 0.0)
+    firsts = [asyncio.run(router.choose_replicas([a, b]))[0][0].replica_id for _ in range(200)]
+    assert 60 <= firsts.count("a") <= 140
