@@ -1,4 +1,4 @@
-"""The ``kvswitch`` command line: data, training, evaluation and a two-mode demo."""
+"""The ``kvswitch`` command line: data, training, evaluation, benchmarks, load tests and a two-mode demo."""
 
 from __future__ import annotations
 
@@ -337,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", default="What is 37 + 48 - 19?")
     p.add_argument("--max-new-tokens", type=int, help="generation cap per reply (default 512)")
     p.set_defaults(func=_cmd_demo)
+
+    from loadtests.cli import add_parser as add_loadtest
+
+    add_loadtest(sub)
     return parser
 
 

@@ -258,6 +258,39 @@ HARD_PROBLEMS = [p for p in generate_problems(200, seed=777) if p.num_operators 
 HARD_QS = [p.question for p in HARD_PROBLEMS]
 
 
+def test_loadtest_compare_against_the_running_service(main_app, tmp_path):
+    """``kvswitch loadtest --compare auto,slow`` end to end on the real service: nothing lost, every
+    record carries the route and replica it was served by, forced-slow requests go slow, routing
+    saves tokens on the same questions, and the JSON report and PNG are written."""
+    from serve_app.cli import main as kvswitch
+
+    problems = generate_problems(10, seed=5151)
+    data = tmp_path / "mix.jsonl"
+    data.write_text("".join(json.dumps({"question": p.question, "answer": str(p.answer)}) + "\n" for p in problems))
+    out = tmp_path / "load.json"
+    assert kvswitch(["loadtest", "--url", main_app, "--dataset", str(data), "--concurrency", "4", "--num-requests", "10", "--warmup", "2",
+                     "--compare", "auto,slow", "--slo", "ttft:5000,e2e:60000", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    modes = report["modes"]
+    assert set(modes) == {"auto", "slow"}
+    for m in modes.values():
+        assert m["requests"] == 10 and m["errors"] == 0 and m["throughput_rps"] > 0 and m["goodput_rps"] > 0
+        assert m["accuracy"] >= 0.8
+    records = report["levels"][0]["records"]
+    assert sorted(r["index"] for r in records["auto"]) == list(range(10))
+    assert all(r["route"] in ("fast", "slow") and r["replica"] and r["predicted_tokens"] > 0 and r["tokens_from_usage"] for r in records["auto"])
+    assert all(r["route"] == "slow" and r["reason"] == "forced" for r in records["slow"])
+    easy = [a for a, s in zip(records["auto"], records["slow"]) if a["route"] == "fast"]
+    assert easy, "the mix has 1-operator questions the probe sends fast"
+    assert modes["auto"]["mean_tokens"] < modes["slow"]["mean_tokens"]
+    saved = report["tokens_saved"]["auto"]
+    assert saved["matched"] == 10 and saved["saved_tokens"] > 0
+    assert report["ratios"]["auto"]["token_reduction"] > 1
+    summary = report["levels"][0]["summaries"]["slow"]
+    assert summary["ttft_s"]["p50"] <= summary["e2e_s"]["p50"] and summary["tpot_s"]["p50"] > 0 and summary["itl_s"]["p50"] > 0
+
+
 def test_saturated_slow_pool_shifts_borderline_traffic_to_fast(cluster):
     """Test config: every request above τ counts as borderline and the slow pool saturates at
     2 in-flight requests, so a burst of hard questions overflows to the fast pool."""

@@ -1,0 +1,146 @@
+"""One streamed chat completion against any OpenAI-compatible server, timed chunk by chunk.
+
+The request is a plain OpenAI body. A forced mode is sent as
+``chat_template_kwargs.enable_thinking`` (what vLLM and SGLang pass to Qwen3's chat template,
+and what kvswitch honours), so ``--compare`` also works against a plain vLLM server; ``auto``
+sends nothing extra and lets kvswitch route. Usage comes from ``stream_options.include_usage``;
+a server that does not send it gets its tokens counted as text-bearing chunks
+(``tokens_from_usage`` is then False). The ``kvswitch`` object of the final chunk is optional.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+
+from loadtests.stats import RequestRecord
+from serve_app.task import extract_answer
+
+MODES = ("auto", "fast", "slow")
+
+
+def request_body(model: str, question: str, mode: str, max_tokens: int | None, temperature: float = 0.0) -> dict:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    body: dict = {"model": model, "messages": [{"role": "user", "content": question}], "stream": True,
+                  "stream_options": {"include_usage": True}, "temperature": temperature}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    if mode != "auto":
+        body["chat_template_kwargs"] = {"enable_thinking": mode == "slow"}
+    return body
+
+
+def grade(content: str, answer: str) -> bool:
+    """Integer answers (the arithmetic task) by the task's grader: the last integer after the
+    last ``</think>``; other answers by case-insensitive containment in the reply's answer part."""
+    try:
+        reference = int(str(answer).strip())
+    except ValueError:
+        text = content.rsplit("</think>", 1)[-1]
+        return str(answer).strip().lower() in text.lower()
+    return extract_answer(content) == reference
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body[:300].decode(errors="replace")
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        if isinstance(err, dict):
+            return str(err.get("message", err))[:300]
+        return str(err)[:300]
+    return str(data)[:300]
+
+
+async def send(client: httpx.AsyncClient, url: str, body: dict, rec: RequestRecord, timeout: float) -> RequestRecord:
+    """POST ``body`` (streamed) to ``{url}/v1/chat/completions`` and fill ``rec`` in place.
+    Never raises for a failed request: the failure is the record's ``status``."""
+    start = time.perf_counter()
+    content, reasoning_chunks = [], 0
+    done = False
+    try:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=timeout) as resp:
+            if resp.status_code != 200:
+                rec.status, rec.error = str(resp.status_code), _error_message(await resp.aread())
+                return rec
+            async for line in resp.aiter_lines():
+                if time.perf_counter() - start > timeout:
+                    raise httpx.ReadTimeout("the request ran past its timeout")
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    rec.status, rec.error = "stream_error", _error_message(data.encode())
+                    return rec
+                usage = event.get("usage")
+                if usage:
+                    rec.prompt_tokens = usage.get("prompt_tokens")
+                    rec.completion_tokens = usage.get("completion_tokens")
+                    details = usage.get("completion_tokens_details") or {}
+                    rec.reasoning_tokens = details.get("reasoning_tokens")
+                    rec.tokens_from_usage = rec.completion_tokens is not None
+                for choice in event.get("choices") or []:
+                    delta = choice.get("delta") or {}
+                    text = delta.get("content") or ""
+                    thought = delta.get("reasoning_content") or delta.get("reasoning") or ""
+                    if text or thought:
+                        now = time.perf_counter() - start
+                        if rec.ttft is None:
+                            rec.ttft = now
+                        rec.chunk_times.append(now)
+                        content.append(text)
+                        reasoning_chunks += bool(thought)
+                    if choice.get("finish_reason"):
+                        rec.finish_reason = choice["finish_reason"]
+                    info = choice.get("kvswitch")
+                    if isinstance(info, dict):
+                        _take_kvswitch(rec, info)
+    except (httpx.TimeoutException, TimeoutError):
+        rec.status, rec.error = "timeout", f"no complete reply within {timeout:g} s"
+        return rec
+    except httpx.TransportError as exc:
+        rec.status, rec.error = "connection", f"{type(exc).__name__}: {exc}"[:300]
+        return rec
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        rec.status, rec.error = "bad_response", f"{type(exc).__name__}: {exc}"[:300]
+        return rec
+    rec.e2e = time.perf_counter() - start
+    if not done:
+        rec.status, rec.error = "bad_response", "the stream ended without [DONE]"
+        return rec
+    rec.content = "".join(content)
+    if rec.completion_tokens is None:  # no usage from the server: one token per text-bearing chunk
+        rec.completion_tokens = len(rec.chunk_times)
+        rec.reasoning_tokens = reasoning_chunks or None
+    rec.correct = grade(rec.content, rec.answer)
+    return rec
+
+
+def _take_kvswitch(rec: RequestRecord, info: dict) -> None:
+    rec.route = info.get("route")
+    rec.reason = info.get("reason")
+    rec.difficulty = info.get("difficulty")
+    rec.switched = info.get("switched")
+    rec.end_mode = info.get("end_mode")
+    rec.replica = info.get("replica")
+    rec.predicted_tokens = info.get("predicted_tokens")
+    rec.confidence = info.get("confidence")
+
+
+async def discover_model(client: httpx.AsyncClient, url: str) -> str:
+    """The first model id ``GET /v1/models`` lists."""
+    resp = await client.get(f"{url}/v1/models", timeout=30)
+    resp.raise_for_status()
+    data = resp.json().get("data") or []
+    if not data:
+        raise RuntimeError(f"{url}/v1/models lists no model; pass --model")
+    return data[0]["id"]
