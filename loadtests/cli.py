@@ -77,9 +77,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from loadtests.launch import config_url, launched
     from loadtests.report import format_report, plot_report
-    from loadtests.runner import run_load
     from serve_app.cli import _json_safe
 
     try:
@@ -87,17 +85,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, ValidationError) as exc:
         print(f"kvswitch loadtest: {exc}", file=sys.stderr)
         return 2
-    if args.launch:
-        if not cfg.serve_config:
-            print("kvswitch loadtest: --launch needs a serve config (--launch FILE, or serve_config in the scenario)", file=sys.stderr)
-            return 2
-        url = args.url or config_url(cfg.serve_config)
-        cfg = cfg.model_copy(update={"url": url})
-        log = Path(cfg.out).with_suffix(".serve.log") if cfg.out else None
-        with launched(cfg.serve_config, log) as _:
-            report = asyncio.run(run_load(cfg))
-    else:
-        report = asyncio.run(run_load(cfg))
+    try:
+        report = _run(cfg, args)
+    except RuntimeError as exc:
+        print(f"kvswitch loadtest: {exc}", file=sys.stderr)
+        return 1
     report = {"command": getattr(args, "command_line", None), **report}
     print(format_report(report))
     if cfg.out:
@@ -111,3 +103,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {lost} requests failed (see errors_by_status)", file=sys.stderr)
     return 0
 
+
+def _run(cfg, args: argparse.Namespace) -> dict:
+    from loadtests.launch import config_url, launched
+    from loadtests.runner import run_load
+
+    if not args.launch:
+        return asyncio.run(run_load(cfg))
+    if not cfg.serve_config:
+        raise RuntimeError("--launch needs a serve config (--launch FILE, or serve_config in the scenario)")
+    cfg = cfg.model_copy(update={"url": args.url or config_url(cfg.serve_config)})
+    log = Path(cfg.out).with_suffix(".serve.log") if cfg.out else None
+    with launched(cfg.serve_config, log):
+        return asyncio.run(run_load(cfg))

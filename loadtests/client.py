@@ -138,8 +138,12 @@ def _take_kvswitch(rec: RequestRecord, info: dict) -> None:
 
 async def discover_model(client: httpx.AsyncClient, url: str) -> str:
     """The first model id ``GET /v1/models`` lists."""
-    resp = await client.get(f"{url}/v1/models", timeout=30)
-    resp.raise_for_status()
+    try:
+        resp = await client.get(f"{url}/v1/models", timeout=30)
+    except httpx.TransportError as exc:
+        raise RuntimeError(f"cannot reach {url} ({type(exc).__name__}: {exc}); is the service running? (make serve, or --launch)") from exc
+    if resp.status_code != 200:
+        raise RuntimeError(f"GET {url}/v1/models answered {resp.status_code}: {_error_message(resp.content)}; pass --model")
     data = resp.json().get("data") or []
     if not data:
         raise RuntimeError(f"{url}/v1/models lists no model; pass --model")
