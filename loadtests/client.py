@@ -114,8 +114,8 @@ async def send(client: httpx.AsyncClient, url: str, body: dict, rec: RequestReco
         rec.status, rec.error = "bad_response", f"{type(exc).__name__}: {exc}"[:300]
         return rec
     rec.e2e = time.perf_counter() - start
-    if not done:
-        rec.status, rec.error = "bad_response", "the stream ended without [DONE]"
+    if not done and rec.finish_reason is None:  # some servers (transformers serve) end after finish_reason, without [DONE]
+        rec.status, rec.error = "bad_response", "the stream ended without a finish_reason or [DONE]"
         return rec
     rec.content = "".join(content)
     if rec.completion_tokens is None:  # no usage from the server: one token per text-bearing chunk

@@ -223,8 +223,12 @@ def test_client_records_failures_instead_of_raising():
     assert r.status == "503" and "queue full" in r.error
     r = _run_send(_plain_server([{"error": {"message": "boom"}}]))
     assert r.status == "stream_error" and "boom" in r.error
-    r = _run_send(_plain_server([{"choices": [{"index": 0, "delta": {"content": "1"}}]}]))  # no [DONE]
+    r = _run_send(_plain_server([{"choices": [{"index": 0, "delta": {"content": "1"}}]}]))  # cut off: no finish_reason, no [DONE]
     assert r.status == "bad_response"
+    # a finish_reason without [DONE] (transformers serve) is a complete reply
+    r = _run_send(_plain_server([{"choices": [{"index": 0, "delta": {"content": "12"}, "finish_reason": "stop"}],
+                                  "usage": {"prompt_tokens": 3, "completion_tokens": 2}}]))
+    assert r.ok and r.correct and r.completion_tokens == 2
 
     def refuse(request):
         raise httpx.ConnectError("refused")
