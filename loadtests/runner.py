@@ -120,9 +120,10 @@ def arrival_times(n: int, rate: float, burstiness: float, seed: int) -> list[flo
 class _Run:
     """One measured run: one mode at one load level."""
 
-    def __init__(self, cfg: LoadConfig, client: httpx.AsyncClient, model: str, questions: list[dict], mode: str, level: float, label: str):
+    def __init__(self, cfg: LoadConfig, client: httpx.AsyncClient, model: str, questions: list[dict], mode: str, level: float, label: str,
+                 progress: bool = True):
         self.cfg, self.client, self.model, self.questions, self.mode, self.level = cfg, client, model, questions, mode, level
-        self.label = label
+        self.label, self.progress = label, progress
 
     def _record(self, i: int) -> RequestRecord:
         row = self.questions[i % len(self.questions)]
@@ -142,7 +143,7 @@ class _Run:
 
     async def measure(self) -> list[RequestRecord]:
         cfg, n = self.cfg, self.cfg.num_requests
-        bar = tqdm(total=n, desc=self.label, unit="req", leave=False, dynamic_ncols=True)
+        bar = tqdm(total=n, desc=self.label, unit="req", leave=False, dynamic_ncols=True, disable=not self.progress)
         records: list[RequestRecord] = []
         t0 = time.perf_counter()
         deadline = None if cfg.duration is None else t0 + cfg.duration
@@ -200,11 +201,12 @@ def machine() -> dict:
             "memory_gib": mem, "python": platform.python_version()}
 
 
-async def run_load(cfg: LoadConfig, progress: bool = True) -> dict:
-    """Every (level, repeat, mode) run, then the report (see ``build_report``)."""
+async def run_load(cfg: LoadConfig, progress: bool = True, transport: httpx.AsyncBaseTransport | None = None) -> dict:
+    """Every (level, repeat, mode) run, then the report (see ``build_report``). ``transport``
+    replaces the network (tests)."""
     questions = load_questions(cfg)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(limits=limits, timeout=cfg.timeout) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=cfg.timeout, transport=transport) as client:
         model = cfg.model or await discover_model(client, cfg.url)
         runs: list[dict] = []
         for level in cfg.levels:
@@ -213,7 +215,7 @@ async def run_load(cfg: LoadConfig, progress: bool = True) -> dict:
             for rnd in range(cfg.repeats):
                 for mode in cfg.modes:
                     label = f"{mode} @ {cfg.level_name}={level:g}" + (f" round {rnd + 1}/{cfg.repeats}" if cfg.repeats > 1 else "")
-                    run = _Run(cfg, client, model, questions, mode, level, label)
+                    run = _Run(cfg, client, model, questions, mode, level, label, progress)
                     await run.warm()
                     recs = await run.measure()
                     span = window(recs)

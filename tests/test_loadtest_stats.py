@@ -256,3 +256,66 @@ def test_report_and_plot_from_synthetic_runs(tmp_path):
     assert "auto / slow" in text and "50.00x fewer" in text
     plot_report(report, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 10_000
+
+
+class _FakeServer:
+    """An async stand-in server (in addition to the real ones in test_service.py and
+    test_loadtest_plain_server.py) that answers every question after ``delay`` seconds and
+    records how many requests were in flight at once."""
+
+    def __init__(self, delay: float):
+        self.delay, self.inflight, self.peak, self.seen = delay, 0, 0, []
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/v1/models"):
+            return httpx.Response(200, json={"data": [{"id": "fake"}]})
+        body = json.loads(request.content)
+        self.seen.append(body["messages"][0]["content"])
+        self.inflight += 1
+        self.peak = max(self.peak, self.inflight)
+        try:
+            await asyncio.sleep(self.delay)
+        finally:
+            self.inflight -= 1
+        answer = body["messages"][0]["content"].split("=")[-1]
+        events = [{"choices": [{"index": 0, "delta": {"content": answer}, "finish_reason": "stop"}]},
+                  {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 1}}, "[DONE]"]
+        return httpx.Response(200, content=_sse(events), headers={"content-type": "text/event-stream"})
+
+
+def _dataset(tmp_path, n=10):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"question": f"q{i}={i}", "answer": str(i)}) + "\n" for i in range(n)))
+    return str(path)
+
+
+def test_closed_loop_keeps_the_concurrency_and_leaves_warmup_out(tmp_path):
+    from loadtests.runner import run_load
+
+    server = _FakeServer(delay=0.05)
+    cfg = LoadConfig(dataset=_dataset(tmp_path), concurrency=3, num_requests=12, warmup=2, modes=["auto", "fast"])
+    report = asyncio.run(run_load(cfg, progress=False, transport=httpx.MockTransport(server)))
+    assert server.peak == 3
+    assert len(server.seen) == 2 * (12 + 2)  # each mode: 2 warm-up + 12 measured
+    for mode in ("auto", "fast"):
+        recs = report["levels"][0]["records"][mode]
+        assert [r["index"] for r in recs] == list(range(12))  # the dataset (10 rows) cycles
+        assert all(r["correct"] for r in recs)
+        assert report["modes"][mode]["requests"] == 12 and report["modes"][mode]["accuracy"] == 1.0
+    assert report["model"] == "fake"
+
+
+def test_duration_stops_sending_and_the_open_loop_follows_its_schedule(tmp_path):
+    from loadtests.runner import run_load
+
+    server = _FakeServer(delay=0.1)
+    cfg = LoadConfig(dataset=_dataset(tmp_path), concurrency=1, num_requests=50, warmup=0, duration=0.35)
+    report = asyncio.run(run_load(cfg, progress=False, transport=httpx.MockTransport(server)))
+    assert 2 <= report["modes"]["auto"]["requests"] <= 5
+
+    server = _FakeServer(delay=0.01)
+    cfg = LoadConfig(dataset=_dataset(tmp_path), pattern="poisson", rate=40, num_requests=20, warmup=0, seed=3)
+    report = asyncio.run(run_load(cfg, progress=False, transport=httpx.MockTransport(server)))
+    sent = [r["sent_at"] for r in report["levels"][0]["records"]["auto"]]
+    planned = arrival_times(20, 40, 1.0, 3)
+    assert max(abs(a - b) for a, b in zip(sent, planned)) < 0.05
