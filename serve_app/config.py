@@ -34,6 +34,11 @@ class DeploymentConfig(_Strict):
             self.num_replicas = None
         return self
 
+    def min_replicas(self) -> int:
+        if self.autoscaling_config is not None:
+            return int(self.autoscaling_config.get("min_replicas", 1))
+        return self.num_replicas if isinstance(self.num_replicas, int) else 1
+
     def max_replicas(self) -> int:
         if self.autoscaling_config is not None:
             return int(self.autoscaling_config.get("max_replicas", 1))
@@ -63,6 +68,18 @@ class PoolConfig(DeploymentConfig):
     max_tokens: int = Field(768, ge=1, description="upper limit of a request's max_tokens in this pool")
     max_ongoing_requests: int = Field(32, ge=1)
     max_queued_requests: int = Field(64, ge=-1)
+
+
+def default_slow_saturation(slow: PoolConfig) -> int:
+    """In-flight slow requests (one router's view) at which borderline requests start to go fast:
+    the slow pool's running capacity it can count on (``max_ongoing_requests`` × min replicas) plus
+    its handle queue (``max_queued_requests``, per caller), i.e. the point from which Ray would
+    refuse slow requests with 503. Below it a hard request waits for the slow pool rather than be
+    answered fast and, on a borderline question, likely wrong. With an unbounded queue: the running
+    capacity at max replicas."""
+    if slow.max_queued_requests < 0:
+        return slow.max_ongoing_requests * slow.max_replicas()
+    return slow.max_ongoing_requests * slow.min_replicas() + slow.max_queued_requests
 
 
 class PrefillConfig(DeploymentConfig):
@@ -123,7 +140,7 @@ class AppConfig(_Strict):
         if not Path(self.probe).is_file():
             raise ValueError(f"no probe at {self.probe}: run `kvswitch calibrate --model {self.model} --out {self.probe}`")
         if self.policy.slow_saturation_requests is None:
-            self.policy.slow_saturation_requests = self.slow.max_ongoing_requests * self.slow.max_replicas()
+            self.policy.slow_saturation_requests = default_slow_saturation(self.slow)
         return self
 
     def pool(self, name: str) -> PoolConfig:

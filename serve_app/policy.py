@@ -21,7 +21,8 @@ class PolicyConfig(BaseModel):
     tau: float | None = Field(None, description="difficulty above which a request starts slow; None = the probe's")
     borderline_margin: float = Field(15.0, ge=0, description="d in (tau, tau + margin] may go fast when the slow pool is saturated")
     slow_saturation_requests: int | None = Field(None, ge=1, description="in-flight slow requests (this router's view) at which "
-                                                 "the slow pool counts as saturated; None = the pool's capacity (max_ongoing_requests × max replicas)")
+                                                 "the slow pool counts as saturated; None = where Ray would start refusing slow requests "
+                                                 "(max_ongoing_requests × min replicas + max_queued_requests; see AppConfig)")
     slow_saturation_tokens: float | None = Field(None, gt=0, description="or predicted outstanding slow tokens at which it does (None = off)")
     fast_saturation_requests: int = Field(64, ge=1, description="the fast pool never takes shifted traffic beyond this")
     fast_tokens: float = Field(4.0, ge=0, description="expected generated tokens of a fast request")

@@ -19,11 +19,23 @@ def test_serve_config_yaml_is_a_valid_app_config():
     assert app["import_path"] == "serve_app.app:build_app"
     cfg = AppConfig.model_validate(app["args"])
     assert cfg.slow.autoscaling_config["max_replicas"] == 2 and cfg.slow.num_replicas is None
-    # saturation defaults to the slow pool's capacity
-    assert cfg.policy.slow_saturation_requests == cfg.slow.max_ongoing_requests * 2
+    # saturation defaults to the point where Ray would start refusing slow requests:
+    # running capacity at min replicas (1) plus the handle's queue
+    assert cfg.policy.slow_saturation_requests == cfg.slow.max_ongoing_requests * 1 + cfg.slow.max_queued_requests
     for dep in (cfg.router, cfg.prefill, cfg.fast, cfg.slow):
         assert dep.options()["max_ongoing_requests"] == dep.max_ongoing_requests  # never Ray's default of 5
     assert build_app(app["args"]) is not None
+
+
+def test_default_saturation_is_where_the_slow_pool_would_refuse(model_dir):
+    from serve_app.config import PoolConfig, default_slow_saturation
+
+    assert default_slow_saturation(PoolConfig(num_replicas=2, max_ongoing_requests=8, max_queued_requests=10)) == 2 * 8 + 10
+    auto = PoolConfig(autoscaling_config={"min_replicas": 1, "max_replicas": 3}, max_ongoing_requests=8, max_queued_requests=10)
+    assert default_slow_saturation(auto) == 8 + 10  # only the replicas it can count on
+    assert default_slow_saturation(PoolConfig(num_replicas=2, max_ongoing_requests=8, max_queued_requests=-1)) == 16  # unbounded queue
+    explicit = AppConfig(model=str(model_dir), policy={"slow_saturation_requests": 5})
+    assert explicit.policy.slow_saturation_requests == 5
 
 
 @pytest.mark.parametrize("args,match", [
