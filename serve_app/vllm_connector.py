@@ -14,7 +14,7 @@ then.
     LLM(model, kv_transfer_config=KVTransferConfig(
         kv_connector="KVFeatureConnector", kv_connector_module_path="serve_app.vllm_connector",
         kv_role="kv_both", kv_connector_extra_config={"pooling": PoolingConfig().model_dump()}))
-    out = llm.generate(prompt, SamplingParams(max_tokens=1))
+    out = llm.generate(prompt, SamplingParams(max_tokens=1, extra_args={"kv_transfer_params": {"kvswitch": "prompt"}}))
     out.kv_transfer_params["kvswitch"] == {"kv": [...], "embedding": [...]}
 """
 
@@ -45,6 +45,8 @@ class _Prefill:
     req_id: str
     block_ids: list[int]
     num_tokens: int
+    kind: str
+    """``prompt``: the probe feature and the KV embedding; ``decode``: the decode probe's feature."""
 
 
 @dataclass
@@ -59,9 +61,10 @@ class KVFeatureConnector(KVConnectorBase_V1):
         super().__init__(vllm_config, role, kv_cache_config)
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
         self.pooling = PoolingConfig(**extra.get("pooling", {}))
+        self.decode_pooling = PoolingConfig(**extra.get("decode_pooling", extra.get("pooling", {})))
         self.embedding = bool(extra.get("embedding", True))
         self.num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
-        need = max(self.pooling.last_layers, EMBEDDING_LAYERS if self.embedding else 0)
+        need = max(self.pooling.last_layers, self.decode_pooling.last_layers, EMBEDDING_LAYERS if self.embedding else 0)
         self.layers = set(range(max(self.num_layers - need, 0), self.num_layers))
         engine = self._kv_transfer_config.engine_id or "default"
         self.folder = Path(extra.get("feature_dir") or Path(tempfile.gettempdir()) / f"kvswitch-features-{engine}")
@@ -69,9 +72,11 @@ class KVFeatureConnector(KVConnectorBase_V1):
         # scheduler side
         self._blocks: dict[str, list[int]] = {}
         self._prompt_len: dict[str, int] = {}
+        self._kind: dict[str, str] = {}
         self._done: set[str] = set()
         # worker side
         self._kv: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._kv_kind: dict[str, str] = {}
 
     # ------------------------------------------------------------------------------ worker side
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
@@ -87,6 +92,7 @@ class KVFeatureConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         for p in meta.prefills:
             self._kv.setdefault(p.req_id, {})[int(match.group(1))] = gather_cpu(kv_layer, p.block_ids, p.num_tokens)
+            self._kv_kind[p.req_id] = p.kind
 
     def wait_for_save(self) -> None:
         """End of the forward: pool, then write each request's features for the scheduler."""
@@ -95,8 +101,10 @@ class KVFeatureConnector(KVConnectorBase_V1):
             keys = [layers[i][0] for i in order]
             values = [layers[i][1] for i in order]
             mask = torch.ones(1, keys[0].shape[2])
-            feats = {"kv": pool_kv(keys, values, mask, self.pooling)[0].tolist()}
-            if self.embedding:
+            kind = self._kv_kind.pop(req_id, "prompt")
+            pooling = self.decode_pooling if kind == "decode" else self.pooling
+            feats = {"kv": pool_kv(keys, values, mask, pooling)[0].tolist()}
+            if self.embedding and kind == "prompt":
                 feats["embedding"] = kv_embedding(keys, values, mask)[0].tolist()
             tmp = self._path(req_id).with_suffix(".tmp")
             torch.save(feats, tmp)
@@ -116,6 +124,11 @@ class KVFeatureConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output) -> FeatureMeta:
         meta = FeatureMeta()
         for new in scheduler_output.scheduled_new_reqs:
+            extra = (new.sampling_params.extra_args or {}) if new.sampling_params is not None else {}
+            kind = (extra.get("kv_transfer_params") or {}).get("kvswitch")
+            if kind not in ("prompt", "decode"):
+                continue  # a plain generation request: nothing to pool
+            self._kind[new.req_id] = kind
             self._blocks[new.req_id] = list(new.block_ids[0])
             self._prompt_len[new.req_id] = len(new.prompt_token_ids or [])
             self._maybe_emit(meta, new.req_id, new.num_computed_tokens, scheduler_output)
@@ -133,12 +146,14 @@ class KVFeatureConnector(KVConnectorBase_V1):
         if req_id in self._done or computed + scheduler_output.num_scheduled_tokens.get(req_id, 0) < prompt:
             return
         self._done.add(req_id)
-        meta.prefills.append(_Prefill(req_id, list(self._blocks[req_id]), prompt))
+        meta.prefills.append(_Prefill(req_id, list(self._blocks[req_id]), prompt, self._kind[req_id]))
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id
-        for store in (self._blocks, self._prompt_len):
-            store.pop(req_id, None)
+        if self._kind.pop(req_id, None) is None:
+            return False, None  # a plain generation request
+        self._blocks.pop(req_id, None)
+        self._prompt_len.pop(req_id, None)
         self._done.discard(req_id)
         path = self._path(req_id)
         if not path.exists():  # finished before its prefill completed (aborted)

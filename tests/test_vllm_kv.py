@@ -46,7 +46,8 @@ def test_connector_features_equal_the_hf_engines(model_dir, shipped, tmp_path):
               kv_transfer_config=KVTransferConfig(kv_connector="KVFeatureConnector", kv_connector_module_path="serve_app.vllm_connector",
                                                   kv_role="kv_both", kv_connector_extra_config={"pooling": probe.pooling.model_dump(),
                                                                                               "feature_dir": str(tmp_path)}))
-    outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], SamplingParams(temperature=0, max_tokens=1))
+    outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], SamplingParams(temperature=0, max_tokens=1,
+                                                                                                  extra_args={"kv_transfer_params": {"kvswitch": "prompt"}}))
     kv = torch.tensor([o.kv_transfer_params["kvswitch"]["kv"] for o in outs])
     emb = torch.tensor([o.kv_transfer_params["kvswitch"]["embedding"] for o in outs])
     assert torch.nn.functional.cosine_similarity(kv, hf["kv"], dim=-1).min() >= 0.99

@@ -1,0 +1,185 @@
+"""Generation and KV features on vLLM (``AsyncLLM``), behind the serving core's stream interface
+(``stream(request) → (new ids, None) ... ([], result)``, like ``ContinuousBatcher``).
+
+- Modes: the prompt is ``prompt_ids + prefix_ids[mode]``, the same token ids the HF engine feeds.
+- KV features come from vLLM's own paged cache through ``serve_app.vllm_connector``; only
+  requests that ask for them (``extra_args.kv_transfer_params.kvswitch``) are pooled.
+- Online switching is *chunked decoding with prefix caching*: a request decodes at most ``every``
+  tokens; at each check a scoring request over ``prompt + generated`` (all but its last partial
+  block served from the prefix cache) returns the decode feature and, when no switch is due, the
+  next token, which is kept. A switch appends the switch tokens, exactly as the HF engine does.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import torch
+
+from serve_app.engine import GenRequest, GenResult, ModePrompts, OnlineConfig, mode_prefix_ids
+from serve_app.probe import Probe
+
+CONNECTOR = {"kv_connector": "KVFeatureConnector", "kv_connector_module_path": "serve_app.vllm_connector", "kv_role": "kv_both"}
+
+
+def engine_args(model: str, probe: Probe, **overrides: Any):
+    """``AsyncEngineArgs`` for the embedded model (or any local checkpoint): prefix caching on,
+    the KV-feature connector configured with the probe's poolings."""
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    extra = {"pooling": probe.pooling.model_dump(), "decode_pooling": probe.decode_pooling.model_dump()}
+    opts = {"model": model, "dtype": "float32", "enable_prefix_caching": True, "enforce_eager": True,
+            "kv_transfer_config": KVTransferConfig(**CONNECTOR, kv_connector_extra_config=extra), **overrides}
+    return AsyncEngineArgs(**opts)
+
+
+@dataclass
+class _State:
+    req: GenRequest
+    mode: str
+    seq: list[int]
+    out: list[int] = field(default_factory=list)
+    since: int = 0
+    streak: int = 0
+    switches: int = 0
+    switched_at: int | None = None
+    start_mode: str = "fast"
+    checks: list[tuple[int, float]] = field(default_factory=list)
+    finished: bool = False
+
+
+class VLLMEngine:
+    def __init__(self, llm, tokenizer, probe: Probe, online: OnlineConfig, prompts: ModePrompts = ModePrompts()):
+        self.llm, self.tokenizer, self.probe, self.online, self.prompts = llm, tokenizer, probe, online, prompts
+        self.eos_id = tokenizer.eos_token_id
+        self.prefix_ids = mode_prefix_ids(tokenizer, prompts)
+        enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+        self.switch_ids = {"fast": enc(prompts.close_think), "slow": enc(prompts.open_think)}
+        self._ids = itertools.count()
+        self.running = 0
+
+    @classmethod
+    def create(cls, model: str, probe: Probe, online: OnlineConfig, **overrides: Any) -> "VLLMEngine":
+        from transformers import AutoTokenizer
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        llm = AsyncLLM.from_engine_args(engine_args(model, probe, **overrides))
+        return cls(llm, AutoTokenizer.from_pretrained(model, local_files_only=True), probe, online)
+
+    def _rid(self) -> str:
+        return f"kvs-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+
+    def _params(self, req: GenRequest, max_tokens: int, features: str | None = None):
+        from vllm import SamplingParams
+
+        extra = {"kv_transfer_params": {"kvswitch": features}} if features else None
+        seed = req.seed if req.temperature > 0 else None
+        return SamplingParams(temperature=req.temperature, top_p=req.top_p if req.temperature > 0 else 1.0, seed=seed,
+                              max_tokens=max_tokens, skip_special_tokens=False, detokenize=False, extra_args=extra)
+
+    async def _run(self, seq: list[int], params) -> AsyncIterator[Any]:
+        from vllm import TokensPrompt
+
+        async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(seq)), params, self._rid()):
+            yield out
+
+    async def features(self, prompt_ids: list[int], which: str = "prompt") -> dict[str, torch.Tensor]:
+        """Probe feature (and KV embedding) of a prompt from vLLM's paged cache: one prefill, one token."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=1, detokenize=False, extra_args={"kv_transfer_params": {"kvswitch": which}})
+        final = None
+        async for final in self._run(prompt_ids, params):
+            pass
+        feats = (final.kv_transfer_params or {}).get("kvswitch") if final is not None else None
+        if not feats:
+            raise RuntimeError("vLLM returned no KV feature: is the engine configured with serve_app.vllm_connector?")
+        return {k: torch.tensor(v) for k, v in feats.items()}
+
+    async def stream(self, req: GenRequest, predicted_tokens: float = 0.0) -> AsyncIterator[tuple[list[int], GenResult | None]]:
+        if req.mode is None:
+            raise ValueError("the vLLM engine serves a pool: the request's mode must be fast or slow")
+        st = _State(req, req.mode, list(req.prompt_ids) + (self.prefix_ids[req.mode] if req.add_prefix else []), start_mode=req.mode)
+        self.running += 1
+        try:
+            while not st.finished and len(st.out) < req.max_new_tokens:
+                if self._check_due(st):
+                    new = await self._check(st)
+                else:
+                    new = []
+                    async for ids in self._chunk(st):
+                        new.extend(ids)
+                        yield ids, None
+                    continue
+                if new:
+                    yield new, None
+            yield [], self._result(st)
+        finally:
+            self.running -= 1
+
+    def _check_due(self, st: _State) -> bool:
+        o = self.online
+        return st.req.online and st.switches < o.max_switches and st.since >= o.every
+
+    def _take(self, st: _State, ids: list[int], counted: bool = True) -> list[int]:
+        ids = ids[: st.req.max_new_tokens - len(st.out)]
+        st.out.extend(ids)
+        st.seq.extend(ids)
+        st.since += len(ids)
+        if self.eos_id in ids:
+            st.finished = True
+        return ids
+
+    async def _chunk(self, st: _State) -> AsyncIterator[list[int]]:
+        budget = st.req.max_new_tokens - len(st.out)
+        if st.req.online and st.switches < self.online.max_switches:
+            budget = min(budget, self.online.every - st.since)
+        seen = 0
+        final = None
+        async for final in self._run(st.seq, self._params(st.req, budget)):
+            ids = list(final.outputs[0].token_ids)[seen:]
+            seen += len(ids)
+            if ids:
+                yield self._take(st, ids)
+        if final is not None and final.outputs[0].finish_reason == "stop":
+            st.finished = True
+
+    async def _check(self, st: _State) -> list[int]:
+        """Score ``seq`` with the decode probe; switch, or keep the token the scoring request sampled."""
+        o = self.online
+        st.since = 0
+        final = None
+        async for final in self._run(st.seq, self._params(st.req, 1, features="decode")):
+            pass
+        feats = final.kv_transfer_params["kvswitch"]
+        d = float(self.probe.decode_difficulty(torch.tensor([feats["kv"]]))[0])
+        st.checks.append((len(st.out), d))
+        target = None
+        if st.mode == "slow" and d < o.tau - o.delta:
+            target = "fast"
+        elif st.mode == "fast" and d > o.tau + o.delta:
+            target = "slow"
+        st.streak = st.streak + 1 if target is not None else 0
+        if target is not None and st.streak >= o.confirm:
+            st.streak = 0
+            st.switched_at = len(st.out)
+            st.switches += 1
+            st.mode = target
+            return self._take(st, list(self.switch_ids[target]))
+        new = self._take(st, list(final.outputs[0].token_ids))
+        if final.outputs[0].finish_reason == "stop":
+            st.finished = True
+        return new
+
+    def _result(self, st: _State) -> GenResult:
+        text = self.tokenizer.decode(st.out)
+        prefix = self.prompts.fast_prefix if st.start_mode == "fast" else self.prompts.slow_prefix
+        return GenResult(text=text, reply=prefix + text, tokens=len(st.out), finished=st.finished, start_mode=st.start_mode,
+                         end_mode=st.mode, switched_at=st.switched_at, checks=st.checks)
+
+    def stats(self) -> dict:
+        return {"queued": 0, "running": self.running, "predicted_tokens": 0.0}
