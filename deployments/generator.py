@@ -13,7 +13,7 @@ from ray import serve
 from serve_app.coe import kv_confidence
 from serve_app.config import AppConfig
 from serve_app.engine import GenRequest
-from serve_app.service import ContinuousBatcher, ReplyStream, load_runtime
+from serve_app.service import ContinuousBatcher, ReplyStream, load_runtime, load_vllm_engine
 
 from deployments.metrics import GeneratorMetrics
 
@@ -22,12 +22,17 @@ from deployments.metrics import GeneratorMetrics
 class Generator:
     def __init__(self, cfg: AppConfig, pool: str):
         self.pool = pool
-        self.rt = load_runtime(cfg)
-        self.batcher = ContinuousBatcher(self.rt, cfg.pool(pool).max_batch_size)
+        pc = cfg.pool(pool)
+        if pc.engine == "vllm":  # vLLM batches and streams itself; no KV-CoE trajectory (confidence is null)
+            self.batcher = self.engine = load_vllm_engine(cfg, pc.vllm)
+            self.probe, self.online_enabled = self.engine.probe, cfg.online.enabled
+        else:
+            rt = load_runtime(cfg)
+            self.batcher, self.engine = ContinuousBatcher(rt, pc.max_batch_size), rt.engine
+            self.probe, self.online_enabled = rt.probe, rt.online_enabled
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.metrics = GeneratorMetrics(pool)
-        eng = self.rt.engine
-        self.skip_ids = {eng.eos_id, eng.pad_id}
+        self.skip_ids = {self.engine.eos_id, self.engine.pad_id}
 
     def record_routing_stats(self) -> dict:
         """Polled by the pool's request router (``PredictedTokensRouter``)."""
@@ -37,11 +42,11 @@ class Generator:
 
     async def generate_stream(self, job: dict) -> AsyncIterator[dict]:
         """Yield ``{"reasoning", "content"}`` deltas, then one final ``{"done": True, ...}``."""
-        eng = self.rt.engine
+        eng = self.engine
         req = GenRequest(
             prompt_ids=job["prompt_ids"],
             mode=self.pool,
-            online=bool(job.get("online")) and self.rt.online_enabled,
+            online=bool(job.get("online")) and self.online_enabled,
             max_new_tokens=job["max_tokens"],
             temperature=job.get("temperature", 0.0),
             top_p=job.get("top_p", 1.0),
@@ -65,7 +70,7 @@ class Generator:
         if result is not None:
             finish = "stop" if result.finished else "length"
             start, end, switched_at = result.start_mode, result.end_mode, result.switched_at
-            confidence = kv_confidence(self.rt.probe.confidence, result.end_mode, result.kv_trajectory)
+            confidence = kv_confidence(self.probe.confidence, result.end_mode, result.kv_trajectory)
         else:  # a stop string ended the reply early
             finish, start, end, switched_at, confidence = "stop", self.pool, self.pool, None, None
         yield {

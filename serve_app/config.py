@@ -61,7 +61,13 @@ class DeploymentConfig(_Strict):
         return opts
 
 
-class PoolConfig(DeploymentConfig):
+class _EngineChoice(BaseModel):
+    engine: Literal["hf", "vllm"] = Field("hf", description="hf: transformers (the CPU default); vllm: vLLM (the vllm-cpu / vllm-gpu extra)")
+    vllm: dict[str, Any] = Field(default_factory=dict, description="vLLM AsyncEngineArgs overrides (e.g. gpu_memory_utilization, "
+                                                                  "max_model_len, tensor_parallel_size) when engine is vllm")
+
+
+class PoolConfig(_EngineChoice, DeploymentConfig):
     """A generation pool (``fast`` or ``slow``): the same class deployed twice."""
 
     max_batch_size: int = Field(16, ge=1, description="rows decoded together (continuous batching)")
@@ -82,7 +88,7 @@ def default_slow_saturation(slow: PoolConfig) -> int:
     return slow.max_ongoing_requests * slow.min_replicas() + slow.max_queued_requests
 
 
-class PrefillConfig(DeploymentConfig):
+class PrefillConfig(_EngineChoice, DeploymentConfig):
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.002, ge=0)
     max_ongoing_requests: int = Field(64, ge=1)

@@ -47,6 +47,18 @@ def load_runtime(cfg: AppConfig) -> Runtime:
     return Runtime(HFEngine(model, tokenizer), probe, online_config(cfg, probe), cfg.online.enabled)
 
 
+def load_vllm_engine(cfg: AppConfig, overrides: dict):
+    """A ``VLLMEngine`` on the config's model with its probe (checked against the model's config);
+    ``overrides``: the pool's ``vllm`` AsyncEngineArgs."""
+    from transformers import AutoConfig
+
+    from serve_app.vllm_engine import VLLMEngine
+
+    torch.set_num_threads(cfg.torch_threads)
+    probe = Probe.load(cfg.probe, AutoConfig.from_pretrained(cfg.model, local_files_only=True))
+    return VLLMEngine.create(cfg.model, probe, online_config(cfg, probe), **overrides)
+
+
 # ------------------------------------------------------------------------- continuous batching
 
 

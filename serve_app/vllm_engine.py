@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -56,11 +57,12 @@ class VLLMEngine:
     def __init__(self, llm, tokenizer, probe: Probe, online: OnlineConfig, prompts: ModePrompts = ModePrompts()):
         self.llm, self.tokenizer, self.probe, self.online, self.prompts = llm, tokenizer, probe, online, prompts
         self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.prefix_ids = mode_prefix_ids(tokenizer, prompts)
         enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
         self.switch_ids = {"fast": enc(prompts.close_think), "slow": enc(prompts.open_think)}
         self._ids = itertools.count()
-        self.running = 0
+        self._live: dict[int, tuple[float, _State]] = {}
 
     @classmethod
     def create(cls, model: str, probe: Probe, online: OnlineConfig, **overrides: Any) -> "VLLMEngine":
@@ -84,8 +86,9 @@ class VLLMEngine:
     async def _run(self, seq: list[int], params) -> AsyncIterator[Any]:
         from vllm import TokensPrompt
 
-        async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(seq)), params, self._rid()):
-            yield out
+        async with aclosing(self.llm.generate(TokensPrompt(prompt_token_ids=list(seq)), params, self._rid())) as outs:
+            async for out in outs:  # closing this generator aborts the vLLM request
+                yield out
 
     async def features(self, prompt_ids: list[int], which: str = "prompt") -> dict[str, torch.Tensor]:
         """Probe feature (and KV embedding) of a prompt from vLLM's paged cache: one prefill, one token."""
@@ -104,22 +107,22 @@ class VLLMEngine:
         if req.mode is None:
             raise ValueError("the vLLM engine serves a pool: the request's mode must be fast or slow")
         st = _State(req, req.mode, list(req.prompt_ids) + (self.prefix_ids[req.mode] if req.add_prefix else []), start_mode=req.mode)
-        self.running += 1
+        key = id(st)
+        self._live[key] = (predicted_tokens, st)
         try:
             while not st.finished and len(st.out) < req.max_new_tokens:
                 if self._check_due(st):
                     new = await self._check(st)
                 else:
-                    new = []
-                    async for ids in self._chunk(st):
-                        new.extend(ids)
-                        yield ids, None
+                    async with aclosing(self._chunk(st)) as chunk:
+                        async for ids in chunk:
+                            yield ids, None
                     continue
                 if new:
                     yield new, None
             yield [], self._result(st)
-        finally:
-            self.running -= 1
+        finally:  # also when the consumer closes the stream: the running vLLM request is aborted with it
+            self._live.pop(key, None)
 
     def _check_due(self, st: _State) -> bool:
         o = self.online
@@ -140,11 +143,12 @@ class VLLMEngine:
             budget = min(budget, self.online.every - st.since)
         seen = 0
         final = None
-        async for final in self._run(st.seq, self._params(st.req, budget)):
-            ids = list(final.outputs[0].token_ids)[seen:]
-            seen += len(ids)
-            if ids:
-                yield self._take(st, ids)
+        async with aclosing(self._run(st.seq, self._params(st.req, budget))) as outs:
+            async for final in outs:
+                ids = list(final.outputs[0].token_ids)[seen:]
+                seen += len(ids)
+                if ids:
+                    yield self._take(st, ids)
         if final is not None and final.outputs[0].finish_reason == "stop":
             st.finished = True
 
@@ -182,4 +186,7 @@ class VLLMEngine:
                          end_mode=st.mode, switched_at=st.switched_at, checks=st.checks)
 
     def stats(self) -> dict:
-        return {"queued": 0, "running": self.running, "predicted_tokens": 0.0}
+        """Running requests and predicted tokens still to generate (vLLM queues internally: queued is 0)."""
+        live = list(self._live.values())
+        outstanding = sum(max(pred - len(st.out), 0.0) for pred, st in live)
+        return {"queued": 0, "running": len(live), "predicted_tokens": float(outstanding)}
