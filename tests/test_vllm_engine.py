@@ -23,7 +23,7 @@ def test_vllm_and_hf_agree_in_both_modes_and_online(model_dir, shipped):
            for name, (m, on) in cases.items()}
 
     async def run():
-        eng = VLLMEngine.create(str(model_dir), probe, online, gpu_memory_utilization=0.2, max_model_len=1024)
+        eng = VLLMEngine.create(str(model_dir), probe, online, gpu_memory_utilization=0.2, kv_cache_memory_bytes=256 << 20, max_model_len=1024)
 
         async def one(p, m, on):
             res = None

@@ -42,7 +42,7 @@ def test_connector_features_equal_the_hf_engines(model_dir, shipped, tmp_path):
     probe = Probe.load(model_dir / "probe.pt", shipped[0].config)
     prompts = [engine.encode_prompt(p.question) for p in generate_problems(20, seed=99)]
     hf = engine.prompt_features(prompts, probe.pooling)
-    llm = LLM(model=str(model_dir), dtype="float32", max_model_len=1024, enforce_eager=True, gpu_memory_utilization=0.2,
+    llm = LLM(model=str(model_dir), dtype="float32", max_model_len=1024, enforce_eager=True, gpu_memory_utilization=0.2, kv_cache_memory_bytes=256 << 20,
               kv_transfer_config=KVTransferConfig(kv_connector="KVFeatureConnector", kv_connector_module_path="serve_app.vllm_connector",
                                                   kv_role="kv_both", kv_connector_extra_config={"pooling": probe.pooling.model_dump(),
                                                                                               "feature_dir": str(tmp_path)}))
