@@ -37,6 +37,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from serve_app.kv_features import EMBEDDING_LAYERS, PoolingConfig, kv_embedding, pool_kv
 from serve_app.vllm_kv import gather_cpu
 
+def trajectory(keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+    """KV-CoE points ``[len(positions), 2 * kv_heads * head_dim]``: per position the layer-average of
+    the flattened K and V (``serve_app.kv_features.token_kv_vectors``, for one request)."""
+    parts = [torch.stack([t[0, :, positions].transpose(0, 1).flatten(1).float() for t in part]).mean(0) for part in (keys, values)]
+    return torch.cat(parts, -1)
+
+
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
@@ -46,7 +53,9 @@ class _Prefill:
     block_ids: list[int]
     num_tokens: int
     kind: str
-    """``prompt``: the probe feature and the KV embedding; ``decode``: the decode probe's feature."""
+    """``prompt``: the probe feature and the KV embedding; ``decode``: the decode probe's feature;
+    ``trajectory``: KV-CoE points at ``[start[0]] + range(start[1], num_tokens)``."""
+    start: tuple[int, int] | None = None
 
 
 @dataclass
@@ -73,10 +82,12 @@ class KVFeatureConnector(KVConnectorBase_V1):
         self._blocks: dict[str, list[int]] = {}
         self._prompt_len: dict[str, int] = {}
         self._kind: dict[str, str] = {}
+        self._start: dict[str, tuple[int, int]] = {}
         self._done: set[str] = set()
         # worker side
         self._kv: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._kv_kind: dict[str, str] = {}
+        self._kv_start: dict[str, tuple[int, int]] = {}
 
     # ------------------------------------------------------------------------------ worker side
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
@@ -87,12 +98,16 @@ class KVFeatureConnector(KVConnectorBase_V1):
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
         match = _LAYER.search(layer_name)
-        if match is None or int(match.group(1)) not in self.layers or not self.has_connector_metadata():
+        if match is None or not self.has_connector_metadata():
             return
-        meta = self._get_connector_metadata()
-        for p in meta.prefills:
-            self._kv.setdefault(p.req_id, {})[int(match.group(1))] = gather_cpu(kv_layer, p.block_ids, p.num_tokens)
+        layer = int(match.group(1))
+        for p in self._get_connector_metadata().prefills:
+            if p.kind != "trajectory" and layer not in self.layers:
+                continue  # trajectories average every layer; features only the last few
+            self._kv.setdefault(p.req_id, {})[layer] = gather_cpu(kv_layer, p.block_ids, p.num_tokens)
             self._kv_kind[p.req_id] = p.kind
+            if p.start is not None:
+                self._kv_start[p.req_id] = p.start
 
     def wait_for_save(self) -> None:
         """End of the forward: pool, then write each request's features for the scheduler."""
@@ -102,14 +117,23 @@ class KVFeatureConnector(KVConnectorBase_V1):
             values = [layers[i][1] for i in order]
             mask = torch.ones(1, keys[0].shape[2])
             kind = self._kv_kind.pop(req_id, "prompt")
+            if kind == "trajectory":
+                first, start = self._kv_start.pop(req_id, (0, 0))
+                positions = torch.tensor([first, *range(start, keys[0].shape[2])])
+                feats = {"trajectory": trajectory(keys, values, positions).tolist()}
+                self._write(req_id, feats)
+                continue
             pooling = self.decode_pooling if kind == "decode" else self.pooling
             feats = {"kv": pool_kv(keys, values, mask, pooling)[0].tolist()}
             if self.embedding and kind == "prompt":
                 feats["embedding"] = kv_embedding(keys, values, mask)[0].tolist()
-            tmp = self._path(req_id).with_suffix(".tmp")
-            torch.save(feats, tmp)
-            os.replace(tmp, self._path(req_id))
+            self._write(req_id, feats)
         self._kv.clear()
+
+    def _write(self, req_id: str, feats: dict) -> None:
+        tmp = self._path(req_id).with_suffix(".tmp")
+        torch.save(feats, tmp)
+        os.replace(tmp, self._path(req_id))
 
     def _path(self, req_id: str) -> Path:
         return self.folder / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', req_id)}.pt"
@@ -126,9 +150,10 @@ class KVFeatureConnector(KVConnectorBase_V1):
         for new in scheduler_output.scheduled_new_reqs:
             extra = (new.sampling_params.extra_args or {}) if new.sampling_params is not None else {}
             kind = (extra.get("kv_transfer_params") or {}).get("kvswitch")
-            if kind not in ("prompt", "decode"):
+            if kind not in ("prompt", "decode", "trajectory"):
                 continue  # a plain generation request: nothing to pool
             self._kind[new.req_id] = kind
+            self._start[new.req_id] = tuple((extra.get("kv_transfer_params") or {}).get("kvswitch_start") or (0, 0))
             self._blocks[new.req_id] = list(new.block_ids[0])
             self._prompt_len[new.req_id] = len(new.prompt_token_ids or [])
             self._maybe_emit(meta, new.req_id, new.num_computed_tokens, scheduler_output)
@@ -146,7 +171,7 @@ class KVFeatureConnector(KVConnectorBase_V1):
         if req_id in self._done or computed + scheduler_output.num_scheduled_tokens.get(req_id, 0) < prompt:
             return
         self._done.add(req_id)
-        meta.prefills.append(_Prefill(req_id, list(self._blocks[req_id]), prompt, self._kind[req_id]))
+        meta.prefills.append(_Prefill(req_id, list(self._blocks[req_id]), prompt, self._kind[req_id], self._start.get(req_id)))
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id
@@ -154,6 +179,7 @@ class KVFeatureConnector(KVConnectorBase_V1):
             return False, None  # a plain generation request
         self._blocks.pop(req_id, None)
         self._prompt_len.pop(req_id, None)
+        self._start.pop(req_id, None)
         self._done.discard(req_id)
         path = self._path(req_id)
         if not path.exists():  # finished before its prefill completed (aborted)

@@ -54,8 +54,10 @@ class _State:
 
 
 class VLLMEngine:
-    def __init__(self, llm, tokenizer, probe: Probe, online: OnlineConfig, prompts: ModePrompts = ModePrompts()):
+    def __init__(self, llm, tokenizer, probe: Probe, online: OnlineConfig, prompts: ModePrompts = ModePrompts(), coe: bool = True):
         self.llm, self.tokenizer, self.probe, self.online, self.prompts = llm, tokenizer, probe, online, prompts
+        self.coe = coe and bool(getattr(probe, "confidence", None))
+        """Record each reply's KV-CoE trajectory (one extra, prefix-cached request per reply)."""
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.prefix_ids = mode_prefix_ids(tokenizer, prompts)
@@ -120,7 +122,10 @@ class VLLMEngine:
                     continue
                 if new:
                     yield new, None
-            yield [], self._result(st)
+            result = self._result(st)
+            if self.coe and st.out:
+                result.kv_trajectory = await self._trajectory(st)
+            yield [], result
         finally:  # also when the consumer closes the stream: the running vLLM request is aborted with it
             self._live.pop(key, None)
 
@@ -178,6 +183,21 @@ class VLLMEngine:
         if final.outputs[0].finish_reason == "stop":
             st.finished = True
         return new
+
+    async def _trajectory(self, st: _State) -> torch.Tensor:
+        """The reply's KV-CoE trajectory, as the HF engine records it: the last shared-prompt position,
+        then every generated token that was fed back (all but the last). One request over the
+        sequence, served from the prefix cache but for its last partial block."""
+        from vllm import SamplingParams
+
+        prompt_end = len(st.seq) - len(st.out)
+        first = len(st.req.prompt_ids) - 1 if st.req.add_prefix else prompt_end - 1
+        params = SamplingParams(temperature=0.0, max_tokens=1, detokenize=False,
+                                extra_args={"kv_transfer_params": {"kvswitch": "trajectory", "kvswitch_start": [first, prompt_end]}})
+        final = None
+        async for final in self._run(st.seq[:-1], params):
+            pass
+        return torch.tensor(final.kv_transfer_params["kvswitch"]["trajectory"])
 
     def _result(self, st: _State) -> GenResult:
         text = self.tokenizer.decode(st.out)

@@ -7,6 +7,9 @@ import pytest
 
 vllm = pytest.importorskip("vllm")
 
+import torch  # noqa: E402
+
+from serve_app.coe import kv_confidence  # noqa: E402
 from serve_app.engine import GenRequest, HFEngine, OnlineConfig  # noqa: E402
 from serve_app.probe import Probe  # noqa: E402
 from serve_app.task import generate_problems  # noqa: E402
@@ -42,3 +45,11 @@ def test_vllm_and_hf_agree_in_both_modes_and_online(model_dir, shipped):
         assert agree >= 95, f"{name}: {agree}/100 agree"
     switched = [(g.switched_at, r.switched_at) for g, r in zip(got["slow-online"], ref["slow-online"])]
     assert sum(a == b for a, b in switched) >= 95 and any(a is not None for a, _ in switched)
+    # KV-CoE: the trajectory read back from vLLM's paged cache gives the HF engine's confidence
+    for name in cases:
+        same = [(g, r) for g, r in zip(got[name], ref[name]) if g.text == r.text]
+        for g, r in same:
+            assert g.kv_trajectory.shape == r.kv_trajectory.shape
+            assert torch.nn.functional.cosine_similarity(g.kv_trajectory, r.kv_trajectory, dim=-1).min() > 0.999
+            assert kv_confidence(probe.confidence, g.end_mode, g.kv_trajectory) == pytest.approx(
+                kv_confidence(probe.confidence, r.end_mode, r.kv_trajectory), abs=1e-3)
