@@ -23,6 +23,8 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+	@# the service tests again with every pool on vLLM (serve_config.vllm.yaml's engine settings)
+	KVSWITCH_TEST_ENGINE=vllm $(PY) -m pytest tests/test_service.py
 
 # The service on the embedded model at http://127.0.0.1:8000 until Ctrl-C. Ray's token auth stays on
 # (Ray 2.60's default for local clusters, set explicitly); the token lives in ~/.ray/auth_token.

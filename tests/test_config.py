@@ -59,3 +59,11 @@ def test_a_probe_of_another_model_is_refused_before_any_replica_starts(tmp_path,
     (other / "config.json").write_text(cfg_text)
     with pytest.raises(ProbeMismatchError):
         build_app({"model": str(other)})
+
+
+@pytest.mark.parametrize("path", ["serve_config.vllm.yaml", "cluster/serve_config.gpu.yaml"])
+def test_vllm_serve_configs_are_valid_app_configs(path, model_dir):
+    args = yaml.safe_load((ROOT / path).read_text())["applications"][0]["args"]
+    cfg = AppConfig.model_validate({**args, "model": str(model_dir)})  # the GPU example names a checkpoint this machine lacks
+    assert cfg.prefill.engine == cfg.fast.engine == cfg.slow.engine == "vllm"
+    assert cfg.slow.vllm["gpu_memory_utilization"] <= 0.85

