@@ -169,6 +169,20 @@ def mode_prefix_ids(tokenizer: PreTrainedTokenizerBase, prompts: ModePrompts = M
     return {m: tokenizer.encode(t, add_special_tokens=False) for m, t in (("fast", prompts.fast_prefix), ("slow", prompts.slow_prefix))}
 
 
+def switch_decision(mode: Mode, difficulty: float, streak: int, online: OnlineConfig) -> tuple[Mode | None, int]:
+    """One online check: (the mode to switch into now, or None; the new streak). Slow → fast below
+    τ − δ, fast → slow above τ + δ, after ``confirm`` consecutive checks past the threshold."""
+    target = None
+    if mode == "slow" and difficulty < online.tau - online.delta:
+        target = "fast"
+    elif mode == "fast" and difficulty > online.tau + online.delta:
+        target = "slow"
+    streak = streak + 1 if target is not None else 0
+    if target is not None and streak >= online.confirm:
+        return target, 0
+    return None, streak
+
+
 class HFEngine:
     """Batched greedy / sampled decoding with per-row modes and online switching on one live cache."""
 
@@ -488,14 +502,8 @@ class DecodeBatch:
             row = rows[b]
             row.since_check = 0
             row.checks.append((row.generated + row.appended, float(d)))
-            target = None
-            if row.mode == "slow" and d < online.tau - online.delta:
-                target = "fast"
-            elif row.mode == "fast" and d > online.tau + online.delta:
-                target = "slow"
-            row.streak = row.streak + 1 if target is not None else 0
-            if target is not None and row.streak >= online.confirm:
-                row.streak = 0
+            target, row.streak = switch_decision(row.mode, float(d), row.streak, online)
+            if target is not None:
                 row.switched_at = row.generated + row.appended
                 row.switches += 1
                 row.mode = target

@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator
 
 import torch
 
-from serve_app.engine import GenRequest, GenResult, ModePrompts, OnlineConfig, mode_prefix_ids
+from serve_app.engine import GenRequest, GenResult, ModePrompts, OnlineConfig, mode_prefix_ids, switch_decision
 from serve_app.probe import Probe
 
 CONNECTOR = {"kv_connector": "KVFeatureConnector", "kv_connector_module_path": "serve_app.vllm_connector", "kv_role": "kv_both"}
@@ -133,7 +133,7 @@ class VLLMEngine:
         o = self.online
         return st.req.online and st.switches < o.max_switches and st.since >= o.every
 
-    def _take(self, st: _State, ids: list[int], counted: bool = True) -> list[int]:
+    def _take(self, st: _State, ids: list[int]) -> list[int]:
         ids = ids[: st.req.max_new_tokens - len(st.out)]
         st.out.extend(ids)
         st.seq.extend(ids)
@@ -159,7 +159,6 @@ class VLLMEngine:
 
     async def _check(self, st: _State) -> list[int]:
         """Score ``seq`` with the decode probe; switch, or keep the token the scoring request sampled."""
-        o = self.online
         st.since = 0
         final = None
         async for final in self._run(st.seq, self._params(st.req, 1, features="decode")):
@@ -167,14 +166,8 @@ class VLLMEngine:
         feats = final.kv_transfer_params["kvswitch"]
         d = float(self.probe.decode_difficulty(torch.tensor([feats["kv"]]))[0])
         st.checks.append((len(st.out), d))
-        target = None
-        if st.mode == "slow" and d < o.tau - o.delta:
-            target = "fast"
-        elif st.mode == "fast" and d > o.tau + o.delta:
-            target = "slow"
-        st.streak = st.streak + 1 if target is not None else 0
-        if target is not None and st.streak >= o.confirm:
-            st.streak = 0
+        target, st.streak = switch_decision(st.mode, d, st.streak, self.online)
+        if target is not None:
             st.switched_at = len(st.out)
             st.switches += 1
             st.mode = target
