@@ -15,6 +15,10 @@ class RouterMetrics:
         self.difficulty = Histogram("kvswitch_difficulty", "Prompt difficulty (0-100)", boundaries=[10, 20, 30, 40, 50, 60, 70, 80, 90])
         self.errors = Counter("kvswitch_errors", "Error responses by status", tag_keys=("status",))
         self.inflight = Gauge("kvswitch_router_inflight", "Requests in flight from this router, by pool", tag_keys=("route",))
+        self.retries = Counter("kvswitch_retries", "Requests retried on another replica after theirs failed", tag_keys=("target",))
+        self.fallbacks = Counter("kvswitch_prefill_fallbacks", "Requests routed by fallback_mode because the prefill pool gave no difficulty",
+                                 tag_keys=("cause",))
+        self.timeouts = Counter("kvswitch_timeouts", "Generations cancelled at the request timeout")
 
 
 class GeneratorMetrics:

@@ -1,16 +1,25 @@
 """Router: the ingress. Tokenises, asks the prefill pool for the difficulty, picks the pool from
-difficulty and live load (``serve_app.policy``), and relays the pool's reply as OpenAI JSON or SSE."""
+difficulty and live load (``serve_app.policy``), and relays the pool's reply as OpenAI JSON or SSE.
+
+Faults: a request whose replica dies before it streamed anything is retried once on another
+replica; after that it ends with a clear error (a JSON 503, or an SSE error event), never a hang or
+a silently truncated reply. Without a difficulty from the prefill pool (down, overloaded, slow),
+requests go to ``fallback_mode`` with ``kvswitch.fallback`` set. Every generation is cancelled at
+``limits.request_timeout_s``."""
 
 
 import asyncio
 import base64
+import logging
+import os
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 import numpy as np
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.exceptions import NodeDiedError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
 
@@ -23,6 +32,11 @@ from serve_app.schemas import ChatCompletionRequest, CompletionRequest, Embeddin
 from deployments.metrics import RouterMetrics
 
 app = create_app()
+logger = logging.getLogger("ray.serve")
+
+REPLICA_FAILURES = (RayActorError, ReplicaUnavailableError, NodeDiedError)
+"""What a call raises when the replica (or its node) serving it died."""
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 @dataclass
@@ -32,11 +46,50 @@ class Plan:
     difficulty: float | None
     online: bool
     max_tokens: int
+    fallback: str | None = None
+    deadline: float = 0.0  # loop time at which the generation is cancelled
 
 
 def _overloaded(exc: Exception) -> APIError:
     return APIError(503, f"the service is at capacity, retry shortly ({type(exc).__name__})", "overloaded_error",
                     code="overloaded", headers={"Retry-After": "1"})
+
+
+def _replica_failed(what: str, exc: Exception, retried: bool) -> APIError:
+    again = "; it was retried once on another replica, which failed too" if retried else ""
+    return APIError(503, f"the {what} replica serving this request failed ({type(exc).__name__}){again}. Nothing was "
+                    "streamed; retry shortly (Serve is replacing the replica)", "server_error", code="replica_failed",
+                    headers={"Retry-After": "1"})
+
+
+def _timed_out(limit: float) -> APIError:
+    return APIError(504, f"the request did not finish within the service's {limit:g} s timeout; its generation was cancelled",
+                    "timeout_error", code="request_timeout")
+
+
+def _api_keys(cfg: AppConfig) -> list[str]:
+    """The configured keys plus the comma-separated keys in ``$<auth.api_keys_env>`` (read here, in
+    the router replica, so keys can stay out of config files)."""
+    keys = [k.get_secret_value() for k in cfg.auth.api_keys]
+    keys += [k.strip() for k in os.environ.get(cfg.auth.api_keys_env, "").split(",") if k.strip()]
+    return keys
+
+
+def _serve_http_host() -> str | None:
+    try:
+        from ray.serve.context import _get_global_client
+
+        return _get_global_client().http_config.host
+    except Exception:  # noqa: BLE001 — outside a Serve instance (unit tests): nothing to check
+        return None
+
+
+def check_exposure(cfg: AppConfig, auth_enabled: bool, host: str | None) -> None:
+    """Refuse to serve without API keys on a non-loopback interface (unless explicitly allowed)."""
+    if auth_enabled or cfg.auth.allow_unauthenticated_remote or host is None or host in LOOPBACK:
+        return
+    raise RuntimeError(f"Serve's HTTP proxy listens on {host!r} but no API key is configured: set ${cfg.auth.api_keys_env} "
+                       "(or auth.api_keys), bind http_options.host to 127.0.0.1, or set auth.allow_unauthenticated_remote: true")
 
 
 @serve.deployment
@@ -49,6 +102,11 @@ class Router:
         self.prefix_len = {m: len(ids) for m, ids in mode_prefix_ids(self.tokenizer).items()}
         self.load = {"fast": PoolLoad(), "slow": PoolLoad()}
         self.metrics = RouterMetrics()
+        guard = app.state.guard
+        guard.max_body_bytes = cfg.limits.max_body_bytes
+        guard.set_keys(_api_keys(cfg))
+        check_exposure(cfg, guard.auth_enabled, _serve_http_host())
+        logger.info("kvswitch router: API keys %s", f"required ({len(guard.key_digests)} configured)" if guard.auth_enabled else "off")
 
     # -------------------------------------------------------------------------------- planning
     def _prompt_ids(self, messages: list[dict]) -> list[int]:
@@ -56,38 +114,79 @@ class Router:
 
     async def _plan(self, body: _Sampling, messages: list[dict]) -> Plan:
         cfg = self.cfg
+        deadline = asyncio.get_running_loop().time() + cfg.limits.request_timeout_s
         if body.model != cfg.model_name:
             raise APIError(404, f"model {body.model!r} does not exist; this service serves {cfg.model_name!r} (see GET /v1/models)",
                            param="model", code="model_not_found")
         if body.n > cfg.max_n:
             raise APIError(400, f"n must be ≤ {cfg.max_n}", param="n")
         prompt_ids = self._prompt_ids(messages)
+        max_prompt = min(cfg.limits.max_prompt_tokens or self.context, self.context)
+        if len(prompt_ids) > max_prompt:
+            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this service takes at most {max_prompt}", param="messages",
+                           code="context_length_exceeded")
         forced = body.forced_mode() or (None if cfg.default_mode == "auto" else cfg.default_mode)
         pools = [forced] if forced else ["fast", "slow"]
         limit = min(cfg.pool(p).max_tokens for p in pools)
-        room = self.context - len(prompt_ids) - max(self.prefix_len[p] for p in pools)
+        total = min(cfg.limits.max_total_tokens or self.context, self.context)
+        room = total - len(prompt_ids) - max(self.prefix_len[p] for p in pools)
         if room <= 0:
-            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; the context holds {self.context}", param="messages",
+            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; prompt and reply together may have {total}", param="messages",
                            code="context_length_exceeded")
         if body.max_tokens is not None and body.max_tokens > limit:
             raise APIError(400, f"max_tokens must be ≤ {limit} for this request", param="max_tokens")
         if body.max_tokens is not None and body.max_tokens > room:
-            raise APIError(400, f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({body.max_tokens}) exceeds the context "
-                           f"({self.context})", param="max_tokens", code="context_length_exceeded")
+            raise APIError(400, f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({body.max_tokens}) exceeds the "
+                           f"{total} tokens a request may have", param="max_tokens", code="context_length_exceeded")
+        fallback, difficulty = None, None
         if forced:
-            decision = Decision(pool=forced, reason="forced", predicted_tokens=expected_tokens(self.tau if forced == "slow" else 0.0, forced, cfg.policy))
-            difficulty = None
+            decision = Decision(pool=forced, reason="forced", predicted_tokens=self._predicted(forced))
         else:
-            try:
-                difficulty = float(await self.prefill.score.remote(prompt_ids))
-            except (BackPressureError, DeploymentUnavailableError) as exc:
-                raise _overloaded(exc) from exc
-            self.metrics.difficulty.observe(difficulty)
-            decision = choose_pool(difficulty, self.tau, self.load["fast"], self.load["slow"], cfg.policy)
-        online = body.kvswitch.online if body.kvswitch.online is not None else forced is None
+            difficulty = await self._difficulty(prompt_ids)
+            if difficulty is None:
+                fallback = "prefill_unavailable"
+                pool = cfg.fallback_mode
+                decision = Decision(pool=pool, reason="prefill-unavailable", predicted_tokens=self._predicted(pool))
+            else:
+                self.metrics.difficulty.observe(difficulty)
+                decision = choose_pool(difficulty, self.tau, self.load["fast"], self.load["slow"], cfg.policy)
+        online = body.kvswitch.online if body.kvswitch.online is not None else (forced is None and fallback is None)
         max_tokens = body.max_tokens or min(cfg.pool(decision.pool).max_tokens, room)
         self.metrics.requests.inc(tags={"route": decision.pool, "reason": decision.reason})
-        return Plan(prompt_ids, decision, difficulty, online, max_tokens)
+        return Plan(prompt_ids, decision, difficulty, online, max_tokens, fallback, deadline)
+
+    def _predicted(self, pool: str) -> float:
+        return expected_tokens(self.tau if pool == "slow" else 0.0, pool, self.cfg.policy)
+
+    async def _call(self, what: str, call, timeout: float):
+        """``call()`` → a DeploymentResponse; awaited within ``timeout`` and retried once on another
+        replica if its replica dies (a prefill or embedding call has no partial output to lose)."""
+        retry = self.cfg.retry_on_replica_failure
+        async with asyncio.timeout(timeout):
+            for attempt in (0, 1):
+                resp = call()
+                try:
+                    return await resp
+                except REPLICA_FAILURES as exc:
+                    if attempt or not retry:
+                        raise
+                    self.metrics.retries.inc(tags={"target": what})
+                    logger.warning("%s replica failed (%s); retrying once on another replica", what, type(exc).__name__)
+                except BaseException:
+                    resp.cancel()
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _difficulty(self, prompt_ids: list[int]) -> float | None:
+        """The prefill pool's difficulty, or None when it cannot give one in time (then the request
+        is routed by ``fallback_mode``)."""
+        try:
+            return float(await self._call("prefill", lambda: self.prefill.score.remote(prompt_ids), self.cfg.limits.prefill_timeout_s))
+        except (TimeoutError, BackPressureError, DeploymentUnavailableError, *REPLICA_FAILURES) as exc:
+            cause = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+            self.metrics.fallbacks.inc(tags={"cause": cause})
+            logger.warning("prefill pool gave no difficulty (%s); routing to %s", cause, self.cfg.fallback_mode)
+            return None
 
     def _jobs(self, plan: Plan, body: _Sampling) -> list[dict]:
         jobs = []
@@ -119,36 +218,101 @@ class Router:
                 self.metrics.switches.inc(tags={"direction": f"{f['start_mode']}->{f['end_mode']}"})
 
     # ---------------------------------------------------------------------------- generation
+    async def _generate(self, plan: Plan, job: dict) -> dict:
+        """One whole reply; retried once on another replica if the first one dies (the client has
+        received nothing yet)."""
+        pool = plan.decision.pool
+        for attempt in (0, 1):
+            resp = self.pools[pool].generate.remote(job)
+            try:
+                out = await resp
+                out["retried"] = attempt > 0
+                return out
+            except REPLICA_FAILURES as exc:
+                if attempt or not self.cfg.retry_on_replica_failure:
+                    raise _replica_failed(pool, exc, retried=attempt > 0) from exc
+                self.metrics.retries.inc(tags={"target": pool})
+                logger.warning("%s replica failed (%s); retrying once on another replica", pool, type(exc).__name__)
+            except BaseException:
+                resp.cancel()
+                raise
+        raise AssertionError("unreachable")
+
     async def _complete(self, plan: Plan, body: _Sampling) -> list[dict]:
-        handle = self.pools[plan.decision.pool]
         n = body.n
         self._start(plan, n)
         outs: list[dict] = []
+        tasks = [asyncio.create_task(self._generate(plan, job)) for job in self._jobs(plan, body)]
         try:
-            outs = await asyncio.gather(*(handle.generate.remote(job) for job in self._jobs(plan, body)))
+            async with asyncio.timeout_at(plan.deadline):
+                outs = await asyncio.gather(*tasks)
+        except TimeoutError as exc:
+            self.metrics.timeouts.inc()
+            raise _timed_out(self.cfg.limits.request_timeout_s) from exc
         except (BackPressureError, DeploymentUnavailableError) as exc:
             raise _overloaded(exc) from exc
         finally:
+            for t in tasks:  # one choice failed or the client left: stop the others too
+                t.cancel()
             self._end(plan, outs, n)
         return outs
 
-    async def _stream(self, plan: Plan, body: _Sampling, kind: str) -> StreamingResponse:
-        handle = self.pools[plan.decision.pool].options(stream=True)
-        gens = [handle.generate_stream.remote(job) for job in self._jobs(plan, body)]
-        self._start(plan, body.n)
-        firsts = []
-        try:  # the first item surfaces a full queue as a proper 503 before any byte is sent
-            for g in gens:
-                firsts.append(await g.__anext__())
-        except (BackPressureError, DeploymentUnavailableError) as exc:
-            for g in gens:
-                g.cancel()
-            self._end(plan, [], body.n)
-            raise _overloaded(exc) from exc
-        rid, created, model = completion_id("chatcmpl" if kind == "chat" else "cmpl"), now(), self.cfg.model_name
-        return StreamingResponse(self._sse(plan, body, kind, gens, firsts, rid, created, model), media_type="text/event-stream")
+    async def _open(self, plan: Plan, job: dict):
+        """Start one streamed choice and wait for its first item; a replica that dies before it sends
+        anything is replaced by a retry on another replica. Returns (stream, first item, retried)."""
+        pool = plan.decision.pool
+        handle = self.pools[pool].options(stream=True)
+        for attempt in (0, 1):
+            gen = handle.generate_stream.remote(job)
+            try:
+                return gen, await gen.__anext__(), attempt > 0
+            except REPLICA_FAILURES as exc:
+                gen.cancel()
+                if attempt or not self.cfg.retry_on_replica_failure:
+                    raise _replica_failed(pool, exc, retried=attempt > 0) from exc
+                self.metrics.retries.inc(tags={"target": pool})
+                logger.warning("%s replica failed before streaming (%s); retrying once on another replica", pool, type(exc).__name__)
+            except BaseException:
+                gen.cancel()
+                raise
+        raise AssertionError("unreachable")
 
-    async def _sse(self, plan: Plan, body: _Sampling, kind: str, gens, firsts, rid, created, model) -> AsyncIterator[str]:
+    async def _stream(self, plan: Plan, body: _Sampling, kind: str) -> StreamingResponse:
+        self._start(plan, body.n)
+        tasks = [asyncio.create_task(self._open(plan, job)) for job in self._jobs(plan, body)]
+        try:  # the first items surface a full queue or a dead replica as a proper 503 before any byte is sent
+            async with asyncio.timeout_at(plan.deadline):
+                opened = await asyncio.gather(*tasks)
+        except BaseException as exc:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:  # streams that did open are cancelled too
+                if t.done() and not t.cancelled() and t.exception() is None:
+                    t.result()[0].cancel()
+            self._end(plan, [], body.n)
+            if isinstance(exc, TimeoutError):
+                self.metrics.timeouts.inc()
+                raise _timed_out(self.cfg.limits.request_timeout_s) from exc
+            if isinstance(exc, (BackPressureError, DeploymentUnavailableError)):
+                raise _overloaded(exc) from exc
+            raise
+        gens, firsts, retried = (list(x) for x in zip(*opened))
+        rid, created, model = completion_id("chatcmpl" if kind == "chat" else "cmpl"), now(), self.cfg.model_name
+        return StreamingResponse(self._sse(plan, body, kind, gens, firsts, retried, rid, created, model), media_type="text/event-stream")
+
+    def _error_event(self, plan: Plan, exc: BaseException) -> dict:
+        if isinstance(exc, TimeoutError):
+            self.metrics.timeouts.inc()
+            message, type_, code = (f"the reply did not finish within the service's {self.cfg.limits.request_timeout_s:g} s timeout; "
+                                    "generation was cancelled and the reply is incomplete", "timeout_error", "request_timeout")
+        elif isinstance(exc, REPLICA_FAILURES):
+            message, type_, code = (f"the {plan.decision.pool} replica generating this reply failed after it had started streaming "
+                                    f"({type(exc).__name__}); the reply is incomplete", "server_error", "replica_failed")
+        else:
+            message, type_, code = f"generation failed: {exc}", "server_error", None
+        return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+
+    async def _sse(self, plan: Plan, body: _Sampling, kind: str, gens, firsts, retried, rid, created, model) -> AsyncIterator[str]:
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, gen, first) -> None:
@@ -166,13 +330,18 @@ class Router:
                 for i in range(len(gens)):
                     yield sse(chunk(rid, created, model, kind, i, delta={"role": "assistant", "content": ""}))
             while len(finals) < len(gens):
-                i, item = await queue.get()
-                if isinstance(item, Exception):
-                    yield sse({"error": {"message": f"generation failed: {item}", "type": "server_error", "param": None, "code": None}})
+                try:
+                    async with asyncio.timeout_at(plan.deadline):
+                        i, item = await queue.get()
+                except TimeoutError as exc:
+                    item = exc
+                if isinstance(item, BaseException):  # an error event and no [DONE]: the client sees the reply is incomplete
+                    yield sse(self._error_event(plan, item))
                     return
                 if item.get("done"):
-                    finals[i] = item
-                    kv = info(item, plan.decision.pool, plan.decision.reason, plan.difficulty, plan.decision.predicted_tokens)
+                    finals[i] = item = {**item, "retried": retried[i]}
+                    kv = info(item, plan.decision.pool, plan.decision.reason, plan.difficulty, plan.decision.predicted_tokens,
+                              plan.fallback)
                     yield sse(chunk(rid, created, model, kind, i, finish_reason=item["finish_reason"], extra={"kvswitch": kv}))
                     continue
                 delta = {}
@@ -198,7 +367,8 @@ class Router:
         if body.stream:
             return await self._stream(plan, body, kind)
         outs = await self._complete(plan, body)
-        infos = [info(o, plan.decision.pool, plan.decision.reason, plan.difficulty, plan.decision.predicted_tokens) for o in outs]
+        infos = [info(o, plan.decision.pool, plan.decision.reason, plan.difficulty, plan.decision.predicted_tokens, plan.fallback)
+                 for o in outs]
         selection = None
         if body.kvswitch.select is not None and len(outs) > 1:
             outs, infos, selection = rank_choices(outs, infos, body.kvswitch.select, seed=body.seed or 0)
@@ -224,12 +394,18 @@ class Router:
             raise APIError(404, f"model {body.model!r} does not exist; this service serves {self.cfg.model_name!r}", param="model",
                            code="model_not_found")
         prompts = [self._prompt_ids([{"role": "user", "content": t}]) for t in body.input]
-        if max(len(p) for p in prompts) > self.context:
-            raise APIError(400, f"an input is longer than the context ({self.context} tokens)", param="input", code="context_length_exceeded")
+        max_prompt = min(self.cfg.limits.max_prompt_tokens or self.context, self.context)
+        if max(len(p) for p in prompts) > max_prompt:
+            raise APIError(400, f"an input is longer than {max_prompt} tokens", param="input", code="context_length_exceeded")
+        limits = self.cfg.limits
         try:
-            vectors = await self.prefill.embed.remote(prompts)
+            vectors = await self._call("prefill", lambda: self.prefill.embed.remote(prompts), limits.request_timeout_s)
         except (BackPressureError, DeploymentUnavailableError) as exc:
             raise _overloaded(exc) from exc
+        except TimeoutError as exc:
+            raise _timed_out(limits.request_timeout_s) from exc
+        except REPLICA_FAILURES as exc:
+            raise _replica_failed("prefill", exc, retried=self.cfg.retry_on_replica_failure) from exc
         if body.encoding_format == "base64":
             vectors = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() for v in vectors]
         tokens = sum(len(p) for p in prompts)

@@ -45,16 +45,29 @@ def grade(content: str, answer: str) -> bool:
 
 
 def _error_message(body: bytes) -> str:
+    return _error(body)[0]
+
+
+def _error(body: bytes) -> tuple[str, str | None, str | None]:
+    """(message, error.type, error.code) of an error body; type and code are None unless it is an
+    OpenAI-style JSON error."""
     try:
         data = json.loads(body)
     except ValueError:
-        return body[:300].decode(errors="replace")
+        return body[:300].decode(errors="replace"), None, None
     if isinstance(data, dict):
         err = data.get("error", data)
         if isinstance(err, dict):
-            return str(err.get("message", err))[:300]
-        return str(err)[:300]
-    return str(data)[:300]
+            code = err.get("code")
+            return str(err.get("message", err))[:300], err.get("type"), None if code is None else str(code)
+        return str(err)[:300], None, None
+    return str(data)[:300], None, None
+
+
+def _fail(rec: RequestRecord, status: str, body: bytes) -> RequestRecord:
+    rec.status = status
+    rec.error, rec.error_type, rec.error_code = _error(body)
+    return rec
 
 
 async def send(client: httpx.AsyncClient, url: str, body: dict, rec: RequestRecord, timeout: float) -> RequestRecord:
@@ -66,8 +79,7 @@ async def send(client: httpx.AsyncClient, url: str, body: dict, rec: RequestReco
     try:
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=timeout) as resp:
             if resp.status_code != 200:
-                rec.status, rec.error = str(resp.status_code), _error_message(await resp.aread())
-                return rec
+                return _fail(rec, str(resp.status_code), await resp.aread())
             async for line in resp.aiter_lines():
                 if time.perf_counter() - start > timeout:
                     raise httpx.ReadTimeout("the request ran past its timeout")
@@ -79,8 +91,7 @@ async def send(client: httpx.AsyncClient, url: str, body: dict, rec: RequestReco
                     break
                 event = json.loads(data)
                 if "error" in event:
-                    rec.status, rec.error = "stream_error", _error_message(data.encode())
-                    return rec
+                    return _fail(rec, "stream_error", data.encode())
                 usage = event.get("usage")
                 if usage:
                     rec.prompt_tokens = usage.get("prompt_tokens")
@@ -134,6 +145,8 @@ def _take_kvswitch(rec: RequestRecord, info: dict) -> None:
     rec.replica = info.get("replica")
     rec.predicted_tokens = info.get("predicted_tokens")
     rec.confidence = info.get("confidence")
+    rec.retried = info.get("retried")
+    rec.fallback = info.get("fallback")
 
 
 async def discover_model(client: httpx.AsyncClient, url: str) -> str:

@@ -179,6 +179,16 @@ class _Run:
         return sorted(records, key=lambda r: r.index)
 
 
+API_KEY_ENV = "KVSWITCH_API_KEY"
+
+
+def auth_headers() -> dict[str, str]:
+    """``Authorization: Bearer $KVSWITCH_API_KEY`` when that variable is set (for a service with API
+    keys). The key is read from the environment only, so it never lands in a scenario or report."""
+    key = os.environ.get(API_KEY_ENV, "").strip()
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def machine() -> dict:
     try:
         affinity = len(os.sched_getaffinity(0))
@@ -206,7 +216,7 @@ async def run_load(cfg: LoadConfig, progress: bool = True, transport: httpx.Asyn
     replaces the network (tests)."""
     questions = load_questions(cfg)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(limits=limits, timeout=cfg.timeout, transport=transport) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=cfg.timeout, transport=transport, headers=auth_headers()) as client:
         model = cfg.model or await discover_model(client, cfg.url)
         runs: list[dict] = []
         for level in cfg.levels:

@@ -40,6 +40,9 @@ class RequestRecord:
     status: str = "ok"
     """``ok``, an HTTP status code, ``timeout``, ``connection``, ``stream_error`` or ``bad_response``."""
     error: str | None = None
+    error_type: str | None = None
+    """``error.type`` of a JSON (or SSE) error body; None when the failure came without one."""
+    error_code: str | None = None
     ttft: float | None = None
     e2e: float | None = None
     chunk_times: list[float] = field(default_factory=list)
@@ -59,6 +62,10 @@ class RequestRecord:
     replica: str | None = None
     predicted_tokens: float | None = None
     confidence: float | None = None
+    retried: bool | None = None
+    """kvswitch: the reply came from a second replica after the first one failed."""
+    fallback: str | None = None
+    """kvswitch: routing fell back (``prefill_unavailable``)."""
 
     @property
     def ok(self) -> bool:

@@ -3,13 +3,18 @@ builders of OpenAI response bodies and SSE chunks. ``deployments/router.py`` add
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import logging
 import math
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Iterable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app.schemas import KvswitchInfo, error_body
 
@@ -37,8 +42,138 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg), param
 
 
+# ------------------------------------------------------------------------------ the request guard
+
+OPEN_PATHS = frozenset({"/health"})
+"""Routes that answer without an API key (load balancers and Kubernetes probes call them)."""
+
+logger = logging.getLogger("kvswitch.api")
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+@dataclass
+class GuardSettings:
+    """What the guard enforces; the router replica fills it from ``AppConfig`` when it starts.
+    Keys are kept only as SHA-256 digests, so a presented key is compared in constant time
+    (``hmac.compare_digest`` on equal-length digests, against every configured key)."""
+
+    max_body_bytes: int = 1 << 20
+    key_digests: tuple[bytes, ...] = field(default=(), repr=False)
+
+    def set_keys(self, keys: Iterable[str]) -> None:
+        self.key_digests = tuple(_digest(k) for k in keys if k)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.key_digests)
+
+    def authorized(self, presented: str | None) -> bool:
+        if not presented:
+            return False
+        got, ok = _digest(presented), False
+        for want in self.key_digests:  # no early exit: the time taken does not say which key matched
+            ok |= hmac.compare_digest(got, want)
+        return ok
+
+
+def _header(scope: dict, name: bytes) -> str | None:
+    for k, v in scope.get("headers", ()):
+        if k.lower() == name:
+            return v.decode("latin-1")
+    return None
+
+
+def _bearer(scope: dict) -> str | None:
+    value = _header(scope, b"authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+async def _send_error(send, status: int, message: str, type_: str, code: str, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps(error_body(message, type_, None, code)).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    """ASGI middleware in front of every route: the optional API key (401) and the body-size limit
+    (413), both answered before any JSON is parsed. Keys are never logged."""
+
+    def __init__(self, app, settings: GuardSettings):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        s = self.settings
+        root, path = scope.get("root_path", ""), scope.get("path", "")
+        route = path[len(root):] if root and path.startswith(root) else path
+        if s.auth_enabled and route not in OPEN_PATHS and not s.authorized(_bearer(scope)):
+            return await _send_error(send, 401, "missing or invalid API key: send `Authorization: Bearer <key>`",
+                                     "authentication_error", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        limit = s.max_body_bytes
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await _send_error(send, 413, f"request body of {declared} bytes exceeds the limit of {limit} bytes",
+                                     "invalid_request_error", "request_too_large")
+        chunks, size, more = [], 0, True
+        while more:  # read (at most limit + one chunk of) the body, then replay it to the app
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk_ = message.get("body", b"")
+            size += len(chunk_)
+            if size > limit:
+                return await _send_error(send, 413, f"request body exceeds the limit of {limit} bytes", "invalid_request_error",
+                                         "request_too_large")
+            chunks.append(chunk_)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later calls wait for the client's disconnect, as before
+
+        return await self.app(scope, replay, send)
+
+
+_STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
+                 408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
 def create_app() -> FastAPI:
+    """The FastAPI app with OpenAI-style JSON errors for every failure (validation, unknown route,
+    unparsable or too deeply nested JSON, and, should one escape, an internal error), behind
+    ``Guard``; its settings are at ``app.state.guard``."""
     app = FastAPI(title="kvswitch", description="OpenAI-compatible LLM service with KV-cache fast/slow routing", version="0.1.0")
+    app.state.guard = GuardSettings()
+    app.add_middleware(Guard, settings=app.state.guard)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if detail == "There was an error parsing the body":
+            detail = "request body is not valid JSON (or is nested too deeply)"
+        type_ = _STATUS_TYPES.get(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
+        return JSONResponse(error_body(detail, type_), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(error_body(f"internal error ({type(exc).__name__}); the request was not completed", "server_error"),
+                            status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -55,7 +190,8 @@ def create_app() -> FastAPI:
 # ------------------------------------------------------------------------------- response bodies
 
 
-def info(final: dict, pool: str, reason: str, difficulty: float | None, predicted_tokens: float | None = None) -> dict:
+def info(final: dict, pool: str, reason: str, difficulty: float | None, predicted_tokens: float | None = None,
+         fallback: str | None = None) -> dict:
     return KvswitchInfo(
         route=pool,
         reason=reason,
@@ -67,6 +203,8 @@ def info(final: dict, pool: str, reason: str, difficulty: float | None, predicte
         confidence=final["confidence"],
         replica=final["replica"],
         predicted_tokens=None if predicted_tokens is None else round(float(predicted_tokens), 1),
+        fallback=fallback,
+        retried=bool(final.get("retried", False)),
     ).model_dump()
 
 

@@ -359,9 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, help="generation cap per reply (default 512)")
     p.set_defaults(func=_cmd_demo)
 
+    from loadtests.chaos import add_parser as add_chaos
     from loadtests.cli import add_parser as add_loadtest
+    from loadtests.fuzz import add_parser as add_fuzz
 
     add_loadtest(sub)
+    add_chaos(sub)
+    add_fuzz(sub)
     return parser
 
 

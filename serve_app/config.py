@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from serve_app.policy import PolicyConfig
 
@@ -27,6 +27,12 @@ class DeploymentConfig(_Strict):
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     resources: dict[str, float] | None = None
+    """Custom Ray resources each replica needs (a hard pin to nodes that advertise them)."""
+    label_selector: dict[str, str] | None = None
+    """Node labels each replica needs (``ray start --labels``)."""
+    fallback_strategy: list[dict[str, Any]] | None = None
+    """Soft pinning: ``[{"label_selector": {...}}, ...]`` tried in order when ``label_selector`` cannot
+    be met, e.g. prefer GPU workers but come back on the head node when they are gone."""
 
     @model_validator(mode="after")
     def _replicas_or_autoscaling(self) -> "DeploymentConfig":
@@ -49,6 +55,10 @@ class DeploymentConfig(_Strict):
         actor: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
         if self.resources:
             actor["resources"] = dict(self.resources)
+        if self.label_selector:
+            actor["label_selector"] = dict(self.label_selector)
+        if self.fallback_strategy:
+            actor["fallback_strategy"] = [dict(f) for f in self.fallback_strategy]
         opts: dict[str, Any] = {
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
@@ -110,6 +120,31 @@ class OnlineOverride(_Strict):
     confirm: int | None = Field(None, ge=1)
 
 
+class LimitsConfig(_Strict):
+    """What one request may ask for, and how long it may take. Beyond a limit: a JSON 4xx, never a 500."""
+
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="request bodies above this get 413")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="prompt tokens per request (default: the context length)")
+    max_total_tokens: int | None = Field(None, ge=1, description="prompt + max_tokens per choice (default: the context length)")
+    request_timeout_s: float = Field(300.0, gt=0, description="a generation still running after this is cancelled (504 / "
+                                                            "an error event) and its slot freed")
+    prefill_timeout_s: float = Field(10.0, gt=0, description="no difficulty from the prefill pool within this: route by "
+                                                           "fallback_mode instead")
+
+
+class AuthConfig(_Strict):
+    """Optional API keys. Clients send ``Authorization: Bearer <key>``; ``/health`` stays open.
+
+    Keys come from ``api_keys`` and from the environment variable named by ``api_keys_env``
+    (comma-separated, read in each router replica, so keys need not appear in any config file).
+    Without any key the service must listen on a loopback host (127.0.0.1, Ray Serve's default)
+    unless ``allow_unauthenticated_remote`` says otherwise."""
+
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    api_keys_env: str = "KVSWITCH_API_KEYS"
+    allow_unauthenticated_remote: bool = False
+
+
 class AppConfig(_Strict):
     """The whole service. Relative paths resolve against the directory ``serve run`` starts in."""
 
@@ -123,6 +158,13 @@ class AppConfig(_Strict):
     context_length: int | None = Field(None, ge=1, description="prompt + max_tokens limit; default the model's max positions")
     max_n: int = Field(8, ge=1, description="most choices per request")
     default_mode: Literal["auto", "fast", "slow"] = "auto"
+    fallback_mode: Literal["fast", "slow"] = "slow"
+    """The pool for requests when the prefill pool cannot give a difficulty (down, overloaded,
+    timed out); such replies carry ``kvswitch.fallback = "prefill_unavailable"``."""
+    retry_on_replica_failure: bool = True
+    """Retry a request once on another replica when its replica dies before it streamed a token."""
+    limits: LimitsConfig = LimitsConfig()
+    auth: AuthConfig = AuthConfig()
     online: OnlineOverride = OnlineOverride()
     policy: PolicyConfig = PolicyConfig()
     prefill: PrefillConfig = PrefillConfig()

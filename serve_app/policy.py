@@ -47,7 +47,7 @@ class PoolLoad(BaseModel):
 
 class Decision(BaseModel):
     pool: Pool
-    reason: Literal["easy", "hard", "borderline-shifted", "forced"]
+    reason: Literal["easy", "hard", "borderline-shifted", "forced", "prefill-unavailable"]
     predicted_tokens: float
 
 

@@ -12,9 +12,30 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 Mode = Literal["auto", "fast", "slow"]
 
 
+def _check_text(value: Any) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("strings must be valid Unicode text (a lone surrogate such as \\ud800 is not)") from None
+    elif isinstance(value, list):
+        for item in value:
+            _check_text(item)
+
+
 class _Body(BaseModel):
     # Unknown OpenAI parameters are ignored (clients send many); NaN / inf are refused.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        """JSON may carry lone UTF-16 surrogates (``"\\ud800"``) that no tokenizer can encode: a 400,
+        not a 500. Each nested model checks its own fields."""
+        if isinstance(data, dict):
+            for value in data.values():
+                _check_text(value)
+        return data
 
 
 class KvswitchOptions(_Body):
@@ -163,7 +184,7 @@ class KvswitchInfo(BaseModel):
     route: Literal["fast", "slow"]
     """The pool that generated the reply."""
     reason: str
-    """easy / hard / borderline-shifted / forced."""
+    """easy / hard / borderline-shifted / forced / prefill-unavailable."""
     difficulty: float | None
     start_mode: Literal["fast", "slow"]
     end_mode: Literal["fast", "slow"]
@@ -177,6 +198,11 @@ class KvswitchInfo(BaseModel):
     predicted_tokens: float | None = None
     """Tokens the router predicted for this request when it chose the pool (what the pool's request
     router balances replicas on)."""
+    fallback: str | None = None
+    """Set when routing had to fall back: ``prefill_unavailable`` (no difficulty from the prefill
+    pool, so the service's ``fallback_mode`` pool answered)."""
+    retried: bool = False
+    """The first replica failed before streaming anything and another replica generated the reply."""
 
 
 def completion_id(prefix: str) -> str:

@@ -34,7 +34,7 @@ if os.environ.get("KVSWITCH_TEST_ENGINE") == "vllm":  # the same tests with ever
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=8, include_dashboard=False, _metrics_export_port=METRICS_PORT, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, _metrics_export_port=METRICS_PORT, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     yield
     serve.shutdown()

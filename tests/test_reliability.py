@@ -1,0 +1,262 @@
+"""Reliability and security of the real service: API keys, hostile input, limits and timeouts,
+a schemathesis fuzz run, the prefill fallback, and a chaos run that kills a replica of every pool
+under load. One local Ray instance serves the module."""
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from deployments.router import check_exposure  # noqa: E402
+from loadtests.chaos import ChaosConfig, format_chaos, kill_replica, run_chaos  # noqa: E402
+from loadtests.fuzz import FuzzConfig, format_fuzz, run_fuzz  # noqa: E402
+from serve_app.app import build_app  # noqa: E402
+from serve_app.config import AppConfig  # noqa: E402
+
+PORT = int(os.environ.get("KVSWITCH_TEST_RELIABILITY_PORT", "18441"))
+MODEL = "kvswitch-arith-tiny"
+EASY, HARD = "What is 2 + 3?", "What is 41 - 17 + 8 - 60 + 5 + 12?"
+ROOT = Path(__file__).resolve().parent.parent
+KEY, ENV_KEY = "sk-kvswitch-config-key-0123456789", "sk-kvswitch-env-key-9876543210"
+KEYS_ENV = "KVSWITCH_TEST_API_KEYS"
+
+POOL = {"num_cpus": 0.2, "max_ongoing_requests": 64, "max_queued_requests": 128}
+BASE = {"prefill": {"num_cpus": 0.2}, "router": {"num_cpus": 0.1}, "fast": dict(POOL), "slow": dict(POOL)}
+LIMITS = {"max_body_bytes": 65536, "max_prompt_tokens": 200, "max_total_tokens": 600, "request_timeout_s": 60, "prefill_timeout_s": 5}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ[KEYS_ENV] = f" {ENV_KEY} ,"  # replicas of this local cluster inherit the driver's environment
+    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    yield
+    serve.shutdown()
+    ray.shutdown()
+    os.environ.pop(KEYS_ENV, None)
+
+
+def deploy(name: str, cfg: dict) -> str:
+    serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
+    return f"http://127.0.0.1:{PORT}/{name}"
+
+
+@pytest.fixture(scope="module")
+def hostile(cluster):
+    base = deploy("hostile", {**BASE, "limits": LIMITS})
+    yield base
+    serve.delete("hostile")
+
+
+def chat(q: str = EASY, **extra) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": q}], **extra}
+
+
+def post(base: str, body=None, raw: bytes | None = None, path: str = "/v1/chat/completions", headers=None, timeout=60) -> httpx.Response:
+    if raw is not None:
+        return httpx.post(f"{base}{path}", content=raw, headers={"content-type": "application/json", **(headers or {})}, timeout=timeout)
+    return httpx.post(f"{base}{path}", json=body, headers=headers, timeout=timeout)
+
+
+def assert_error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, (r.status_code, r.text[:300])
+    err = r.json()["error"]
+    assert err["message"] and err["type"], err
+    return err
+
+
+def _pool_stats(app: str, pool: str) -> dict:
+    return serve.get_deployment_handle(pool, app_name=app).record_routing_stats.remote().result()
+
+
+def _wait_idle(app: str, pool: str, limit: float = 20) -> dict:
+    deadline = time.time() + limit
+    while (stats := _pool_stats(app, pool))["running"] and time.time() < deadline:
+        time.sleep(0.2)
+    return stats
+
+
+# ------------------------------------------------------------------------------------------ auth
+
+
+def test_exposure_rule():
+    cfg = AppConfig()
+    check_exposure(cfg, auth_enabled=False, host="127.0.0.1")
+    check_exposure(cfg, auth_enabled=False, host=None)
+    check_exposure(cfg, auth_enabled=True, host="0.0.0.0")
+    with pytest.raises(RuntimeError, match="no API key"):
+        check_exposure(cfg, auth_enabled=False, host="0.0.0.0")
+    check_exposure(AppConfig(auth={"allow_unauthenticated_remote": True}), auth_enabled=False, host="0.0.0.0")
+    assert KEY not in repr(AppConfig(auth={"api_keys": [KEY]}))  # SecretStr: never printed with the config
+
+
+def test_api_keys_401_without_or_with_a_wrong_key_200_with_either_key_health_open(cluster):
+    base = deploy("auth", {**BASE, "auth": {"api_keys": [KEY], "api_keys_env": KEYS_ENV}})
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}, {"Authorization": f"Bearer {KEY}x"},
+                        {"Authorization": "Bearer"}):
+            err = assert_error(post(base, chat(), headers=headers), 401)
+            assert err["code"] == "invalid_api_key"
+        r = post(base, chat(), headers={})
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert_error(httpx.get(f"{base}/v1/models", timeout=30), 401)
+        assert_error(httpx.post(f"{base}/v1/embeddings", json={"model": MODEL, "input": "x"}, timeout=30), 401)
+        assert httpx.get(f"{base}/health", timeout=30).json() == {"status": "ok"}
+        for key in (KEY, ENV_KEY):  # the configured key and the one from $KVSWITCH_TEST_API_KEYS
+            c = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120)
+            assert c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": EASY}]).choices[0].message.content == "5"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="nope", max_retries=0).models.list()
+        # an unauthorised body is never parsed: a huge one is refused with 401 too
+        assert_error(post(base, raw=b"{" * 200_000), 401)
+        logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+        leaked = [p for p in logs.rglob("*") if p.is_file() and any(k.encode() in p.read_bytes() for k in (KEY, ENV_KEY))]
+        assert not leaked, f"API keys appear in {leaked}"
+    finally:
+        serve.delete("auth")
+
+
+# ------------------------------------------------------------------------------- hostile input
+
+HOSTILE = [
+    ("body above the limit", None, b'{"model": "kvswitch-arith-tiny", "messages": [{"role": "user", "content": "' + b"1" * 70000 + b'"}]}', 413),
+    ("deeply nested json", None, b'{"model": "kvswitch-arith-tiny", "messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * 20000
+     + b"]" * 20000 + b"}", 400),
+    ("lone surrogate", None, b'{"model": "kvswitch-arith-tiny", "messages": [{"role": "user", "content": "What is \\ud800 2 + 3?"}]}', 400),
+    ("lone surrogate in stop", None, b'{"model": "kvswitch-arith-tiny", "messages": [{"role": "user", "content": "hi"}], "stop": "\\udfff"}', 400),
+    ("invalid utf-8 bytes", None, b'{"model": "kvswitch-arith-tiny", "messages": [{"role": "user", "content": "\xff\xfe"}]}', 400),
+    ("huge n", chat(n=10**9), None, 400),
+    ("negative n", chat(n=-1), None, 400),
+    ("negative temperature", chat(temperature=-1), None, 400),
+    ("negative top_p", chat(top_p=-0.5), None, 400),
+    ("nan top_p", None, b'{"model": "kvswitch-arith-tiny", "messages": [{"role": "user", "content": "hi"}], "top_p": NaN}', 400),
+    ("infinite temperature", None, b'{"model": "kvswitch-arith-tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', 400),
+    ("huge max_tokens", chat(max_tokens=10**40), None, 400),
+    ("float max_tokens", chat(max_tokens=1.5), None, 400),
+    ("negative seed", chat(seed=-3), None, 400),
+    ("prompt above max_prompt_tokens", chat("1 + " * 150), None, 400),
+    ("prompt + max_tokens above max_total_tokens", chat("What is " + "1 + " * 60 + "1?", max_tokens=560), None, 400),
+    ("body is a list", [chat()], None, 400),
+    ("body is a string", "hello", None, 400),
+    ("null messages", {"model": MODEL, "messages": None}, None, 400),
+    ("message content object", {"model": MODEL, "messages": [{"role": "user", "content": {"a": 1}}]}, None, 400),
+    ("five stop strings", chat(stop=["a", "b", "c", "d", "e"]), None, 400),
+]
+
+
+@pytest.mark.parametrize("name,body,raw,status", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_input_gets_a_json_4xx(hostile, name, body, raw, status):
+    assert_error(post(hostile, body, raw=raw), status)
+
+
+def test_unicode_and_control_characters_are_served(hostile):
+    for text in ("What is 2 + 3?\u0000\u0007\u001b[31m", "What is 2 + 3? 🙂🙃 \u202e\u200b", "¿Cuánto es 2 + 3? 二加三"):
+        r = post(hostile, chat(text, max_tokens=64))
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["choices"][0]["message"]["content"] is not None
+
+
+def test_other_failures_are_json_too(hostile):
+    assert_error(httpx.get(f"{hostile}/v1/nothing", timeout=30), 404)
+    assert_error(httpx.get(f"{hostile}/v1/chat/completions", timeout=30), 405)
+    assert_error(httpx.post(f"{hostile}/v1/chat/completions", content=b"{}", headers={"content-type": "text/plain"}, timeout=30), 400)
+    # a declared length over the limit is refused before the body is read
+    r = httpx.post(f"{hostile}/v1/embeddings", content=b"x" * 70000, headers={"content-type": "application/json"}, timeout=30)
+    assert_error(r, 413)
+    assert post(hostile, chat()).json()["choices"][0]["message"]["content"] == "5"
+
+
+def test_request_timeout_cancels_generation_and_frees_the_slot(cluster):
+    # a 477-token slow reply takes ~0.7 s on one core here; the timeout is well below that
+    base = deploy("timeout", {**BASE, "limits": {"request_timeout_s": 0.25}})
+    long = chat("What is 99 - 98 + 97 - 96 + 95 - 94?", max_tokens=700, kvswitch={"mode": "slow", "online": False})
+    try:
+        started = time.perf_counter()
+        err = assert_error(post(base, long), 504)
+        assert err["code"] == "request_timeout" and time.perf_counter() - started < 10
+        assert _wait_idle("timeout", "slow") == {"queued": 0, "running": 0, "predicted_tokens": 0.0}
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json={**long, "stream": True}, timeout=60) as r:
+            if r.status_code == 200:  # timed out mid-stream: an error event, no [DONE]
+                events = [line[5:].strip() for line in r.iter_lines() if line.startswith("data:")]
+                assert "[DONE]" not in events
+                err = json.loads(events[-1])["error"]
+            else:  # timed out before the first token: a JSON 504
+                r.read()
+                err = assert_error(r, 504)
+        assert err["code"] == "request_timeout" and err["type"] == "timeout_error"
+        assert _wait_idle("timeout", "slow") == {"queued": 0, "running": 0, "predicted_tokens": 0.0}
+    finally:
+        serve.delete("timeout")
+
+
+def test_client_disconnect_cancels_a_non_streamed_generation(hostile):
+    long = chat("What is 99 - 98 + 97 - 96 + 95 - 94?", max_tokens=500, kvswitch={"mode": "slow", "online": False})
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{hostile}/v1/chat/completions", json=long, timeout=1.0)
+    assert _wait_idle("hostile", "slow") == {"queued": 0, "running": 0, "predicted_tokens": 0.0}
+
+
+def test_schemathesis_fuzz_finds_no_5xx_and_no_hang(hostile, tmp_path):
+    report = run_fuzz(FuzzConfig(url=hostile, examples=100, timeout=60), progress=False)
+    print("\n" + format_fuzz(report))
+    (tmp_path / "fuzz.json").write_text(json.dumps(report, indent=1))
+    assert report["cases"] >= 1000, report["operations"]
+    assert report["server_errors"] == 0 and report["hangs"] == 0 and report["dropped_connections"] == 0, report["failures"]
+    assert any(s.startswith("2") for s in report["statuses"]), "the deep pass reached generation"
+    assert post(hostile, chat()).json()["choices"][0]["message"]["content"] == "5"
+
+
+# ---------------------------------------------------------------------------------------- faults
+
+
+def test_prefill_down_falls_back_to_the_default_mode_with_a_flag(cluster):
+    base = deploy("fallback", {**BASE, "fallback_mode": "slow", "limits": {"prefill_timeout_s": 2}})
+    try:
+        routed = post(base, chat()).json()["kvswitch"]
+        assert routed["fallback"] is None and routed["route"] == "fast" and routed["reason"] == "easy"
+        kill_replica("fallback", "prefill", __import__("random").Random(0))
+        r = post(base, chat())
+        assert r.status_code == 200, r.text[:300]
+        kv = r.json()["kvswitch"]
+        assert kv["fallback"] == "prefill_unavailable" and kv["route"] == "slow" and kv["reason"] == "prefill-unavailable"
+        assert r.json()["choices"][0]["message"]["content"] == "5"
+        deadline = time.time() + 90  # Serve replaces the prefill replica; routing by difficulty resumes
+        while time.time() < deadline:
+            kv = post(base, chat()).json()["kvswitch"]
+            if kv["fallback"] is None:
+                break
+            time.sleep(1)
+        assert kv["fallback"] is None and kv["route"] == "fast"
+        # embeddings have no fallback: they come back once the replica is back
+        assert httpx.post(f"{base}/v1/embeddings", json={"model": MODEL, "input": "x"}, timeout=60).status_code == 200
+    finally:
+        serve.delete("fallback")
+
+
+def test_chaos_300_requests_while_a_replica_of_every_pool_is_killed(cluster, tmp_path):
+    two = {**POOL, "num_replicas": 2}
+    base = deploy("chaos", {**BASE, "fast": two, "slow": two, "limits": {"request_timeout_s": 120, "prefill_timeout_s": 3}})
+    try:
+        cfg = ChaosConfig(url=base, app="chaos", dataset=str(ROOT / "data" / "test-mix70-600-seed6060.jsonl"), num_requests=300,
+                          concurrency=12, kill=["prefill", "fast", "slow"], kill_at=[0.15, 0.35, 0.55], timeout=150,
+                          out=str(tmp_path / "chaos.json"))
+        report = asyncio.run(run_chaos(cfg, progress=False))
+        print("\n" + format_chaos(report))
+        (tmp_path / "chaos.json").write_text(json.dumps(report, indent=1))
+        assert report["requests"] == 300 and len(report["kills"]) == 3
+        assert report["hang"] == 0 and report["unclear"] == 0, report["errors_by_status"]
+        assert report["correct"] + report["clear_error"] + report["wrong"] == 300
+        assert report["corrupted"] == 0, report["wrong_answers"]  # wrong only where the unfaulted run was wrong too
+        assert report["held_up"] and report["correct"] >= 250, report
+        assert all(k["recovered_after_s"] is not None for k in report["kills"]), report["kills"]
+        assert post(base, chat()).json()["choices"][0]["message"]["content"] == "5"
+    finally:
+        serve.delete("chaos")
