@@ -15,7 +15,7 @@ from serve_app.config import AppConfig
 from serve_app.engine import GenRequest
 from serve_app.service import ContinuousBatcher, ReplyStream, load_runtime, load_vllm_engine
 
-from deployments.metrics import GeneratorMetrics
+from deployments.metrics import GeneratorMetrics, add
 
 
 @serve.deployment
@@ -66,7 +66,7 @@ class Generator:
                     break
         finally:
             await stream.aclose()
-        self.metrics.tokens.inc(tokens, tags=self.metrics.tags)
+        add(self.metrics.tokens, tokens, self.metrics.tags)
         if result is not None:
             finish = "stop" if result.finished else "length"
             start, end, switched_at = result.start_mode, result.end_mode, result.switched_at

@@ -6,6 +6,13 @@ from __future__ import annotations
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 
+def add(counter: Counter, value: float, tags: dict | None = None) -> None:
+    """``counter.inc(value)`` for a positive value; Ray's Counter raises on 0, and a metric must
+    never fail a request (a fast reply longer than the slow estimate saves 0 tokens)."""
+    if value > 0:
+        counter.inc(value, tags=tags)
+
+
 class RouterMetrics:
     def __init__(self):
         self.requests = Counter("kvswitch_requests", "Requests by route, reason and pool", tag_keys=("route", "reason"))

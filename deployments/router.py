@@ -29,7 +29,7 @@ from serve_app.engine import encode_messages, mode_prefix_ids
 from serve_app.policy import Decision, PoolLoad, choose_pool, expected_tokens
 from serve_app.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, _Sampling, completion_id, now
 
-from deployments.metrics import RouterMetrics
+from deployments.metrics import RouterMetrics, add
 
 app = create_app()
 logger = logging.getLogger("ray.serve")
@@ -210,10 +210,10 @@ class Router:
         load.predicted_tokens = max(load.predicted_tokens - n * plan.decision.predicted_tokens, 0.0)
         self.metrics.inflight.set(load.running, tags={"route": pool})
         for f in finals:
-            self.metrics.tokens.inc(f["completion_tokens"], tags={"route": pool})
+            add(self.metrics.tokens, f["completion_tokens"], {"route": pool})
             slow_cost = expected_tokens(plan.difficulty if plan.difficulty is not None else self.tau, "slow", self.cfg.policy)
             if pool == "fast" or f["end_mode"] == "fast":
-                self.metrics.saved.inc(max(slow_cost - f["completion_tokens"], 0.0))
+                add(self.metrics.saved, slow_cost - f["completion_tokens"])
             if f["switched_at"] is not None:
                 self.metrics.switches.inc(tags={"direction": f"{f['start_mode']}->{f['end_mode']}"})
 

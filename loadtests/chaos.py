@@ -302,6 +302,24 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_cli)
 
 
+def check_cluster(cfg: ChaosConfig) -> None:
+    """Refuse to kill anything unless the connected Ray cluster is the one serving ``cfg.url``: its
+    Serve proxy listens on the URL's port and runs ``cfg.app`` (several local clusters can coexist)."""
+    from urllib.parse import urlparse
+
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    port = urlparse(cfg.url).port or 80
+    serve_port = _get_global_client().http_config.port
+    if serve_port != port:
+        raise RuntimeError(f"the Ray cluster connected to serves HTTP on port {serve_port}, not {cfg.url}'s port {port}: pass "
+                           "--ray-address of the cluster that serves the URL")
+    apps = serve.status().applications
+    if cfg.app not in apps:
+        raise RuntimeError(f"no Serve application {cfg.app!r} on this cluster (it has {sorted(apps)}); pass --app")
+
+
 def _cli(args) -> int:
     import ray
 
@@ -311,7 +329,11 @@ def _cli(args) -> int:
                       baseline=not args.no_baseline, seed=args.seed, out=args.out)
     ray.init(address=args.ray_address, log_to_driver=False)
     try:
+        check_cluster(cfg)
         report = asyncio.run(run_chaos(cfg))
+    except RuntimeError as exc:
+        print(f"kvswitch chaos: {exc}")
+        return 2
     finally:
         ray.shutdown()
     print(format_chaos(report))

@@ -30,6 +30,9 @@ from serve_app.quant import KVQuantConfig, quantize_cache
 
 Mode = Literal["fast", "slow"]
 
+SAMPLING_EPS = 1e-5
+"""Temperatures below this sample greedily (vLLM's ``_SAMPLING_EPS``)."""
+
 
 class ModePrompts(BaseModel):
     """Model-specific mode texts (Qwen3 style by default). Configuration, not code."""
@@ -78,6 +81,7 @@ class GenRequest:
     online: bool = False
     max_new_tokens: int = 512
     temperature: float = 0.0
+    """0 (or below ``SAMPLING_EPS``, vLLM's cut-off): greedy."""
     top_p: float = 1.0
     seed: int | None = None
     add_prefix: bool = True
@@ -244,10 +248,12 @@ class HFEngine:
 
     def _sample(self, row: _Row, logits: torch.Tensor) -> int:
         """Temperature / top-p sampling of one row (greedy rows are picked batch-wide)."""
-        probs = torch.softmax(logits.float() / row.req.temperature, -1)
+        # a vanishing temperature (1e-267 is valid JSON) must not overflow into inf / NaN probabilities
+        probs = torch.softmax(logits.float() / max(row.req.temperature, SAMPLING_EPS), -1)
         if row.req.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
             keep = sorted_p.cumsum(-1) - sorted_p < row.req.top_p
+            keep[0] = True  # the most likely token always stays (a top_p of 1e-323 is 0 in float32)
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs, 1, generator=row.generator))
 
@@ -351,7 +357,7 @@ class DecodeBatch:
             d = difficulty[i] if difficulty else None
             mode = req.mode or ("slow" if d > self.online.tau else "fast")
             gen = None
-            if req.temperature > 0:
+            if req.temperature >= SAMPLING_EPS:
                 gen = torch.Generator().manual_seed(req.seed if req.seed is not None else torch.seed())
             prefix = eng.prefix_ids[mode] if req.add_prefix else []
             row = _Row(req=req, mode=mode, forced=deque(prefix), next_pos=int(next_pos[i]), generator=gen, difficulty=d, prompt_len=len(req.prompt_ids))
@@ -390,7 +396,7 @@ class DecodeBatch:
         feed, keep, fed_counted, done = [], [], [], []
         # Choose every sampled token first, then score them all with one batched softmax.
         greedy = logits.argmax(-1).tolist()
-        chosen = {b: greedy[b] if row.req.temperature <= 0 else eng._sample(row, logits[b])
+        chosen = {b: greedy[b] if row.req.temperature < SAMPLING_EPS else eng._sample(row, logits[b])
                   for b, row in enumerate(rows) if not row.forced and not row.cancelled}
         if chosen:
             idx = list(chosen)

@@ -84,6 +84,11 @@ class _Sampling(_Body):
     kvswitch: KvswitchOptions = KvswitchOptions()
     chat_template_kwargs: ChatTemplateKwargs = ChatTemplateKwargs()
 
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_below_eps(cls, v: float) -> float:
+        return 0.0 if v < 1e-5 else v  # as vLLM: a vanishing temperature means greedy decoding
+
     @field_validator("max_tokens")
     @classmethod
     def _positive(cls, v: int | None) -> int | None:

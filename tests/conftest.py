@@ -24,3 +24,7 @@ def shipped(model_dir):
     from serve_app.evaluate import load_model
 
     return load_model(model_dir)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cluster: starts a real two-node Ray cluster on this machine (tests/test_cluster.py; -m 'not cluster' skips it)")

@@ -164,6 +164,26 @@ def test_unicode_and_control_characters_are_served(hostile):
         assert r.json()["choices"][0]["message"]["content"] is not None
 
 
+def test_a_fast_reply_longer_than_the_slow_estimate_is_served(hostile):
+    """Found by ``kvswitch fuzz``: the tokens-saved metric was incremented by 0 (Ray's Counter raises),
+    which turned a finished reply into a 500."""
+    r = post(hostile, {"model": MODEL, "seed": 1, "messages": [
+        {"role": "user", "content": "\t\u009b\U000e5f5be,\u00b0w`\u0099\u009f\u00d4\u00f5\U000f1c1f\u00a7\U000e3d02\u000evT\u00c6"},
+        {"role": "user", "content": ""}]})
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["kvswitch"]["route"] == "fast"
+
+
+def test_a_vanishing_temperature_decodes_greedily(hostile):
+    """Found by ``kvswitch fuzz``: temperature 2.25e-267 (valid JSON) overflowed the softmax into a 500."""
+    for t in (2.2520632515391187e-267, 5e-324, 1e-6):
+        r = post(hostile, chat(temperature=t, seed=1))
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "5", r.text[:300]
+    # and a vanishing top_p keeps the most likely token (it left none: all-zero probabilities, a 500)
+    r = post(hostile, chat(temperature=1.0, top_p=1e-323, seed=1))
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "5", r.text[:300]
+
+
 def test_other_failures_are_json_too(hostile):
     assert_error(httpx.get(f"{hostile}/v1/nothing", timeout=30), 404)
     assert_error(httpx.get(f"{hostile}/v1/chat/completions", timeout=30), 405)
@@ -239,6 +259,51 @@ def test_prefill_down_falls_back_to_the_default_mode_with_a_flag(cluster):
         assert httpx.post(f"{base}/v1/embeddings", json={"model": MODEL, "input": "x"}, timeout=60).status_code == 200
     finally:
         serve.delete("fallback")
+
+
+def test_a_dead_replica_is_retried_before_streaming_and_reported_after(cluster):
+    """One slow replica: killed mid-generation of a non-streamed reply, the request is retried on its
+    replacement (nothing had reached the client); killed after a stream has started, the client
+    gets an SSE error event and no [DONE], never a silently truncated reply."""
+    base = deploy("faults", BASE)
+    long = chat(HARD, kvswitch={"mode": "slow", "online": False})
+    rng = __import__("random").Random(0)
+    try:
+        unfaulted = post(base, long, timeout=120).json()["choices"][0]["message"]["content"]
+        assert unfaulted == "-11"
+        async def killed_during(coro_factory):
+            task = asyncio.create_task(coro_factory())
+            while (await asyncio.to_thread(_pool_stats, "faults", "slow"))["running"] == 0:
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(kill_replica, "faults", "slow", rng)
+            return await task
+
+        async def whole():
+            async with httpx.AsyncClient(timeout=120) as c:
+                return await c.post(f"{base}/v1/chat/completions", json=long)
+
+        r = asyncio.run(killed_during(whole))
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["kvswitch"]["retried"] is True and r.json()["choices"][0]["message"]["content"] == unfaulted
+
+        async def streamed():
+            async with httpx.AsyncClient(timeout=120) as c:
+                async with c.stream("POST", f"{base}/v1/chat/completions", json={**long, "stream": True}) as resp:
+                    lines = []
+                    async for line in resp.aiter_lines():
+                        if line.startswith("data:"):
+                            lines.append(line[5:].strip())
+                            if len(lines) == 3:  # the stream is under way: now the replica dies
+                                await asyncio.to_thread(kill_replica, "faults", "slow", rng)
+                    return resp.status_code, lines
+
+        status, lines = asyncio.run(streamed())
+        assert status == 200 and "[DONE]" not in lines
+        err = json.loads(lines[-1])["error"]
+        assert err["code"] == "replica_failed" and err["type"] == "server_error" and "incomplete" in err["message"]
+        assert post(base, long, timeout=120).json()["choices"][0]["message"]["content"] == unfaulted  # served again by the replacement
+    finally:
+        serve.delete("faults")
 
 
 def test_chaos_300_requests_while_a_replica_of_every_pool_is_killed(cluster, tmp_path):
