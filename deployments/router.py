@@ -112,6 +112,9 @@ class Router:
     def _prompt_ids(self, messages: list[dict]) -> list[int]:
         return encode_messages(self.tokenizer, messages)
 
+    def _max_prompt(self) -> int:
+        return min(self.cfg.limits.max_prompt_tokens or self.context, self.context)
+
     async def _plan(self, body: _Sampling, messages: list[dict]) -> Plan:
         cfg = self.cfg
         deadline = asyncio.get_running_loop().time() + cfg.limits.request_timeout_s
@@ -121,7 +124,7 @@ class Router:
         if body.n > cfg.max_n:
             raise APIError(400, f"n must be ≤ {cfg.max_n}", param="n")
         prompt_ids = self._prompt_ids(messages)
-        max_prompt = min(cfg.limits.max_prompt_tokens or self.context, self.context)
+        max_prompt = self._max_prompt()
         if len(prompt_ids) > max_prompt:
             raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this service takes at most {max_prompt}", param="messages",
                            code="context_length_exceeded")
@@ -158,24 +161,31 @@ class Router:
     def _predicted(self, pool: str) -> float:
         return expected_tokens(self.tau if pool == "slow" else 0.0, pool, self.cfg.policy)
 
-    async def _call(self, what: str, call, timeout: float):
-        """``call()`` → a DeploymentResponse; awaited within ``timeout`` and retried once on another
-        replica if its replica dies (a prefill or embedding call has no partial output to lose)."""
-        retry = self.cfg.retry_on_replica_failure
-        async with asyncio.timeout(timeout):
-            for attempt in (0, 1):
-                resp = call()
-                try:
-                    return await resp
-                except REPLICA_FAILURES as exc:
-                    if attempt or not retry:
-                        raise
-                    self.metrics.retries.inc(tags={"target": what})
-                    logger.warning("%s replica failed (%s); retrying once on another replica", what, type(exc).__name__)
-                except BaseException:
-                    resp.cancel()
+    async def _retrying(self, what: str, start, first):
+        """``start()`` → a DeploymentResponse (or response generator), ``first(it)`` → what to await
+        from it (the result, or the first streamed item). When the replica dies before that arrives
+        (nothing has reached the client yet), start once more on another replica. Returns (it, that,
+        retried); a second failure, or the first with retries off, raises the replica's error."""
+        for attempt in (0, 1):
+            it = start()
+            try:
+                return it, await first(it), attempt > 0
+            except REPLICA_FAILURES as exc:
+                it.cancel()
+                if attempt or not self.cfg.retry_on_replica_failure:
                     raise
+                self.metrics.retries.inc(tags={"target": what})
+                logger.warning("%s replica failed (%s); retrying once on another replica", what, type(exc).__name__)
+            except BaseException:
+                it.cancel()
+                raise
         raise AssertionError("unreachable")
+
+    async def _call(self, what: str, call, timeout: float):
+        """``call()`` → a DeploymentResponse, awaited within ``timeout`` and retried once (a prefill
+        or embedding call has no partial output to lose)."""
+        async with asyncio.timeout(timeout):
+            return (await self._retrying(what, call, lambda resp: resp))[1]
 
     async def _difficulty(self, prompt_ids: list[int]) -> float | None:
         """The prefill pool's difficulty, or None when it cannot give one in time (then the request
@@ -222,21 +232,12 @@ class Router:
         """One whole reply; retried once on another replica if the first one dies (the client has
         received nothing yet)."""
         pool = plan.decision.pool
-        for attempt in (0, 1):
-            resp = self.pools[pool].generate.remote(job)
-            try:
-                out = await resp
-                out["retried"] = attempt > 0
-                return out
-            except REPLICA_FAILURES as exc:
-                if attempt or not self.cfg.retry_on_replica_failure:
-                    raise _replica_failed(pool, exc, retried=attempt > 0) from exc
-                self.metrics.retries.inc(tags={"target": pool})
-                logger.warning("%s replica failed (%s); retrying once on another replica", pool, type(exc).__name__)
-            except BaseException:
-                resp.cancel()
-                raise
-        raise AssertionError("unreachable")
+        try:
+            _, out, retried = await self._retrying(pool, lambda: self.pools[pool].generate.remote(job), lambda resp: resp)
+        except REPLICA_FAILURES as exc:
+            raise _replica_failed(pool, exc, retried=self.cfg.retry_on_replica_failure) from exc
+        out["retried"] = retried
+        return out
 
     async def _complete(self, plan: Plan, body: _Sampling) -> list[dict]:
         n = body.n
@@ -262,20 +263,10 @@ class Router:
         anything is replaced by a retry on another replica. Returns (stream, first item, retried)."""
         pool = plan.decision.pool
         handle = self.pools[pool].options(stream=True)
-        for attempt in (0, 1):
-            gen = handle.generate_stream.remote(job)
-            try:
-                return gen, await gen.__anext__(), attempt > 0
-            except REPLICA_FAILURES as exc:
-                gen.cancel()
-                if attempt or not self.cfg.retry_on_replica_failure:
-                    raise _replica_failed(pool, exc, retried=attempt > 0) from exc
-                self.metrics.retries.inc(tags={"target": pool})
-                logger.warning("%s replica failed before streaming (%s); retrying once on another replica", pool, type(exc).__name__)
-            except BaseException:
-                gen.cancel()
-                raise
-        raise AssertionError("unreachable")
+        try:
+            return await self._retrying(pool, lambda: handle.generate_stream.remote(job), lambda gen: gen.__anext__())
+        except REPLICA_FAILURES as exc:
+            raise _replica_failed(pool, exc, retried=self.cfg.retry_on_replica_failure) from exc
 
     async def _stream(self, plan: Plan, body: _Sampling, kind: str) -> StreamingResponse:
         self._start(plan, body.n)
@@ -394,7 +385,7 @@ class Router:
             raise APIError(404, f"model {body.model!r} does not exist; this service serves {self.cfg.model_name!r}", param="model",
                            code="model_not_found")
         prompts = [self._prompt_ids([{"role": "user", "content": t}]) for t in body.input]
-        max_prompt = min(self.cfg.limits.max_prompt_tokens or self.context, self.context)
+        max_prompt = self._max_prompt()
         if max(len(p) for p in prompts) > max_prompt:
             raise APIError(400, f"an input is longer than {max_prompt} tokens", param="input", code="context_length_exceeded")
         limits = self.cfg.limits

@@ -31,7 +31,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
-from loadtests.client import discover_model, request_body, send
+from loadtests.client import discover_model, request_body, send, send_plain
 from loadtests.runner import auth_headers, machine
 from loadtests.stats import RequestRecord
 from serve_app.task import read_jsonl
@@ -208,7 +208,7 @@ async def _drive(cfg: ChaosConfig, rows: list[dict], progress: bool, label: str)
                 if not cfg.stream:
                     body["stream"] = False
                     body.pop("stream_options")
-                    await _send_plain(client, cfg.url, body, rec, cfg.timeout)
+                    await send_plain(client, cfg.url, body, rec, cfg.timeout)
                 else:
                     await send(client, cfg.url, body, rec, cfg.timeout)
                 records.append(rec)
@@ -228,39 +228,6 @@ async def _drive(cfg: ChaosConfig, rows: list[dict], progress: bool, label: str)
 
 async def _record_recovery(cfg: ChaosConfig, kill: dict, before: int, at: float) -> None:
     kill["recovered_after_s"] = await _watch_recovery(cfg.app, kill["deployment"], before, kill["replica"], at, cfg.recover_timeout)
-
-
-async def _send_plain(client: httpx.AsyncClient, url: str, body: dict, rec: RequestRecord, timeout: float) -> RequestRecord:
-    """A non-streamed request, recorded like ``loadtests.client.send`` records a streamed one."""
-    from loadtests.client import _error, _take_kvswitch, grade
-
-    start = time.perf_counter()
-    try:
-        resp = await client.post(f"{url}/v1/chat/completions", json=body, timeout=timeout)
-    except (httpx.TimeoutException, TimeoutError):
-        rec.status, rec.error = "timeout", f"no complete reply within {timeout:g} s"
-        return rec
-    except httpx.TransportError as exc:
-        rec.status, rec.error = "connection", f"{type(exc).__name__}: {exc}"[:300]
-        return rec
-    rec.e2e = time.perf_counter() - start
-    if resp.status_code != 200:
-        rec.status = str(resp.status_code)
-        rec.error, rec.error_type, rec.error_code = _error(resp.content)
-        return rec
-    try:
-        data = resp.json()
-        choice = data["choices"][0]
-        rec.content = choice["message"]["content"] or ""
-        rec.finish_reason = choice.get("finish_reason")
-        rec.completion_tokens = data["usage"]["completion_tokens"]
-        if isinstance(data.get("kvswitch"), dict):
-            _take_kvswitch(rec, data["kvswitch"])
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
-        rec.status, rec.error = "bad_response", f"{type(exc).__name__}: {exc}"[:300]
-        return rec
-    rec.correct = grade(rec.content, rec.answer)
-    return rec
 
 
 def format_chaos(report: dict) -> str:

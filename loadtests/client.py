@@ -115,12 +115,8 @@ async def send(client: httpx.AsyncClient, url: str, body: dict, rec: RequestReco
                     info = choice.get("kvswitch")
                     if isinstance(info, dict):
                         _take_kvswitch(rec, info)
-    except (httpx.TimeoutException, TimeoutError):
-        rec.status, rec.error = "timeout", f"no complete reply within {timeout:g} s"
-        return rec
-    except httpx.TransportError as exc:
-        rec.status, rec.error = "connection", f"{type(exc).__name__}: {exc}"[:300]
-        return rec
+    except (httpx.TransportError, TimeoutError) as exc:
+        return _transport_failure(rec, exc, timeout)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         rec.status, rec.error = "bad_response", f"{type(exc).__name__}: {exc}"[:300]
         return rec
@@ -132,6 +128,42 @@ async def send(client: httpx.AsyncClient, url: str, body: dict, rec: RequestReco
     if rec.completion_tokens is None:  # no usage from the server: one token per text-bearing chunk
         rec.completion_tokens = len(rec.chunk_times)
         rec.reasoning_tokens = reasoning_chunks or None
+    rec.correct = grade(rec.content, rec.answer)
+    return rec
+
+
+def _transport_failure(rec: RequestRecord, exc: BaseException, timeout: float) -> RequestRecord:
+    """A request that got no (complete) answer: ``timeout``, or ``connection`` for any other
+    transport failure (refused, reset, cut off)."""
+    if isinstance(exc, (httpx.TimeoutException, TimeoutError)):
+        rec.status, rec.error = "timeout", f"no complete reply within {timeout:g} s"
+    else:
+        rec.status, rec.error = "connection", f"{type(exc).__name__}: {exc}"[:300]
+    return rec
+
+
+async def send_plain(client: httpx.AsyncClient, url: str, body: dict, rec: RequestRecord, timeout: float) -> RequestRecord:
+    """A non-streamed ``body`` (``stream: false``), recorded like ``send`` records a streamed one
+    (no TTFT or chunk times). Never raises for a failed request."""
+    start = time.perf_counter()
+    try:
+        resp = await client.post(f"{url}/v1/chat/completions", json=body, timeout=timeout)
+    except (httpx.TransportError, TimeoutError) as exc:
+        return _transport_failure(rec, exc, timeout)
+    rec.e2e = time.perf_counter() - start
+    if resp.status_code != 200:
+        return _fail(rec, str(resp.status_code), resp.content)
+    try:
+        data = resp.json()
+        choice = data["choices"][0]
+        rec.content = choice["message"]["content"] or ""
+        rec.finish_reason = choice.get("finish_reason")
+        rec.completion_tokens = data["usage"]["completion_tokens"]
+        if isinstance(data.get("kvswitch"), dict):
+            _take_kvswitch(rec, data["kvswitch"])
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        rec.status, rec.error = "bad_response", f"{type(exc).__name__}: {exc}"[:300]
+        return rec
     rec.correct = grade(rec.content, rec.answer)
     return rec
 

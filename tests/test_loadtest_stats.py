@@ -237,6 +237,38 @@ def test_client_records_failures_instead_of_raising():
     assert r.status == "connection"
 
 
+def test_non_streamed_requests_are_recorded_like_streamed_ones():
+    """``send_plain`` (``kvswitch chaos --no-stream``; the real service runs it in
+    tests/test_reliability.py's chaos test only streamed): outcome, error type and code, kvswitch fields."""
+    from loadtests.chaos import outcome
+    from loadtests.client import send_plain
+
+    def run(handler):
+        r = RequestRecord(index=0, question="q", answer="12", mode="auto")
+        client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        return asyncio.run(send_plain(client, "http://x", {"model": "m", "stream": False}, r, timeout=5))
+
+    r = run(lambda req: httpx.Response(200, json={"choices": [{"message": {"content": "12"}, "finish_reason": "stop"}],
+                                                  "usage": {"completion_tokens": 3},
+                                                  "kvswitch": {"route": "slow", "retried": True, "fallback": "prefill_unavailable"}}))
+    assert r.ok and r.correct and r.completion_tokens == 3 and r.e2e is not None and outcome(r) == "correct"
+    assert (r.route, r.retried, r.fallback) == ("slow", True, "prefill_unavailable")
+    r = run(lambda req: httpx.Response(503, json={"error": {"message": "replica died", "type": "server_error", "code": "replica_failed"}}))
+    assert (r.status, r.error_type, r.error_code, outcome(r)) == ("503", "server_error", "replica_failed", "clear_error")
+    r = run(lambda req: httpx.Response(500, text="Internal Server Error"))  # Ray's proxy when the router replica dies
+    assert r.status == "500" and r.error_type is None and outcome(r) == "unclear"
+
+    def refuse(request):
+        raise httpx.ConnectError("refused")
+
+    assert run(refuse).status == "connection"
+
+    def slow(request):
+        raise httpx.ReadTimeout("slow")
+
+    assert outcome(run(slow)) == "hang"
+
+
 def test_report_and_plot_from_synthetic_runs(tmp_path):
     from loadtests.report import format_report, plot_report
 
