@@ -14,11 +14,13 @@ from typing import List, Optional
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from serve_app.serving.messages import Job
+
 
 def _predicted(pending: Optional[PendingRequest]) -> float:
-    if pending is None or not pending.args or not isinstance(pending.args[0], dict):
-        return 0.0
-    return float(pending.args[0].get("predicted_tokens", 0.0))
+    """The ``Job``'s predicted tokens (0 for calls that carry no job, e.g. stats polls)."""
+    job = pending.args[0] if pending is not None and pending.args else None
+    return float(job.predicted_tokens) if isinstance(job, Job) else 0.0
 
 
 class PredictedTokensRouter(FIFOMixin, RequestRouter):

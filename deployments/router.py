@@ -1,5 +1,5 @@
 """Router: the ingress. Tokenises, asks the prefill pool for the difficulty, picks the pool from
-difficulty and live load (``serve_app.policy``), and relays the pool's reply as OpenAI JSON or SSE.
+difficulty and live load (``serve_app.core.policy``), and relays the pool's reply as OpenAI JSON or SSE.
 
 Faults: a request whose replica dies before it streamed anything is retried once on another
 replica; after that it ends with a clear error (a JSON 503, or an SSE error event), never a hang or
@@ -12,7 +12,6 @@ import asyncio
 import base64
 import logging
 import os
-from dataclasses import dataclass
 from typing import AsyncIterator
 
 import numpy as np
@@ -23,13 +22,16 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
 
-from serve_app.api import APIError, chat_body, chunk, completion_body, create_app, info, rank_choices, sse, usage
-from serve_app.config import AppConfig
-from serve_app.engine import encode_messages, mode_prefix_ids
-from serve_app.policy import Decision, PoolLoad, choose_pool, expected_tokens
-from serve_app.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, _Sampling, completion_id, now
-
 from deployments.metrics import RouterMetrics, add
+from serve_app.config import AppConfig
+from serve_app.core.policy import PoolLoad, expected_tokens
+from serve_app.core.prompts import encode_messages, mode_prefix_ids
+from serve_app.serving.api import create_app
+from serve_app.serving.errors import APIError
+from serve_app.serving.messages import Final, Job, Reply
+from serve_app.serving.plan import Plan, admit, jobs, max_prompt_tokens, plan
+from serve_app.serving.responses import chat_body, chunk, completion_body, info, rank_choices, sse, usage
+from serve_app.serving.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingRequest, completion_id, now
 
 app = create_app()
 logger = logging.getLogger("ray.serve")
@@ -37,17 +39,6 @@ logger = logging.getLogger("ray.serve")
 REPLICA_FAILURES = (RayActorError, ReplicaUnavailableError, NodeDiedError)
 """What a call raises when the replica (or its node) serving it died."""
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-
-
-@dataclass
-class Plan:
-    prompt_ids: list[int]
-    decision: Decision
-    difficulty: float | None
-    online: bool
-    max_tokens: int
-    fallback: str | None = None
-    deadline: float = 0.0  # loop time at which the generation is cancelled
 
 
 def _overloaded(exc: Exception) -> APIError:
@@ -112,54 +103,17 @@ class Router:
     def _prompt_ids(self, messages: list[dict]) -> list[int]:
         return encode_messages(self.tokenizer, messages)
 
-    def _max_prompt(self) -> int:
-        return min(self.cfg.limits.max_prompt_tokens or self.context, self.context)
-
-    async def _plan(self, body: _Sampling, messages: list[dict]) -> Plan:
-        cfg = self.cfg
-        deadline = asyncio.get_running_loop().time() + cfg.limits.request_timeout_s
-        if body.model != cfg.model_name:
-            raise APIError(404, f"model {body.model!r} does not exist; this service serves {cfg.model_name!r} (see GET /v1/models)",
-                           param="model", code="model_not_found")
-        if body.n > cfg.max_n:
-            raise APIError(400, f"n must be ≤ {cfg.max_n}", param="n")
+    async def _plan(self, body: SamplingRequest, messages: list[dict]) -> Plan:
+        """Admit the request, ask the prefill pool for the difficulty unless the mode is forced, and plan."""
+        deadline = asyncio.get_running_loop().time() + self.cfg.limits.request_timeout_s
         prompt_ids = self._prompt_ids(messages)
-        max_prompt = self._max_prompt()
-        if len(prompt_ids) > max_prompt:
-            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this service takes at most {max_prompt}", param="messages",
-                           code="context_length_exceeded")
-        forced = body.forced_mode() or (None if cfg.default_mode == "auto" else cfg.default_mode)
-        pools = [forced] if forced else ["fast", "slow"]
-        limit = min(cfg.pool(p).max_tokens for p in pools)
-        total = min(cfg.limits.max_total_tokens or self.context, self.context)
-        room = total - len(prompt_ids) - max(self.prefix_len[p] for p in pools)
-        if room <= 0:
-            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; prompt and reply together may have {total}", param="messages",
-                           code="context_length_exceeded")
-        if body.max_tokens is not None and body.max_tokens > limit:
-            raise APIError(400, f"max_tokens must be ≤ {limit} for this request", param="max_tokens")
-        if body.max_tokens is not None and body.max_tokens > room:
-            raise APIError(400, f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({body.max_tokens}) exceeds the "
-                           f"{total} tokens a request may have", param="max_tokens", code="context_length_exceeded")
-        fallback, difficulty = None, None
-        if forced:
-            decision = Decision(pool=forced, reason="forced", predicted_tokens=self._predicted(forced))
-        else:
-            difficulty = await self._difficulty(prompt_ids)
-            if difficulty is None:
-                fallback = "prefill_unavailable"
-                pool = cfg.fallback_mode
-                decision = Decision(pool=pool, reason="prefill-unavailable", predicted_tokens=self._predicted(pool))
-            else:
-                self.metrics.difficulty.observe(difficulty)
-                decision = choose_pool(difficulty, self.tau, self.load["fast"], self.load["slow"], cfg.policy)
-        online = body.kvswitch.online if body.kvswitch.online is not None else (forced is None and fallback is None)
-        max_tokens = body.max_tokens or min(cfg.pool(decision.pool).max_tokens, room)
-        self.metrics.requests.inc(tags={"route": decision.pool, "reason": decision.reason})
-        return Plan(prompt_ids, decision, difficulty, online, max_tokens, fallback, deadline)
-
-    def _predicted(self, pool: str) -> float:
-        return expected_tokens(self.tau if pool == "slow" else 0.0, pool, self.cfg.policy)
+        admission = admit(body, len(prompt_ids), self.cfg, self.context, self.prefix_len)
+        difficulty = None if admission.forced else await self._difficulty(prompt_ids)
+        if difficulty is not None:
+            self.metrics.difficulty.observe(difficulty)
+        p = plan(body, prompt_ids, admission, difficulty, self.load, self.tau, self.cfg, deadline)
+        self.metrics.requests.inc(tags={"route": p.decision.pool, "reason": p.decision.reason})
+        return p
 
     async def _retrying(self, what: str, start, first):
         """``start()`` → a DeploymentResponse (or response generator), ``first(it)`` → what to await
@@ -198,14 +152,6 @@ class Router:
             logger.warning("prefill pool gave no difficulty (%s); routing to %s", cause, self.cfg.fallback_mode)
             return None
 
-    def _jobs(self, plan: Plan, body: _Sampling) -> list[dict]:
-        jobs = []
-        for i in range(body.n):
-            seed = None if body.seed is None else body.seed + i
-            jobs.append({"prompt_ids": plan.prompt_ids, "online": plan.online, "max_tokens": plan.max_tokens, "temperature": body.temperature,
-                         "top_p": body.top_p, "seed": seed, "stop": body.stop, "predicted_tokens": plan.decision.predicted_tokens})
-        return jobs
-
     # ------------------------------------------------------------------------------ load view
     def _start(self, plan: Plan, n: int) -> None:
         load = self.load[plan.decision.pool]
@@ -213,22 +159,22 @@ class Router:
         load.predicted_tokens += n * plan.decision.predicted_tokens
         self.metrics.inflight.set(load.running, tags={"route": plan.decision.pool})
 
-    def _end(self, plan: Plan, finals: list[dict], n: int) -> None:
+    def _end(self, plan: Plan, finals: list[Final], n: int) -> None:
         pool = plan.decision.pool
         load = self.load[pool]
         load.running -= n
         load.predicted_tokens = max(load.predicted_tokens - n * plan.decision.predicted_tokens, 0.0)
         self.metrics.inflight.set(load.running, tags={"route": pool})
         for f in finals:
-            add(self.metrics.tokens, f["completion_tokens"], {"route": pool})
+            add(self.metrics.tokens, f.completion_tokens, {"route": pool})
             slow_cost = expected_tokens(plan.difficulty if plan.difficulty is not None else self.tau, "slow", self.cfg.policy)
-            if pool == "fast" or f["end_mode"] == "fast":
-                add(self.metrics.saved, slow_cost - f["completion_tokens"])
-            if f["switched_at"] is not None:
-                self.metrics.switches.inc(tags={"direction": f"{f['start_mode']}->{f['end_mode']}"})
+            if pool == "fast" or f.end_mode == "fast":
+                add(self.metrics.saved, slow_cost - f.completion_tokens)
+            if f.switched_at is not None:
+                self.metrics.switches.inc(tags={"direction": f"{f.start_mode}->{f.end_mode}"})
 
     # ---------------------------------------------------------------------------- generation
-    async def _generate(self, plan: Plan, job: dict) -> dict:
+    async def _generate(self, plan: Plan, job: Job) -> Reply:
         """One whole reply; retried once on another replica if the first one dies (the client has
         received nothing yet)."""
         pool = plan.decision.pool
@@ -236,14 +182,14 @@ class Router:
             _, out, retried = await self._retrying(pool, lambda: self.pools[pool].generate.remote(job), lambda resp: resp)
         except REPLICA_FAILURES as exc:
             raise _replica_failed(pool, exc, retried=self.cfg.retry_on_replica_failure) from exc
-        out["retried"] = retried
+        out.final.retried = retried
         return out
 
-    async def _complete(self, plan: Plan, body: _Sampling) -> list[dict]:
+    async def _complete(self, plan: Plan, body: SamplingRequest) -> list[Reply]:
         n = body.n
         self._start(plan, n)
-        outs: list[dict] = []
-        tasks = [asyncio.create_task(self._generate(plan, job)) for job in self._jobs(plan, body)]
+        outs: list[Reply] = []
+        tasks = [asyncio.create_task(self._generate(plan, job)) for job in jobs(plan, body)]
         try:
             async with asyncio.timeout_at(plan.deadline):
                 outs = await asyncio.gather(*tasks)
@@ -255,10 +201,10 @@ class Router:
         finally:
             for t in tasks:  # one choice failed or the client left: stop the others too
                 t.cancel()
-            self._end(plan, outs, n)
+            self._end(plan, [o.final for o in outs], n)
         return outs
 
-    async def _open(self, plan: Plan, job: dict):
+    async def _open(self, plan: Plan, job: Job):
         """Start one streamed choice and wait for its first item; a replica that dies before it sends
         anything is replaced by a retry on another replica. Returns (stream, first item, retried)."""
         pool = plan.decision.pool
@@ -268,9 +214,9 @@ class Router:
         except REPLICA_FAILURES as exc:
             raise _replica_failed(pool, exc, retried=self.cfg.retry_on_replica_failure) from exc
 
-    async def _stream(self, plan: Plan, body: _Sampling, kind: str) -> StreamingResponse:
+    async def _stream(self, plan: Plan, body: SamplingRequest, kind: str) -> StreamingResponse:
         self._start(plan, body.n)
-        tasks = [asyncio.create_task(self._open(plan, job)) for job in self._jobs(plan, body)]
+        tasks = [asyncio.create_task(self._open(plan, job)) for job in jobs(plan, body)]
         try:  # the first items surface a full queue or a dead replica as a proper 503 before any byte is sent
             async with asyncio.timeout_at(plan.deadline):
                 opened = await asyncio.gather(*tasks)
@@ -287,9 +233,7 @@ class Router:
             if isinstance(exc, (BackPressureError, DeploymentUnavailableError)):
                 raise _overloaded(exc) from exc
             raise
-        gens, firsts, retried = (list(x) for x in zip(*opened))
-        rid, created, model = completion_id("chatcmpl" if kind == "chat" else "cmpl"), now(), self.cfg.model_name
-        return StreamingResponse(self._sse(plan, body, kind, gens, firsts, retried, rid, created, model), media_type="text/event-stream")
+        return StreamingResponse(self._sse(plan, body, kind, opened), media_type="text/event-stream")
 
     def _error_event(self, plan: Plan, exc: BaseException) -> dict:
         if isinstance(exc, TimeoutError):
@@ -303,7 +247,11 @@ class Router:
             message, type_, code = f"generation failed: {exc}", "server_error", None
         return {"error": {"message": message, "type": type_, "param": None, "code": code}}
 
-    async def _sse(self, plan: Plan, body: _Sampling, kind: str, gens, firsts, retried, rid, created, model) -> AsyncIterator[str]:
+    async def _sse(self, plan: Plan, body: SamplingRequest, kind: str, opened: list[tuple]) -> AsyncIterator[str]:
+        """The SSE body of ``opened`` streams, ``(stream, first item, retried)`` per choice, merged as
+        their items arrive; an error event (and no ``[DONE]``) if one fails or the deadline passes."""
+        gens, firsts, retried = (list(x) for x in zip(*opened))
+        rid, created, model = completion_id("chatcmpl" if kind == "chat" else "cmpl"), now(), self.cfg.model_name
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, gen, first) -> None:
@@ -315,7 +263,7 @@ class Router:
                 await queue.put((i, exc))
 
         tasks = [asyncio.create_task(pump(i, g, f)) for i, (g, f) in enumerate(zip(gens, firsts))]
-        finals: dict[int, dict] = {}
+        finals: dict[int, Final] = {}
         try:
             if kind == "chat":
                 for i in range(len(gens)):
@@ -329,18 +277,17 @@ class Router:
                 if isinstance(item, BaseException):  # an error event and no [DONE]: the client sees the reply is incomplete
                     yield sse(self._error_event(plan, item))
                     return
-                if item.get("done"):
-                    finals[i] = item = {**item, "retried": retried[i]}
-                    kv = info(item, plan.decision.pool, plan.decision.reason, plan.difficulty, plan.decision.predicted_tokens,
-                              plan.fallback)
-                    yield sse(chunk(rid, created, model, kind, i, finish_reason=item["finish_reason"], extra={"kvswitch": kv}))
+                if isinstance(item, Final):
+                    item.retried = retried[i]
+                    finals[i] = item
+                    yield sse(chunk(rid, created, model, kind, i, finish_reason=item.finish_reason, extra={"kvswitch": info(item, plan)}))
                     continue
                 delta = {}
-                if item["reasoning"]:
-                    delta["reasoning_content"] = item["reasoning"]
-                if item["content"]:
-                    delta["content"] = item["content"]
-                yield sse(chunk(rid, created, model, kind, i, delta=delta, text=item["content"]))
+                if item.reasoning:
+                    delta["reasoning_content"] = item.reasoning
+                if item.content:
+                    delta["content"] = item.content
+                yield sse(chunk(rid, created, model, kind, i, delta=delta, text=item.content))
             if body.stream_options and body.stream_options.include_usage:
                 ordered = [finals[i] for i in sorted(finals)]
                 yield sse({"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion", "created": created,
@@ -353,13 +300,12 @@ class Router:
                 g.cancel()
             self._end(plan, list(finals.values()), len(gens))
 
-    async def _serve(self, body: _Sampling, messages: list[dict], kind: str):
+    async def _serve(self, body: SamplingRequest, messages: list[dict], kind: str):
         plan = await self._plan(body, messages)
         if body.stream:
             return await self._stream(plan, body, kind)
         outs = await self._complete(plan, body)
-        infos = [info(o, plan.decision.pool, plan.decision.reason, plan.difficulty, plan.decision.predicted_tokens, plan.fallback)
-                 for o in outs]
+        infos = [info(o.final, plan) for o in outs]
         selection = None
         if body.kvswitch.select is not None and len(outs) > 1:
             outs, infos, selection = rank_choices(outs, infos, body.kvswitch.select, seed=body.seed or 0)
@@ -385,7 +331,7 @@ class Router:
             raise APIError(404, f"model {body.model!r} does not exist; this service serves {self.cfg.model_name!r}", param="model",
                            code="model_not_found")
         prompts = [self._prompt_ids([{"role": "user", "content": t}]) for t in body.input]
-        max_prompt = self._max_prompt()
+        max_prompt = max_prompt_tokens(self.cfg, self.context)
         if max(len(p) for p in prompts) > max_prompt:
             raise APIError(400, f"an input is longer than {max_prompt} tokens", param="input", code="context_length_exceeded")
         limits = self.cfg.limits

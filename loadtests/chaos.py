@@ -34,7 +34,7 @@ from tqdm import tqdm
 from loadtests.client import discover_model, request_body, send, send_plain
 from loadtests.runner import auth_headers, machine
 from loadtests.stats import RequestRecord
-from serve_app.task import read_jsonl
+from serve_app.core.task import read_jsonl
 
 
 class ChaosConfig(BaseModel):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from pathlib import Path
 
@@ -78,7 +77,7 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from loadtests.report import format_report, plot_report
-    from serve_app.cli import _json_safe
+    from serve_app.reports import write_json
 
     try:
         cfg = config_from_args(args)
@@ -93,9 +92,7 @@ def run(args: argparse.Namespace) -> int:
     report = {"command": getattr(args, "command_line", None), **report}
     print(format_report(report))
     if cfg.out:
-        path = Path(cfg.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_json_safe(report), indent=1, allow_nan=False) + "\n")
+        path = write_json(report, cfg.out, indent=1)
         plot_report(report, path.with_suffix(".png"))
         print(f"wrote {path} and {path.with_suffix('.png')}")
     lost = sum(s["errors"] for e in report["levels"] for s in e["summaries"].values())

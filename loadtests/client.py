@@ -16,7 +16,7 @@ import time
 import httpx
 
 from loadtests.stats import RequestRecord
-from serve_app.task import extract_answer
+from serve_app.core.task import extract_answer
 
 MODES = ("auto", "fast", "slow")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import platform
 import random
 import time
 from datetime import datetime, timezone
@@ -25,7 +24,8 @@ from tqdm import tqdm
 
 from loadtests.client import discover_model, request_body, send
 from loadtests.stats import RequestRecord, headline, parse_slo, ratios, summarize, tokens_saved, window
-from serve_app.task import read_jsonl
+from serve_app.core.task import read_jsonl
+from serve_app.reports import machine
 
 
 class LoadConfig(BaseModel):
@@ -187,28 +187,6 @@ def auth_headers() -> dict[str, str]:
     keys). The key is read from the environment only, so it never lands in a scenario or report."""
     key = os.environ.get(API_KEY_ENV, "").strip()
     return {"Authorization": f"Bearer {key}"} if key else {}
-
-
-def machine() -> dict:
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = None
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        pass
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "cpu_affinity": affinity,
-            "memory_gib": mem, "python": platform.python_version()}
 
 
 async def run_load(cfg: LoadConfig, progress: bool = True, transport: httpx.AsyncBaseTransport | None = None) -> dict:

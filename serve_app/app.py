@@ -11,8 +11,8 @@ from ray.serve.config import RequestRouterConfig
 from transformers import AutoConfig
 
 from serve_app.config import AppConfig
-from serve_app.probe import Probe
-from serve_app.service import routing_limits
+from serve_app.core.probe import Probe
+from serve_app.engines.load import routing_limits
 
 
 def _tau_and_context(cfg: AppConfig) -> tuple[float, int]:

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "arith-qwen3-tiny"
+from serve_app.config import DEFAULT_MODEL
+from serve_app.reports import write_json
+
 KV_QUANT_HELP = ("simulated KV-cache quantization: K<bits>V<bits>[/per-tensor|per-channel|per-token][@<layers>=K<b>V<b>;...] "
                  "(e.g. K8V4, K4V4/per-channel, K4V2@0-1=K8V4), fp, or a .json/.yaml KVQuantConfig file")
 
 
 def _cmd_gen_data(args: argparse.Namespace) -> int:
-    from serve_app.task import TaskConfig, generate_problems, write_jsonl
+    from serve_app.core.task import TaskConfig, generate_problems, write_jsonl
 
     task = TaskConfig(min_operators=args.min_operators, max_operators=args.max_operators)
     n = write_jsonl(generate_problems(args.n, args.seed, task), args.out)
@@ -24,7 +25,7 @@ def _cmd_gen_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_model(args: argparse.Namespace) -> int:
-    from serve_app.train import TrainConfig, train
+    from serve_app.offline.train import TrainConfig, train
 
     overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None}
     log = train(TrainConfig(**overrides), Path(args.out))
@@ -32,22 +33,8 @@ def _cmd_train_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _json_safe(value):
-    """NaN/inf (e.g. an AUROC on a set with one class) become null: the file stays strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def _write_json(report: dict, out: str) -> Path:
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
-    return path
+    return write_json(report, out)
 
 
 def _given(args: argparse.Namespace, *names: str) -> dict:
@@ -71,12 +58,12 @@ def _split(text: str) -> list[str]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from serve_app.quant import parse_kv_quant
+    from serve_app.core.quant import parse_kv_quant
 
     kv_quant = parse_kv_quant(args.kv_quant) if args.kv_quant else None
     if args.best_of is not None:
         return _best_of_n(args, kv_quant)
-    from serve_app.evaluate import EvalConfig, plot_report, print_report, run_eval
+    from serve_app.offline.evaluate import EvalConfig, plot_report, print_report, run_eval
 
     optional = _given(args, "max_new_tokens", "probe", "tau", "delta", "every", "confirm")
     cfg = EvalConfig(
@@ -97,7 +84,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _best_of_n(args: argparse.Namespace, kv_quant) -> int:
-    from serve_app.bestofn_eval import BestOfNConfig, plot_best_of_n, print_best_of_n, run_best_of_n
+    from serve_app.offline.bestofn_eval import BestOfNConfig, plot_best_of_n, print_best_of_n, run_best_of_n
 
     cfg = BestOfNConfig(
         model=args.model,
@@ -120,9 +107,9 @@ def _best_of_n(args: argparse.Namespace, kv_quant) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from serve_app.calibrate import CalibrateConfig, calibrate, print_calibration
-    from serve_app.engine import OnlineConfig
-    from serve_app.kv_features import PoolingConfig
+    from serve_app.core.kv_features import PoolingConfig
+    from serve_app.core.policy import OnlineConfig
+    from serve_app.offline.calibrate import CalibrateConfig, calibrate, print_calibration
 
     pooling = _given(args, "last_tokens", "last_layers", "token", "heads", "layers", "part")
     if args.l2:
@@ -133,7 +120,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         decode = PoolingConfig(**{**pooling, "last_tokens": args.decode_last_tokens})
     extra = _given(args, "limit", "max_new_tokens")
     if args.kv_quant:
-        from serve_app.quant import parse_kv_quant
+        from serve_app.core.quant import parse_kv_quant
 
         extra["kv_quant"] = parse_kv_quant(args.kv_quant)
     cfg = CalibrateConfig(
@@ -157,7 +144,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_quant_report(args: argparse.Namespace) -> int:
-    from serve_app.quant_report import DEFAULT_SETTINGS, QuantReportConfig, plot_quant_report, print_quant_report, run_quant_report
+    from serve_app.offline.quant_report import DEFAULT_SETTINGS, QuantReportConfig, plot_quant_report, print_quant_report, run_quant_report
 
     cfg = QuantReportConfig(
         model=args.model,
@@ -175,12 +162,12 @@ def _cmd_quant_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_overhead(args: argparse.Namespace) -> int:
-    from serve_app.bench_overhead import BenchOverheadConfig, plot_bench, print_bench, run_bench_overhead
+    from serve_app.offline.bench.overhead import BenchOverheadConfig, plot_bench, print_bench, run_bench_overhead
 
     optional = _given(args, "repeats", "warmup", "threads")
     probe_path = Path(args.probe) if args.probe else Path(args.model) / "probe.pt"
     if probe_path.is_file():  # time the pooling that serving uses
-        from serve_app.probe import Probe
+        from serve_app.core.probe import Probe
 
         optional["pooling"] = Probe.load(probe_path).pooling
     cfg = BenchOverheadConfig(
@@ -196,7 +183,7 @@ def _cmd_bench_overhead(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_handoff(args: argparse.Namespace) -> int:
-    from serve_app.bench_handoff import plot_handoff, print_handoff, run_bench_handoff
+    from serve_app.offline.bench.handoff import plot_handoff, print_handoff, run_bench_handoff
 
     report = run_bench_handoff(args.model, prompts=args.prompts, repeats=args.repeats, threads=args.threads)
     print_handoff(report)
@@ -205,7 +192,7 @@ def _cmd_bench_handoff(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_engines(args: argparse.Namespace) -> int:
-    from serve_app.bench_engines import print_bench_engines, run_bench_engines
+    from serve_app.offline.bench.engines import print_bench_engines, run_bench_engines
 
     vllm_args = {"gpu_memory_utilization": 0.2, "kv_cache_memory_bytes": 256 << 20, "max_model_len": 1024}
     report = run_bench_engines(args.model, prompts_n=args.prompts, batches=[int(b) for b in _split(args.batch_sizes)],
@@ -218,9 +205,9 @@ def _cmd_bench_engines(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from serve_app.evaluate import load_model
-    from serve_app.generate import MAX_NEW_TOKENS, build_prompt, generate_greedy
-    from serve_app.task import extract_answer, parse_question
+    from serve_app.core.task import extract_answer, parse_question
+    from serve_app.engines.load import load_model
+    from serve_app.offline.generate import MAX_NEW_TOKENS, build_prompt, generate_greedy
 
     model, tokenizer = load_model(args.model)
     problem = parse_question(args.question)

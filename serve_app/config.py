@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from serve_app.policy import PolicyConfig
+from serve_app.core.policy import PolicyConfig
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "arith-qwen3-tiny"
 
@@ -153,7 +153,6 @@ class AppConfig(_Strict):
     """The id clients send as ``model`` and ``/v1/models`` lists."""
     probe: str | None = None
     """Calibrated probe checkpoint; default ``<model>/probe.pt``."""
-    engine: Literal["hf"] = "hf"
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per replica")
     context_length: int | None = Field(None, ge=1, description="prompt + max_tokens limit; default the model's max positions")
     max_n: int = Field(8, ge=1, description="most choices per request")
@@ -192,4 +191,11 @@ class AppConfig(_Strict):
         return self
 
     def pool(self, name: str) -> PoolConfig:
+        """A generation pool's settings (``fast`` or ``slow``)."""
+        if name not in ("fast", "slow"):
+            raise KeyError(f"no generation pool {name!r} (fast or slow)")
         return self.fast if name == "fast" else self.slow
+
+    def engine_settings(self, name: str) -> PoolConfig | PrefillConfig:
+        """The engine settings of any pool that runs the model: ``prefill``, ``fast`` or ``slow``."""
+        return self.prefill if name == "prefill" else self.pool(name)

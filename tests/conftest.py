@@ -21,7 +21,7 @@ def model_dir() -> Path:
 @pytest.fixture(scope="session")
 def shipped(model_dir):
     """The embedded default model and its tokenizer, loaded once per test session."""
-    from serve_app.evaluate import load_model
+    from serve_app.engines.load import load_model
 
     return load_model(model_dir)
 

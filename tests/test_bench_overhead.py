@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from serve_app.bench_overhead import (
+from serve_app.offline.bench.overhead import (
     HIDDEN,
     KV_POOL,
     PREFILL,

@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from serve_app.bestofn import best_of_n_curve, select, sign_test_p
 from serve_app.cli import main
-from serve_app.task import TaskConfig, generate_problems, write_jsonl
+from serve_app.core.bestofn import best_of_n_curve, select, sign_test_p
+from serve_app.core.task import TaskConfig, generate_problems, write_jsonl
 
 
 def test_coe_picks_the_most_confident_sample_ties_to_the_lowest_index():

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -38,7 +37,7 @@ from ray import serve  # noqa: E402
 from ray.serve.schema import RayActorOptionsSchema, ServeDeploySchema  # noqa: E402
 
 from serve_app.config import DEFAULT_MODEL, AppConfig  # noqa: E402
-from serve_app.task import is_correct  # noqa: E402
+from serve_app.core.task import is_correct  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"

@@ -9,21 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from serve_app.coe import (
-    ConfidenceCalibration,
-    aupr,
-    auroc,
-    coe_features,
-    coe_scores,
-    coe_table,
-    entropy_score,
-    format_coe_table,
-    fpr_at_95_tpr,
-    maxprob,
-    perplexity_score,
-    score_metrics,
-    token_stats,
-)
+from serve_app.core.confidence import ConfidenceCalibration, coe_features, coe_scores, entropy_score, maxprob, perplexity_score, token_stats
+from serve_app.offline.metrics import aupr, auroc, coe_table, fit_confidence, format_coe_table, fpr_at_95_tpr, score_metrics
 
 SQ2 = math.sqrt(2.0)
 
@@ -239,7 +226,7 @@ def _noisy_data(seed: int = 0, n: int = 400) -> tuple[np.ndarray, np.ndarray]:
 
 def test_calibration_monotone_and_bounded() -> None:
     scores, correct = _noisy_data()
-    cal = ConfidenceCalibration.fit(scores, correct, "coe_r")
+    cal = fit_confidence(scores, correct, "coe_r")
     assert cal.sign == 1 and cal.a > 0 and cal.fitted_on == 400
     assert cal.train_auroc == pytest.approx(auroc(scores, correct))
     grid = np.linspace(-50, 70, 200)
@@ -256,7 +243,7 @@ def test_calibration_monotone_and_bounded() -> None:
 
 def test_calibration_folds_standardisation_into_a_b() -> None:
     scores, correct = _noisy_data(seed=3)
-    cal = ConfidenceCalibration.fit(scores, correct, "s")
+    cal = fit_confidence(scores, correct, "s")
     # reproduce the documented recipe independently and compare pointwise
     from sklearn.linear_model import LogisticRegression
 
@@ -269,26 +256,26 @@ def test_calibration_folds_standardisation_into_a_b() -> None:
 
 def test_calibration_sign_flips_for_reversed_score() -> None:
     scores, correct = _noisy_data()
-    cal = ConfidenceCalibration.fit(-scores, correct, "neg_entropy")
+    cal = fit_confidence(-scores, correct, "neg_entropy")
     assert cal.sign == -1
     assert cal.train_auroc < 0.5
     # lower raw score => more likely correct
     assert cal.confidence(-50.0) > 0.95 and cal.confidence(50.0) < 0.05
-    fwd = ConfidenceCalibration.fit(scores, correct, "x")
+    fwd = fit_confidence(scores, correct, "x")
     np.testing.assert_allclose(cal.confidence(-scores), fwd.confidence(scores), rtol=1e-9)
 
 
 def test_calibration_single_class_is_constant_rate() -> None:
-    cal = ConfidenceCalibration.fit([0.1, 0.5, 0.9], [True, True, True], "coe_c")
+    cal = fit_confidence([0.1, 0.5, 0.9], [True, True, True], "coe_c")
     assert cal.a == 0.0 and cal.fitted_on == 3 and math.isnan(cal.train_auroc)
     assert cal.confidence(-100.0) == pytest.approx(0.99) and cal.confidence(100.0) == pytest.approx(0.99)
-    low = ConfidenceCalibration.fit([0.1, 0.5], [False, False], "coe_c")
+    low = fit_confidence([0.1, 0.5], [False, False], "coe_c")
     assert low.confidence(0.3) == pytest.approx(0.01)
 
 
 def test_calibration_round_trip() -> None:
     scores, correct = _noisy_data()
-    cal = ConfidenceCalibration.fit(scores, correct, "coe_r")
+    cal = fit_confidence(scores, correct, "coe_r")
     data = cal.to_dict()
     assert set(data) == {"score", "sign", "a", "b", "fitted_on", "train_auroc"}
     assert data["score"] == "coe_r"

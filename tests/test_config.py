@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from serve_app.app import build_app
 from serve_app.config import AppConfig
-from serve_app.probe import ProbeMismatchError
+from serve_app.core.probe import ProbeMismatchError
 
 ROOT = Path(__file__).resolve().parent.parent
 

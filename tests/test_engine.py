@@ -3,11 +3,13 @@
 import pytest
 import torch
 
-from serve_app.engine import DecodeBatch, GenRequest, HFEngine, OnlineConfig
-from serve_app.generate import build_prompt, generate_greedy
-from serve_app.kv_features import PoolingConfig
-from serve_app.probe import Probe
-from serve_app.task import is_correct
+from serve_app.core.kv_features import PoolingConfig
+from serve_app.core.policy import OnlineConfig
+from serve_app.core.probe import Probe
+from serve_app.core.task import is_correct
+from serve_app.engines.base import GenRequest
+from serve_app.engines.hf import DecodeBatch, HFEngine
+from serve_app.offline.generate import build_prompt, generate_greedy
 
 EASY, HARD = "What is 2 + 3?", "What is 41 - 17 + 8 - 60 + 5 + 12?"
 

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from serve_app.cli import main
-from serve_app.evaluate import POLICIES, EvalConfig, oracle_efficiency
-from serve_app.task import TaskConfig, generate_problems, write_jsonl
+from serve_app.core.task import TaskConfig, generate_problems, write_jsonl
+from serve_app.offline.evaluate import POLICIES, EvalConfig, oracle_efficiency
 
 
 @pytest.fixture(scope="module")

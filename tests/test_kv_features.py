@@ -4,16 +4,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from serve_app.engine import HFEngine
-from serve_app.kv_features import (
-    PoolingConfig,
-    cache_kv,
-    kv_embedding,
-    last_real_weights,
-    pool_hidden,
-    pool_kv,
-    token_kv_vectors,
-)
+from serve_app.core.kv_features import PoolingConfig, cache_kv, kv_embedding, last_real_weights, pool_hidden, pool_kv, token_kv_vectors
+from serve_app.engines.hf import HFEngine
 
 
 def _kv():

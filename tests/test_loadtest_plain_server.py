@@ -16,8 +16,7 @@ import httpx
 import pytest
 
 from loadtests.runner import LoadConfig, run_load
-from serve_app.task import generate_problems, num_operators
-
+from serve_app.core.task import generate_problems, num_operators
 
 
 def _free_port() -> int:

@@ -9,8 +9,8 @@ import httpx
 import numpy as np
 import pytest
 
-from loadtests.client import grade, request_body, send
 from loadtests.cli import config_from_args
+from loadtests.client import grade, request_body, send
 from loadtests.runner import LoadConfig, arrival_times, build_report, load_scenario
 from loadtests.stats import RequestRecord, balance, meets_slo, parse_slo, percentiles, ratios, summarize, tokens_saved, window
 from serve_app.cli import build_parser

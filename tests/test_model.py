@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
 
 from serve_app.cli import main
-from serve_app.generate import build_prompt, generate_greedy
-from serve_app.task import is_correct
+from serve_app.core.task import is_correct
+from serve_app.offline.generate import build_prompt, generate_greedy
 
 
 def test_loads_offline_with_auto_classes(model_dir):
@@ -68,7 +68,7 @@ def test_eval_cli_writes_report_json_and_plot(model_dir, tmp_path, capsys):
 
 
 def test_eval_rejects_unknown_policy(model_dir, tmp_path):
-    from serve_app.evaluate import EvalConfig
+    from serve_app.offline.evaluate import EvalConfig
 
     with pytest.raises(ValueError, match="unknown policy"):
         EvalConfig(model=str(model_dir), dataset="x.jsonl", policies=["fastest"])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from serve_app.policy import PolicyConfig, PoolLoad, choose_pool, expected_tokens
+from serve_app.core.policy import PolicyConfig, PoolLoad, choose_pool, expected_tokens
 
 CFG = PolicyConfig(borderline_margin=10, slow_saturation_requests=4, slow_saturation_tokens=1000, fast_saturation_requests=8)
 IDLE = PoolLoad()

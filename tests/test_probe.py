@@ -6,20 +6,12 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from serve_app.calibrate import CalibrateConfig, calibrate, split_questions
 from serve_app.cli import main
-from serve_app.engine import HFEngine
-from serve_app.probe import (
-    LabelConfig,
-    Probe,
-    ProbeMismatchError,
-    TrainProbeConfig,
-    difficulty_label,
-    model_fingerprint,
-    random_features,
-    train_regressor,
-)
-from serve_app.task import TaskConfig, generate_problems, write_jsonl
+from serve_app.core.probe import LabelConfig, Probe, ProbeMismatchError, difficulty_label, model_fingerprint
+from serve_app.core.task import TaskConfig, generate_problems, write_jsonl
+from serve_app.engines.hf import HFEngine
+from serve_app.offline.calibrate import CalibrateConfig, calibrate, split_questions
+from serve_app.offline.probe_train import TrainProbeConfig, random_features, train_regressor
 
 
 def test_difficulty_labels():

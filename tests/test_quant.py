@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from serve_app.cli import main
-from serve_app.engine import DecodeBatch, GenRequest, HFEngine
-from serve_app.kv_features import PoolingConfig, cache_kv, pool_kv
-from serve_app.quant import (
+from serve_app.core.kv_features import PoolingConfig, cache_kv, pool_kv
+from serve_app.core.quant import (
     FULL_PRECISION,
     GRANULARITIES,
     KVQuantConfig,
@@ -20,7 +19,9 @@ from serve_app.quant import (
     quantize,
     quantize_cache,
 )
-from serve_app.task import TaskConfig, generate_problems, write_jsonl
+from serve_app.core.task import TaskConfig, generate_problems, write_jsonl
+from serve_app.engines.base import GenRequest
+from serve_app.engines.hf import DecodeBatch, HFEngine
 
 
 def _known(seed: int = 0) -> torch.Tensor:

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID
 
 from deployments.request_router import PredictedTokensRouter
+from serve_app.serving.messages import Job
 
 
 def _replica(name: str, predicted: float):
@@ -13,7 +14,7 @@ def _replica(name: str, predicted: float):
 
 
 def _pending(rid: str, predicted: float):
-    return SimpleNamespace(args=[{"predicted_tokens": predicted}], kwargs={}, metadata=SimpleNamespace(internal_request_id=rid))
+    return SimpleNamespace(args=[Job(prompt_ids=[1], max_tokens=8, predicted_tokens=predicted)], kwargs={}, metadata=SimpleNamespace(internal_request_id=rid))
 
 
 def _router() -> PredictedTokensRouter:

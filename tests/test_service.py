@@ -15,9 +15,9 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from serve_app.app import build_app  # noqa: E402
-from serve_app.engine import HFEngine  # noqa: E402
-from serve_app.probe import Probe  # noqa: E402
-from serve_app.task import extract_answer, generate_problems, is_correct  # noqa: E402
+from serve_app.core.probe import Probe  # noqa: E402
+from serve_app.core.task import extract_answer, generate_problems, is_correct  # noqa: E402
+from serve_app.engines.hf import HFEngine  # noqa: E402
 
 PORT = int(os.environ.get("KVSWITCH_TEST_PORT", "18431"))
 METRICS_PORT = PORT + 1
@@ -150,7 +150,8 @@ def test_embeddings_have_the_documented_dimension_and_are_deterministic(main_app
 
 def _alone(local_probe, questions: list[str], mode=None) -> list[str]:
     """What the model answers to each question on its own (the engine, no service)."""
-    from serve_app.engine import GenRequest, OnlineConfig
+    from serve_app.core.policy import OnlineConfig
+    from serve_app.engines.base import GenRequest
 
     engine, probe = local_probe
     reqs = [GenRequest(engine.encode_prompt(q), mode=mode, online=mode is None, max_new_tokens=768) for q in questions]

@@ -5,15 +5,17 @@ import asyncio
 import pytest
 
 from serve_app.config import AppConfig
-from serve_app.engine import GenRequest
-from serve_app.service import ContinuousBatcher, ReplyStream, load_runtime
+from serve_app.engines.base import GenRequest
+from serve_app.engines.batcher import ContinuousBatcher
+from serve_app.engines.load import make_engine
+from serve_app.engines.reply import ReplyStream
 
 EASY, HARD = "What is 2 + 3?", "What is 41 - 17 + 8 - 60 + 5 + 12?"
 
 
 @pytest.fixture(scope="module")
 def runtime():
-    return load_runtime(AppConfig())
+    return make_engine(AppConfig(), "slow")  # a ContinuousBatcher: its HFEngine, probe and online settings
 
 
 def _collect(batcher, req):
@@ -29,7 +31,7 @@ def test_concurrent_streams_equal_the_engine_alone(runtime):
     eng = runtime.engine
     qs = [EASY, HARD, "What is 56 + 13 - 20?", "What is 7 - 9 + 99 - 14 + 3?"]
     reqs = [GenRequest(eng.encode_prompt(q), mode=m, online=True, max_new_tokens=700) for q, m in zip(qs, ["fast", "slow", "slow", "fast"])]
-    batcher = ContinuousBatcher(runtime, max_batch_size=3)  # the 4th waits for a free row
+    batcher = ContinuousBatcher(runtime.engine, runtime.probe, runtime.online, max_batch_size=3)  # the 4th waits for a free row
 
     async def run():
         return await asyncio.gather(*(_collect(batcher, r) for r in reqs))
@@ -38,12 +40,12 @@ def test_concurrent_streams_equal_the_engine_alone(runtime):
     alone = [eng.generate([r], probe=runtime.probe, online=runtime.online)[0] for r in reqs]
     for (ids, result), ref in zip(outs, alone):
         assert ids == ref.token_ids and result.text == ref.text
-    assert batcher.stats() == {"queued": 0, "running": 0, "predicted_tokens": 0.0}
+    assert batcher.stats().model_dump() == {"queued": 0, "running": 0, "predicted_tokens": 0.0}
 
 
 def test_closing_a_stream_frees_its_row(runtime):
     eng = runtime.engine
-    batcher = ContinuousBatcher(runtime, max_batch_size=4)
+    batcher = ContinuousBatcher(runtime.engine, runtime.probe, runtime.online, max_batch_size=4)
 
     async def run():
         stream = batcher.stream(GenRequest(eng.encode_prompt(HARD), mode="slow", max_new_tokens=700), predicted_tokens=300)
@@ -52,7 +54,7 @@ def test_closing_a_stream_frees_its_row(runtime):
             got += len(ids)
             if got >= 5:
                 break
-        assert batcher.stats()["running"] == 1 and batcher.stats()["predicted_tokens"] > 0
+        assert batcher.stats().running == 1 and batcher.stats().predicted_tokens > 0
         await stream.aclose()
         for _ in range(50):
             await asyncio.sleep(0.02)
@@ -61,7 +63,7 @@ def test_closing_a_stream_frees_its_row(runtime):
         return got
 
     assert asyncio.run(run()) >= 5
-    assert batcher.stats()["running"] == 0 and not batcher.batch.rows
+    assert batcher.stats().running == 0 and not batcher.batch.rows
 
 
 class CharTokenizer:

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from serve_app.task import (
+from serve_app.core.task import (
     Problem,
     TaskConfig,
     extract_answer,

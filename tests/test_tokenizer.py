@@ -3,8 +3,9 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
-from serve_app.embedded import FAST_PREFIX, SLOW_PREFIX, render_prompt, reply, slow_reply, step_line
-from serve_app.task import Problem, generate_problems
+from serve_app.core.prompts import FAST_PREFIX, SLOW_PREFIX
+from serve_app.core.task import Problem, generate_problems
+from serve_app.offline.embedded import render_prompt, reply, slow_reply, step_line
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,13 @@ vllm = pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
-from serve_app.coe import kv_confidence  # noqa: E402
-from serve_app.engine import GenRequest, HFEngine, OnlineConfig  # noqa: E402
-from serve_app.probe import Probe  # noqa: E402
-from serve_app.task import generate_problems  # noqa: E402
-from serve_app.vllm_engine import VLLMEngine  # noqa: E402
+from serve_app.core.confidence import kv_confidence  # noqa: E402
+from serve_app.core.policy import OnlineConfig  # noqa: E402
+from serve_app.core.probe import Probe  # noqa: E402
+from serve_app.core.task import generate_problems  # noqa: E402
+from serve_app.engines.base import GenRequest
+from serve_app.engines.hf import HFEngine
+from serve_app.engines.vllm_engine import VLLMEngine  # noqa: E402
 
 
 def test_vllm_and_hf_agree_in_both_modes_and_online(model_dir, shipped):

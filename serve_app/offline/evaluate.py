@@ -35,10 +35,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from serve_app.coe import auroc, coe_scores, coe_table, entropy_score, kv_confidence, format_coe_table, maxprob, perplexity_score
-from serve_app.generate import MAX_NEW_TOKENS
-from serve_app.quant import KVQuantConfig
-from serve_app.task import extract_answer, is_correct, num_operators, read_jsonl
+from serve_app.core.confidence import coe_scores, entropy_score, kv_confidence, maxprob, perplexity_score
+from serve_app.core.quant import KVQuantConfig
+from serve_app.core.task import extract_answer, is_correct, num_operators, read_jsonl
+from serve_app.offline.generate import MAX_NEW_TOKENS
+from serve_app.offline.metrics import auroc, coe_table, format_coe_table
 
 ENGINE_POLICIES = ("fast", "slow", "kv-oneshot", "kv-online", "hidden-oneshot")
 CHOICE_POLICIES = ("oracle", "random", "minilm-oneshot")
@@ -68,7 +69,7 @@ class EvalConfig(BaseModel):
     seed: int = 0
     """Seed of the ``random`` policy's choice."""
     kv_quant: KVQuantConfig | None = None
-    """Simulated KV-cache quantization for prefill features and generation (``serve_app.quant``)."""
+    """Simulated KV-cache quantization for prefill features and generation (``serve_app.core.quant``)."""
 
     @field_validator("policies")
     @classmethod
@@ -141,7 +142,7 @@ def _choose(fast: list[dict], slow: list[dict], use_fast: list[bool], difficulty
 
 def _minilm_or_none(questions: list[str]):
     try:
-        from serve_app.calibrate import minilm_features
+        from serve_app.offline.calibrate import minilm_features
 
         return minilm_features(questions)
     except RuntimeError:
@@ -149,8 +150,11 @@ def _minilm_or_none(questions: list[str]):
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    from serve_app.engine import GenRequest, HFEngine, OnlineConfig, run_batched
-    from serve_app.probe import Probe, random_features
+    from serve_app.core.policy import OnlineConfig
+    from serve_app.core.probe import Probe
+    from serve_app.engines.base import GenRequest
+    from serve_app.engines.hf import HFEngine, run_batched
+    from serve_app.offline.probe_train import random_features
 
     model, tokenizer = load_model(cfg.model)
     engine = HFEngine(model, tokenizer)

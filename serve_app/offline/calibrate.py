@@ -26,23 +26,17 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from serve_app.coe import ConfidenceCalibration, auroc, coe_scores
-from serve_app.engine import GenRequest, HFEngine, OnlineConfig, run_batched
-from serve_app.evaluate import load_model
-from serve_app.kv_features import PoolingConfig
-from serve_app.probe import (
-    FORMAT,
-    LabelConfig,
-    Probe,
-    TrainProbeConfig,
-    difficulty_label,
-    head_record,
-    model_fingerprint,
-    random_features,
-    train_regressor,
-)
-from serve_app.quant import KVQuantConfig
-from serve_app.task import is_correct, read_jsonl
+from serve_app.core.confidence import coe_scores
+from serve_app.core.kv_features import PoolingConfig
+from serve_app.core.policy import OnlineConfig
+from serve_app.core.probe import FORMAT, LabelConfig, Probe, difficulty_label, model_fingerprint
+from serve_app.core.quant import KVQuantConfig
+from serve_app.core.task import is_correct, read_jsonl
+from serve_app.engines.base import GenRequest
+from serve_app.engines.hf import HFEngine, run_batched
+from serve_app.engines.load import load_model
+from serve_app.offline.metrics import auroc, fit_confidence
+from serve_app.offline.probe_train import TrainProbeConfig, head_record, random_features, train_regressor
 
 FEATURE_KINDS = ("kv", "hidden", "minilm", "random")
 
@@ -192,7 +186,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
         scores = [coe_scores(r.kv_trajectory) for r in res]
         best = max(("coe_r", "coe_c"), key=lambda s: abs(auroc([scores[i][s] for i in train_idx], [ok[i] for i in train_idx]) - 0.5)
                    if len({ok[i] for i in train_idx}) > 1 else 0.0)
-        cal = ConfidenceCalibration.fit([scores[i][best] for i in train_idx], [ok[i] for i in train_idx], f"kv_{best}")
+        cal = fit_confidence([scores[i][best] for i in train_idx], [ok[i] for i in train_idx], f"kv_{best}")
         confidence[mode] = cal.to_dict()
 
     report.update({

@@ -13,7 +13,7 @@ import torch
 
 
 def _hf_run(engine, probe, online, prompts, mode, on, batch):
-    from serve_app.engine import GenRequest
+    from serve_app.engines.base import GenRequest
 
     out = []
     for i in range(0, len(prompts), batch):
@@ -23,7 +23,7 @@ def _hf_run(engine, probe, online, prompts, mode, on, batch):
 
 
 async def _vllm_run(engine, prompts, mode, on, batch):
-    from serve_app.engine import GenRequest
+    from serve_app.engines.base import GenRequest
 
     sem = asyncio.Semaphore(batch)
 
@@ -38,11 +38,12 @@ async def _vllm_run(engine, prompts, mode, on, batch):
 
 
 def run_bench_engines(model: str, prompts_n: int = 32, batches=(1, 16), seed: int = 4040, threads: int = 1, vllm_args: dict | None = None) -> dict:
-    from serve_app.engine import HFEngine, OnlineConfig
-    from serve_app.evaluate import load_model
-    from serve_app.probe import Probe
-    from serve_app.task import generate_problems
-    from serve_app.vllm_engine import VLLMEngine
+    from serve_app.core.policy import OnlineConfig
+    from serve_app.core.probe import Probe
+    from serve_app.core.task import generate_problems
+    from serve_app.engines.hf import HFEngine
+    from serve_app.engines.load import load_model
+    from serve_app.engines.vllm_engine import VLLMEngine
 
     torch.set_num_threads(threads)
     hf_model, tok = load_model(model)

@@ -4,7 +4,7 @@ For every question: greedy fast and greedy slow (the references), then N sampled
 sampled mode (temperature > 0, one recorded seed per sample). Each sample is graded
 (``extract_answer``) and scored with the probe's per-mode KV-CoE confidence — the number the
 service returns. Best-of-N for N = 1, 2, 4, … ≤ N_max comes from disjoint groups of the same
-N_max samples (``serve_app.bestofn.best_of_n_curve``); ``random`` is the uniform-pick baseline and
+N_max samples (``serve_app.core.bestofn.best_of_n_curve``); ``random`` is the uniform-pick baseline and
 ``coe:maxprob`` ranks by mean token max-probability instead (a non-KV reference). Tokens spent by
 best-of-N are the sum over its N samples.
 """
@@ -16,11 +16,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from serve_app.bestofn import RULES, best_of_n_curve, sign_test_p
-from serve_app.coe import auroc, coe_scores, kv_confidence, maxprob
-from serve_app.generate import MAX_NEW_TOKENS
-from serve_app.quant import KVQuantConfig
-from serve_app.task import extract_answer, is_correct, num_operators, read_jsonl
+from serve_app.core.bestofn import RULES, best_of_n_curve, sign_test_p
+from serve_app.core.confidence import coe_scores, kv_confidence, maxprob
+from serve_app.core.quant import KVQuantConfig
+from serve_app.core.task import extract_answer, is_correct, num_operators, read_jsonl
+from serve_app.offline.generate import MAX_NEW_TOKENS
+from serve_app.offline.metrics import auroc
 
 REFERENCE_RULES = ("random", "coe:maxprob")
 
@@ -93,9 +94,10 @@ def _without_picks(curve: dict) -> dict:
 
 
 def run_best_of_n(cfg: BestOfNConfig) -> dict:
-    from serve_app.engine import GenRequest, HFEngine, run_batched
-    from serve_app.evaluate import load_model
-    from serve_app.probe import Probe
+    from serve_app.core.probe import Probe
+    from serve_app.engines.base import GenRequest
+    from serve_app.engines.hf import HFEngine, run_batched
+    from serve_app.engines.load import load_model
 
     model, tokenizer = load_model(cfg.model)
     engine = HFEngine(model, tokenizer)

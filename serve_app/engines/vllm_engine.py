@@ -2,7 +2,7 @@
 (``stream(request) → (new ids, None) ... ([], result)``, like ``ContinuousBatcher``).
 
 - Modes: the prompt is ``prompt_ids + prefix_ids[mode]``, the same token ids the HF engine feeds.
-- KV features come from vLLM's own paged cache through ``serve_app.vllm_connector``; only
+- KV features come from vLLM's own paged cache through ``serve_app.engines.vllm_connector``; only
   requests that ask for them (``extra_args.kv_transfer_params.kvswitch``) are pooled.
 - Online switching is *chunked decoding with prefix caching*: a request decodes at most ``every``
   tokens; at each check a scoring request over ``prompt + generated`` (all but its last partial
@@ -12,18 +12,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import uuid
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 import torch
 
-from serve_app.engine import GenRequest, GenResult, ModePrompts, OnlineConfig, mode_prefix_ids, switch_decision
-from serve_app.probe import Probe
+from serve_app.core.policy import OnlineConfig, switch_decision
+from serve_app.core.probe import Probe
+from serve_app.core.prompts import ModePrompts
+from serve_app.engines.base import EngineStats, GenRequest, GenResult, TokenSetup
 
-CONNECTOR = {"kv_connector": "KVFeatureConnector", "kv_connector_module_path": "serve_app.vllm_connector", "kv_role": "kv_both"}
+CONNECTOR = {"kv_connector": "KVFeatureConnector", "kv_connector_module_path": "serve_app.engines.vllm_connector", "kv_role": "kv_both"}
 
 
 def engine_args(model: str, probe: Probe, **overrides: Any):
@@ -53,16 +56,15 @@ class _State:
     finished: bool = False
 
 
-class VLLMEngine:
+class VLLMEngine(TokenSetup):
+    """The vLLM ``Engine`` of a pool: ``AsyncLLM`` batches and schedules; this class adds modes, online
+    switching and KV features."""
+
     def __init__(self, llm, tokenizer, probe: Probe, online: OnlineConfig, prompts: ModePrompts = ModePrompts(), coe: bool = True):
-        self.llm, self.tokenizer, self.probe, self.online, self.prompts = llm, tokenizer, probe, online, prompts
+        super().__init__(tokenizer, prompts)
+        self.llm, self.probe, self.online = llm, probe, online
         self.coe = coe and bool(getattr(probe, "confidence", None))
         """Record each reply's KV-CoE trajectory (one extra, prefix-cached request per reply)."""
-        self.eos_id = tokenizer.eos_token_id
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
-        self.prefix_ids = mode_prefix_ids(tokenizer, prompts)
-        enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-        self.switch_ids = {"fast": enc(prompts.close_think), "slow": enc(prompts.open_think)}
         self._ids = itertools.count()
         self._live: dict[int, tuple[float, _State]] = {}
 
@@ -92,7 +94,12 @@ class VLLMEngine:
             async for out in outs:  # closing this generator aborts the vLLM request
                 yield out
 
-    async def features(self, prompt_ids: list[int], which: str = "prompt") -> dict[str, torch.Tensor]:
+    async def features(self, prompts: Sequence[Sequence[int]], embedding: bool = False) -> list[dict[str, torch.Tensor]]:
+        """Probe feature (``kv``) and KV embedding of each prompt; vLLM batches the requests itself."""
+        feats = await asyncio.gather(*(self.prompt_features(p) for p in prompts))
+        return [f if embedding else {"kv": f["kv"]} for f in feats]
+
+    async def prompt_features(self, prompt_ids: Sequence[int], which: str = "prompt") -> dict[str, torch.Tensor]:
         """Probe feature (and KV embedding) of a prompt from vLLM's paged cache: one prefill, one token."""
         from vllm import SamplingParams
 
@@ -102,7 +109,7 @@ class VLLMEngine:
             pass
         feats = (final.kv_transfer_params or {}).get("kvswitch") if final is not None else None
         if not feats:
-            raise RuntimeError("vLLM returned no KV feature: is the engine configured with serve_app.vllm_connector?")
+            raise RuntimeError("vLLM returned no KV feature: is the engine configured with serve_app.engines.vllm_connector?")
         return {k: torch.tensor(v) for k, v in feats.items()}
 
     async def stream(self, req: GenRequest, predicted_tokens: float = 0.0) -> AsyncIterator[tuple[list[int], GenResult | None]]:
@@ -198,8 +205,8 @@ class VLLMEngine:
         return GenResult(text=text, reply=prefix + text, tokens=len(st.out), finished=st.finished, start_mode=st.start_mode,
                          end_mode=st.mode, switched_at=st.switched_at, checks=st.checks)
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         """Running requests and predicted tokens still to generate (vLLM queues internally: queued is 0)."""
         live = list(self._live.values())
         outstanding = sum(max(pred - len(st.out), 0.0) for pred, st in live)
-        return {"queued": 0, "running": len(live), "predicted_tokens": float(outstanding)}
+        return EngineStats(queued=0, running=len(live), predicted_tokens=float(outstanding))

@@ -44,10 +44,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm import tqdm
 
-from serve_app.kv_features import PoolingConfig, cache_kv, kv_embedding, pool_hidden, pool_kv
+from serve_app.config import DEFAULT_MODEL
+from serve_app.core.kv_features import PoolingConfig, cache_kv, kv_embedding, pool_hidden, pool_kv
+from serve_app.reports import machine
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = REPO_ROOT / "models" / "arith-qwen3-tiny"
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 PREFILL = "prefill"
 KV_POOL = "prefill+kv_pool"
@@ -98,8 +99,8 @@ def build_batch(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
 
 def batch_prompts(tokenizer, cfg: BenchOverheadConfig, batch_size: int) -> list[str]:
     """``batch_size`` prompts drawn (seeded) from the prompt set; with replacement only if it is too small."""
-    from serve_app.generate import build_prompt
-    from serve_app.task import generate_problems
+    from serve_app.core.task import generate_problems
+    from serve_app.offline.generate import build_prompt
 
     questions = [p.question for p in generate_problems(cfg.prompt_set, cfg.seed)]
     rng = Random(cfg.seed + batch_size)
@@ -276,7 +277,7 @@ def _rss_worker_main() -> None:
     job = json.loads(sys.stdin.read())
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
-    from serve_app.evaluate import load_model
+    from serve_app.engines.load import load_model
 
     model, tokenizer = load_model(job["model"])
     pooling = PoolingConfig(**job["pooling"])
@@ -322,7 +323,7 @@ def _run_rss_worker(job: dict) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run(
-        [sys.executable, "-c", "from serve_app.bench_overhead import _rss_worker_main; _rss_worker_main()"],
+        [sys.executable, "-c", "from serve_app.offline.bench.overhead import _rss_worker_main; _rss_worker_main()"],
         input=json.dumps(job),
         capture_output=True,
         text=True,
@@ -393,28 +394,16 @@ def time_variants(variants, repeats: int, warmup: int, desc: str) -> dict[str, l
 
 
 def machine_info() -> dict:
+    """``serve_app.reports.machine`` plus the torch / transformers versions and thread counts."""
     import transformers
 
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = None
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": affinity,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "threads": torch.get_num_threads(),
-        "interop_threads": torch.get_num_interop_threads(),
-        "device": "cpu",
-    }
+    return {**machine(), "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads(), "device": "cpu"}
 
 
 def run_bench_overhead(cfg: BenchOverheadConfig) -> dict:
-    from serve_app.evaluate import load_model
+    from serve_app.engines.load import load_model
 
     previous_threads = torch.get_num_threads()
     if cfg.threads:

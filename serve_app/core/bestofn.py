@@ -44,7 +44,7 @@ def select(
 ) -> tuple[int, list[float]]:
     """Index of the chosen sample and one score per sample (what ``rule`` ranked by).
 
-    ``answers`` are graded final answers (``serve_app.task.extract_answer`` of each reply; None when
+    ``answers`` are graded final answers (``serve_app.core.task.extract_answer`` of each reply; None when
     a reply has none); ``confidences`` the KV-CoE confidence of each reply (None / NaN: none).
     Ties go to the lowest index.
     """

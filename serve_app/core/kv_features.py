@@ -157,17 +157,18 @@ def cache_kv(cache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return [layer.keys for layer in layers], [layer.values for layer in layers]
 
 
+def kv_coe_points(keys_at: Sequence[torch.Tensor], values_at: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The KV-CoE point formula (docs/method.md §6), the one both engines use: the layer-average of
+    the flattened ``[K_t; V_t]``. ``keys_at`` / ``values_at``: per layer ``[N, kv_heads, head_dim]``
+    at N token positions; returns float32 ``[N, 2 * kv_heads * head_dim]``."""
+    return torch.cat([torch.stack([t.flatten(1).to(torch.float32) for t in part], 0).mean(0) for part in (keys_at, values_at)], -1)
+
+
 def token_kv_vectors(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
-    """KV-CoE point per row: the layer-average of the flattened ``[K_t; V_t]`` at one cache position.
+    """KV-CoE point per row of a ``[batch, kv_heads, seq, head_dim]`` cache at one position per row.
 
     ``positions`` is ``[batch]`` (long); returns ``[batch, 2 * kv_heads * head_dim]``.
     """
     idx = positions.view(-1, 1, 1, 1)
-    out = []
-    for part in (keys, values):
-        per_layer = []
-        for t in part:
-            gathered = t.gather(2, idx.expand(t.shape[0], t.shape[1], 1, t.shape[3])).squeeze(2)
-            per_layer.append(gathered.flatten(1).to(torch.float32))
-        out.append(torch.stack(per_layer, 0).mean(0))
-    return torch.cat(out, -1)
+    at = lambda part: [t.gather(2, idx.expand(t.shape[0], t.shape[1], 1, t.shape[3])).squeeze(2) for t in part]  # noqa: E731
+    return kv_coe_points(at(keys), at(values))

@@ -16,111 +16,22 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, Sequence
+from typing import Literal, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from serve_app.coe import token_stats
-from serve_app.embedded import FAST_PREFIX, SLOW_PREFIX, THINK_CLOSE, THINK_OPEN
-from serve_app.kv_features import PoolingConfig, cache_kv, kv_embedding, pool_hidden, pool_kv, token_kv_vectors
-from serve_app.quant import KVQuantConfig, quantize_cache
-
-Mode = Literal["fast", "slow"]
-
-SAMPLING_EPS = 1e-5
-"""Temperatures below this sample greedily (vLLM's ``_SAMPLING_EPS``)."""
-
-
-class ModePrompts(BaseModel):
-    """Model-specific mode texts (Qwen3 style by default). Configuration, not code."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    fast_prefix: str = FAST_PREFIX
-    slow_prefix: str = SLOW_PREFIX
-    close_think: str = f"{THINK_CLOSE}\n\n"
-    """Appended to a slow reply to end thinking (slow → fast switch)."""
-    open_think: str = f"{THINK_OPEN}\n"
-    """Appended to a fast reply to start thinking (fast → slow switch)."""
-
-
-class OnlineConfig(BaseModel):
-    """Two-step switching (DESIGN §2): every ``every`` generated tokens re-score the last S cached
-    positions; slow → fast below ``tau - delta``, fast → slow above ``tau + delta``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    every: int = Field(8, ge=1, description="k: generated tokens between checks")
-    tau: float = 50.0
-    delta: float = 20.0
-    max_switches: int = Field(1, ge=0)
-    confirm: int = Field(1, ge=1, description="consecutive checks past the threshold before switching (1 = the paper)")
-
-
-class DifficultyScorer(Protocol):
-    """What the engine needs from a calibrated probe (serve_app.probe.Probe implements it)."""
-
-    pooling: PoolingConfig
-    decode_pooling: PoolingConfig
-    """Pooling of the last S cached positions during decoding (often the same as ``pooling``)."""
-
-    def prompt_difficulty(self, features: torch.Tensor, kind: str = "kv") -> torch.Tensor: ...
-
-    def decode_difficulty(self, features: torch.Tensor) -> torch.Tensor: ...
-
-
-@dataclass
-class GenRequest:
-    prompt_ids: list[int]
-    """Token ids of the shared prompt: the chat template up to the assistant turn, no think prefix."""
-    mode: Mode | None = None
-    """Forced mode; ``None`` lets the probe decide (d > tau → slow)."""
-    online: bool = False
-    max_new_tokens: int = 512
-    temperature: float = 0.0
-    """0 (or below ``SAMPLING_EPS``, vLLM's cut-off): greedy."""
-    top_p: float = 1.0
-    seed: int | None = None
-    add_prefix: bool = True
-    """False: ``prompt_ids`` already end inside the assistant turn (calibration's forced closes)."""
-
-
-@dataclass
-class GenResult:
-    text: str
-    """The generated text (switch tokens included), without the mode prefix."""
-    reply: str
-    """The whole assistant turn: mode prefix + text. Grade this."""
-    tokens: int
-    """Every generated token plus every appended switch token."""
-    finished: bool
-    start_mode: Mode
-    end_mode: Mode
-    difficulty: float | None = None
-    """Prompt difficulty (0–100) from the probe, when a probe was used."""
-    switched_at: int | None = None
-    """Generated-token index at which the switch tokens were appended."""
-    checks: list[tuple[int, float]] = field(default_factory=list)
-    prompt_feature: torch.Tensor | None = None
-    embedding: torch.Tensor | None = None
-    hidden_feature: torch.Tensor | None = None
-    kv_trajectory: torch.Tensor | None = None
-    """[T+1, 2*kv_heads*head_dim]: last prompt position, then every fed generated token."""
-    hidden_trajectory: torch.Tensor | None = None
-    """[layers+1, hidden]: hidden state per layer averaged over the generated tokens."""
-    token_max_probs: list[float] = field(default_factory=list)
-    token_logprobs: list[float] = field(default_factory=list)
-    token_entropies: list[float] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    recorded: list[tuple[int, torch.Tensor]] = field(default_factory=list)
-    """(counted tokens so far, pooled feature of the last S cached positions), when recording."""
+from serve_app.core.confidence import token_stats
+from serve_app.core.kv_features import PoolingConfig, cache_kv, kv_embedding, pool_hidden, pool_kv, token_kv_vectors
+from serve_app.core.policy import Mode, OnlineConfig, switch_decision
+from serve_app.core.prompts import ModePrompts, encode_messages
+from serve_app.core.quant import KVQuantConfig, quantize_cache
+from serve_app.engines.base import SAMPLING_EPS, DifficultyScorer, GenRequest, GenResult, TokenSetup
 
 
 @dataclass(eq=False)
-class _Row:
+class Row:
     req: GenRequest
     mode: Mode
     forced: deque
@@ -154,52 +65,12 @@ class _Row:
     result: GenResult | None = None
 
 
-def base_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], prompts: ModePrompts = ModePrompts()) -> str:
-    """The shared prompt text every request prefills: the chat template with the generation
-    prompt, minus the slow-mode prefix where the template adds one (real Qwen3 templates add none)."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=True, tokenize=False)
-    if prompts.slow_prefix and text.endswith(prompts.slow_prefix):
-        text = text[: -len(prompts.slow_prefix)]
-    return text
-
-
-def encode_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], prompts: ModePrompts = ModePrompts()) -> list[int]:
-    """Token ids of ``base_prompt`` (what the engine prefills and the router measures)."""
-    return tokenizer.encode(base_prompt(tokenizer, messages, prompts), add_special_tokens=False)
-
-
-def mode_prefix_ids(tokenizer: PreTrainedTokenizerBase, prompts: ModePrompts = ModePrompts()) -> dict[str, list[int]]:
-    """Token ids of each mode's prefix (fed after the shared prompt; counted as prompt tokens)."""
-    return {m: tokenizer.encode(t, add_special_tokens=False) for m, t in (("fast", prompts.fast_prefix), ("slow", prompts.slow_prefix))}
-
-
-def switch_decision(mode: Mode, difficulty: float, streak: int, online: OnlineConfig) -> tuple[Mode | None, int]:
-    """One online check: (the mode to switch into now, or None; the new streak). Slow → fast below
-    τ − δ, fast → slow above τ + δ, after ``confirm`` consecutive checks past the threshold."""
-    target = None
-    if mode == "slow" and difficulty < online.tau - online.delta:
-        target = "fast"
-    elif mode == "fast" and difficulty > online.tau + online.delta:
-        target = "slow"
-    streak = streak + 1 if target is not None else 0
-    if target is not None and streak >= online.confirm:
-        return target, 0
-    return None, streak
-
-
-class HFEngine:
+class HFEngine(TokenSetup):
     """Batched greedy / sampled decoding with per-row modes and online switching on one live cache."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: ModePrompts = ModePrompts()):
+        super().__init__(tokenizer, prompts)
         self.model = model
-        self.tokenizer = tokenizer
-        self.prompts = prompts
-        self.eos_id = tokenizer.eos_token_id
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
-        enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-        self.prefix_ids = mode_prefix_ids(tokenizer, prompts)
-        self.switch_ids = {"fast": enc(prompts.close_think), "slow": enc(prompts.open_think)}
-        """Tokens appended when a row switches *into* the given mode."""
 
     def encode_prompt(self, messages: list[dict] | str) -> list[int]:
         if isinstance(messages, str):
@@ -246,7 +117,7 @@ class HFEngine:
             feats["hidden"] = pool_hidden(out.hidden_states[1:], mask, pooling)
         return feats
 
-    def _sample(self, row: _Row, logits: torch.Tensor) -> int:
+    def _sample(self, row: Row, logits: torch.Tensor) -> int:
         """Temperature / top-p sampling of one row (greedy rows are picked batch-wide)."""
         # a vanishing temperature (1e-267 is valid JSON) must not overflow into inf / NaN probabilities
         probs = torch.softmax(logits.float() / max(row.req.temperature, SAMPLING_EPS), -1)
@@ -257,7 +128,7 @@ class HFEngine:
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs, 1, generator=row.generator))
 
-    def _result(self, row: _Row) -> GenResult:
+    def _result(self, row: Row) -> GenResult:
         text = self.tokenizer.decode(row.out_ids)
         start_mode = row.mode if row.switches == 0 else ("slow" if row.mode == "fast" else "fast")
         prefix = self.prompts.fast_prefix if start_mode == "fast" else self.prompts.slow_prefix
@@ -306,7 +177,7 @@ class DecodeBatch:
     then the caches are left-padded to one width and concatenated) and leave when they finish or
     are cancelled — continuous batching for the serving generator; ``HFEngine.generate`` is one
     ``add`` followed by ``step`` until empty. With ``kv_quant`` every newly written cache column
-    is fake-quantized (``serve_app.quant``) after prefill and after each step, before any feature,
+    is fake-quantized (``serve_app.core.quant``) after prefill and after each step, before any feature,
     KV-CoE point or later step reads it."""
 
     def __init__(
@@ -322,12 +193,12 @@ class DecodeBatch:
     ):
         self.engine, self.probe, self.online, self.kv_quant = engine, probe, online, kv_quant
         self.prompt_feature, self.collect_hidden, self.keep_features, self.record = prompt_feature, collect_hidden, keep_features, record
-        self.rows: list[_Row] = []
+        self.rows: list[Row] = []
         """Active rows, in cache batch order."""
         self.cache = self.mask = self.logits = None
 
     @torch.inference_mode()
-    def add(self, requests: Sequence[GenRequest]) -> list[_Row]:
+    def add(self, requests: Sequence[GenRequest]) -> list[Row]:
         """Prefill ``requests`` and join them to the live batch; returns their rows (``row.result``
         is set when a row finishes)."""
         eng, probe = self.engine, self.probe
@@ -360,7 +231,7 @@ class DecodeBatch:
             if req.temperature >= SAMPLING_EPS:
                 gen = torch.Generator().manual_seed(req.seed if req.seed is not None else torch.seed())
             prefix = eng.prefix_ids[mode] if req.add_prefix else []
-            row = _Row(req=req, mode=mode, forced=deque(prefix), next_pos=int(next_pos[i]), generator=gen, difficulty=d, prompt_len=len(req.prompt_ids))
+            row = Row(req=req, mode=mode, forced=deque(prefix), next_pos=int(next_pos[i]), generator=gen, difficulty=d, prompt_len=len(req.prompt_ids))
             if self.keep_features:
                 row.feature = None if feature is None else feature[i].clone()
                 row.embedding = embedding[i].clone()
@@ -370,7 +241,7 @@ class DecodeBatch:
         self._join(cache, mask, out.logits[:, -1, :], rows)
         return rows
 
-    def _join(self, cache, mask: torch.Tensor, logits: torch.Tensor, rows: list[_Row]) -> None:
+    def _join(self, cache, mask: torch.Tensor, logits: torch.Tensor, rows: list[Row]) -> None:
         if self.cache is None:
             self.cache, self.mask, self.logits, self.rows = cache, mask, logits, list(rows)
             return
@@ -384,12 +255,12 @@ class DecodeBatch:
         self.logits = torch.cat([self.logits, logits])
         self.rows.extend(rows)
 
-    def cancel(self, row: _Row) -> None:
+    def cancel(self, row: Row) -> None:
         """Drop ``row`` at the next step (a client went away); its result stays ``None``."""
         row.cancelled = True
 
     @torch.inference_mode()
-    def step(self) -> list[_Row]:
+    def step(self) -> list[Row]:
         """One decode step for every active row. Returns the rows that finished (``row.result``)."""
         eng, rows = self.engine, self.rows
         logits = self.logits

@@ -18,9 +18,10 @@ from pydantic import BaseModel, Field
 from tqdm import tqdm
 from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-from serve_app.embedded import IM_END, THINK_CLOSE, build_tokenizer, first_pass_chars, render_prompt, reply, slow_thought
-from serve_app.generate import MAX_NEW_TOKENS, build_prompt, generate_greedy
-from serve_app.task import TaskConfig, generate_problems, is_correct, sample_problem
+from serve_app.core.prompts import THINK_CLOSE
+from serve_app.core.task import TaskConfig, generate_problems, is_correct, sample_problem
+from serve_app.offline.embedded import IM_END, build_tokenizer, first_pass_chars, render_prompt, reply, slow_thought
+from serve_app.offline.generate import MAX_NEW_TOKENS, build_prompt, generate_greedy
 
 MONITOR_SEED = 7_777  # in-training spot checks; never used for shipped evaluation sets
 

@@ -70,7 +70,7 @@ class ChatMessage(_Body):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class _Sampling(_Body):
+class SamplingRequest(_Body):
     model: str
     max_tokens: int | None = None
     temperature: float = Field(0.0, ge=0.0, le=2.0)
@@ -112,13 +112,13 @@ class _Sampling(_Body):
         return v
 
     @model_validator(mode="after")
-    def _select_needs_choices(self) -> "_Sampling":
+    def _select_needs_choices(self) -> "SamplingRequest":
         if self.kvswitch.select is not None and self.stream:
             raise ValueError("kvswitch.select ranks finished choices: send it with stream=false")
         return self
 
     @model_validator(mode="after")
-    def _mode(self) -> "_Sampling":
+    def _mode(self) -> "SamplingRequest":
         thinking = self.chat_template_kwargs.enable_thinking
         if thinking is not None:
             wanted = "slow" if thinking else "fast"
@@ -134,7 +134,7 @@ class _Sampling(_Body):
         return None if self.kvswitch.mode in (None, "auto") else self.kvswitch.mode
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
 
@@ -149,7 +149,7 @@ class ChatCompletionRequest(_Sampling):
         return self
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingRequest):
     prompt: str | list[str]
     """Wrapped in the chat template as one user message, so routing works as for chat."""
 

@@ -14,20 +14,18 @@ from importlib import resources
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from serve_app.task import Problem, TaskConfig, sample_problem
+from serve_app.core.prompts import FAST_PREFIX, SLOW_PREFIX, THINK_CLOSE, THINK_OPEN
+from serve_app.core.task import Problem, TaskConfig, sample_problem
 
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 SPECIAL_TOKENS = [PAD, IM_START, IM_END, THINK_OPEN, THINK_CLOSE]
-FAST_PREFIX = f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"
-SLOW_PREFIX = f"{THINK_OPEN}\n"
 CHECK_HEADER = "Let me check by undoing each step."
 REDO_HEADER = "Let me redo each step to be sure."
 VOCAB_SIZE = 384
 
 
 def chat_template() -> str:
-    return resources.files("serve_app").joinpath("chat_template.jinja").read_text()
+    return resources.files("serve_app.offline").joinpath("chat_template.jinja").read_text()
 
 
 def render_prompt(question: str, thinking: bool) -> str:

@@ -2,7 +2,7 @@
 
 For each setting (``fp`` = full precision, the reference) and each probe: the prompt's KV probe
 feature is pooled from the quantized prefill cache; greedy fast replies and ``kv-online`` routed
-replies are generated with every cache write quantized (``serve_app.quant``). Reported per row:
+replies are generated with every cache write quantized (``serve_app.core.quant``). Reported per row:
 
 * probe AUROC of "fast is enough" (the fast reply under the same setting is right; score −difficulty);
 * routed (``kv-online``) accuracy, mean generated tokens, fast fraction, switches;
@@ -22,10 +22,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from serve_app.coe import auroc, kv_confidence
-from serve_app.generate import MAX_NEW_TOKENS
-from serve_app.quant import FULL_PRECISION, parse_kv_quant
-from serve_app.task import is_correct, read_jsonl
+from serve_app.core.confidence import kv_confidence
+from serve_app.core.quant import FULL_PRECISION, parse_kv_quant
+from serve_app.core.task import is_correct, read_jsonl
+from serve_app.offline.generate import MAX_NEW_TOKENS
+from serve_app.offline.metrics import auroc
 
 DEFAULT_SETTINGS = ("fp", "K8V8", "K4V4", "K4V16", "K16V4", "K3V16", "K16V3", "K2V16", "K16V2", "K8V8/per-tensor",
                     "K4V4/per-tensor", "K4V4/per-channel", "K2V16/per-channel", "K16V2/per-channel", "K4V2@0-1=K8V4")
@@ -37,7 +38,7 @@ class QuantReportConfig(BaseModel):
     model: str
     dataset: str
     settings: list[str] = list(DEFAULT_SETTINGS)
-    """``serve_app.quant.parse_kv_quant`` specs; ``fp`` is added first when missing."""
+    """``serve_app.core.quant.parse_kv_quant`` specs; ``fp`` is added first when missing."""
     probes: list[str] = []
     """Probe checkpoints to compare; default ``<model>/probe.pt``. Online thresholds come from each probe."""
     batch_size: int = Field(64, ge=1)
@@ -53,9 +54,11 @@ def _auroc_or_none(scores: list[float | None], ok: list[bool]) -> float:
 
 
 def run_quant_report(cfg: QuantReportConfig) -> dict:
-    from serve_app.engine import GenRequest, HFEngine, OnlineConfig, run_batched
-    from serve_app.evaluate import load_model
-    from serve_app.probe import Probe
+    from serve_app.core.policy import OnlineConfig
+    from serve_app.core.probe import Probe
+    from serve_app.engines.base import GenRequest
+    from serve_app.engines.hf import HFEngine, run_batched
+    from serve_app.engines.load import load_model
 
     model, tokenizer = load_model(cfg.model)
     engine = HFEngine(model, tokenizer)

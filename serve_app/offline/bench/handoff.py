@@ -15,21 +15,20 @@ It also reports KV bytes per prompt and the same bytes for a real serving shape 
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import time
 
 import torch
 from tqdm import tqdm
 
-from serve_app.task import generate_problems
+from serve_app.core.task import generate_problems
+from serve_app.reports import machine
 
 QWEN3_8B_KV_BYTES_PER_TOKEN = 2 * 36 * 8 * 128 * 2  # K and V × layers × kv heads × head dim × bf16
 
 
 def _kv_of(engine, prompt_ids: list[int]) -> list[torch.Tensor]:
-    from serve_app.kv_features import cache_kv
+    from serve_app.core.kv_features import cache_kv
 
     with torch.inference_mode():
         cache, _, _, _ = engine.prefill([prompt_ids])
@@ -40,8 +39,8 @@ def _kv_of(engine, prompt_ids: list[int]) -> list[torch.Tensor]:
 def run_bench_handoff(model: str, prompts: int = 16, repeats: int = 30, threads: int = 1) -> dict:
     import ray
 
-    from serve_app.engine import HFEngine
-    from serve_app.evaluate import load_model
+    from serve_app.engines.hf import HFEngine
+    from serve_app.engines.load import load_model
 
     torch.set_num_threads(threads)
     engine = HFEngine(*load_model(model))
@@ -86,7 +85,7 @@ def run_bench_handoff(model: str, prompts: int = 16, repeats: int = 30, threads:
     med = statistics.median
     transfer = max(med(handoff) - med(empty), 0.0)
     return {
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch_threads": threads},
+        "machine": {**machine(), "torch_threads": threads},
         "model": model,
         "prompts": prompts,
         "repeats": repeats,

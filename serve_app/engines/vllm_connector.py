@@ -2,8 +2,8 @@
 
 No extra forward pass. vLLM calls ``save_kv_layer`` inside each attention layer right after the
 layer wrote its K/V into the paged cache; for every request whose prefill completes in this step,
-the connector reads the prompt's K/V of the layers the features need (``serve_app.vllm_kv``),
-pools them with the same functions as the HF engine (``serve_app.kv_features``), and at the end
+the connector reads the prompt's K/V of the layers the features need (``serve_app.engines.vllm_kv``),
+pools them with the same functions as the HF engine (``serve_app.core.kv_features``), and at the end
 of the forward (``wait_for_save``) writes them to a per-engine folder. ``request_finished``, on the
 scheduler side, reads them and returns them in the request's ``kv_transfer_params`` (how vLLM's
 prefill/decode disaggregation hands data out). A file, not worker metadata: vLLM 0.32 frees a
@@ -12,7 +12,7 @@ metadata to the scheduler connector, while the worker's forward, files included,
 then.
 
     LLM(model, kv_transfer_config=KVTransferConfig(
-        kv_connector="KVFeatureConnector", kv_connector_module_path="serve_app.vllm_connector",
+        kv_connector="KVFeatureConnector", kv_connector_module_path="serve_app.engines.vllm_connector",
         kv_role="kv_both", kv_connector_extra_config={"pooling": PoolingConfig().model_dump()}))
     out = llm.generate(prompt, SamplingParams(max_tokens=1, extra_args={"kv_transfer_params": {"kvswitch": "prompt"}}))
     out.kv_transfer_params["kvswitch"] == {"kv": [...], "embedding": [...]}
@@ -34,14 +34,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from serve_app.kv_features import EMBEDDING_LAYERS, PoolingConfig, kv_embedding, pool_kv
-from serve_app.vllm_kv import GATHER
+from serve_app.core.kv_features import EMBEDDING_LAYERS, PoolingConfig, kv_coe_points, kv_embedding, pool_kv
+from serve_app.engines.vllm_kv import GATHER
+
 
 def trajectory(keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
     """KV-CoE points ``[len(positions), 2 * kv_heads * head_dim]``: per position the layer-average of
-    the flattened K and V (``serve_app.kv_features.token_kv_vectors``, for one request)."""
-    parts = [torch.stack([t[0, :, positions].transpose(0, 1).flatten(1).float() for t in part]).mean(0) for part in (keys, values)]
-    return torch.cat(parts, -1)
+    the flattened K and V (``kv_coe_points``, for one request's ``[1, kv_heads, seq, head_dim]`` layers)."""
+    return kv_coe_points([k[0, :, positions].transpose(0, 1) for k in keys], [v[0, :, positions].transpose(0, 1) for v in values])
 
 
 _LAYER = re.compile(r"layers\.(\d+)\.")

@@ -1,7 +1,10 @@
-"""The routing policy: a pure function of (difficulty, live pool load, config) → pool.
+"""The switching policy, both steps of it (docs/method.md §4–5), as pure functions:
+
+- one-step routing, ``choose_pool``: (prompt difficulty, live pool load, config) → pool;
+- two-step switching, ``switch_decision``: one online check of a reply being generated → switch or not.
 
 No Ray, no model: calibration (τ) happens outside, load is measured by the caller. Like
-RouteLLM's router, one function with one meaning — here ``choose_pool``.
+RouteLLM's router, one function with one meaning each.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Pool = Literal["fast", "slow"]
+Mode = Pool
 
 
 class PolicyConfig(BaseModel):
@@ -75,3 +79,33 @@ def choose_pool(difficulty: float, tau: float, fast: PoolLoad, slow: PoolLoad, c
     if borderline and slow_saturated(slow, cfg) and fast.running < cfg.fast_saturation_requests:
         return Decision(pool="fast", reason="borderline-shifted", predicted_tokens=expected_tokens(difficulty, "fast", cfg))
     return Decision(pool="slow", reason="hard", predicted_tokens=expected_tokens(difficulty, "slow", cfg))
+
+
+# ---------------------------------------------------------------------------- two-step switching
+
+
+class OnlineConfig(BaseModel):
+    """Two-step switching (DESIGN §2): every ``every`` generated tokens re-score the last S cached
+    positions; slow → fast below ``tau - delta``, fast → slow above ``tau + delta``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    every: int = Field(8, ge=1, description="k: generated tokens between checks")
+    tau: float = 50.0
+    delta: float = 20.0
+    max_switches: int = Field(1, ge=0)
+    confirm: int = Field(1, ge=1, description="consecutive checks past the threshold before switching (1 = the paper)")
+
+
+def switch_decision(mode: Mode, difficulty: float, streak: int, online: OnlineConfig) -> tuple[Mode | None, int]:
+    """One online check: (the mode to switch into now, or None; the new streak). Slow → fast below
+    τ − δ, fast → slow above τ + δ, after ``confirm`` consecutive checks past the threshold."""
+    target = None
+    if mode == "slow" and difficulty < online.tau - online.delta:
+        target = "fast"
+    elif mode == "fast" and difficulty > online.tau + online.delta:
+        target = "slow"
+    streak = streak + 1 if target is not None else 0
+    if target is not None and streak >= online.confirm:
+        return target, 0
+    return None, streak

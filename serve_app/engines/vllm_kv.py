@@ -49,20 +49,6 @@ def gather_cpu(kv_layer: torch.Tensor, block_ids: Sequence[int], num_tokens: int
     return keys.permute(1, 0, 2).unsqueeze(0), values.permute(1, 0, 2).unsqueeze(0)
 
 
-def pack_cpu(keys: torch.Tensor, values: torch.Tensor, num_blocks: int, block_size: int, block_ids: Sequence[int]) -> torch.Tensor:
-    """The inverse of ``gather_cpu`` for one request (tests): a CPU_ATTN layer cache holding
-    ``keys``/``values`` ``[1, kv_heads, n, head_dim]`` in ``block_ids``, zeros elsewhere."""
-    _, heads, n, head_dim = keys.shape
-    cache = torch.zeros(num_blocks, heads, 2, block_size * head_dim, dtype=keys.dtype)
-    k_view = cache[:, :, 0].view(num_blocks, heads, head_dim, block_size)
-    v_view = cache[:, :, 1].view(num_blocks, heads, block_size, head_dim)
-    blocks, offsets = token_slots(block_ids, n, block_size)
-    for t in range(n):
-        k_view[blocks[t], :, :, offsets[t]] = keys[0, :, t]
-        v_view[blocks[t], :, offsets[t], :] = values[0, :, t]
-    return cache.view(num_blocks, heads, block_size, 2 * head_dim)
-
-
 def gather_logical(kv_layer: torch.Tensor, block_ids: Sequence[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values ``[1, kv_heads, num_tokens, head_dim]`` from a logical ``[num_blocks, kv_heads,
     block_size, 2 * head_dim]`` layer cache (FLASH_ATTN)."""

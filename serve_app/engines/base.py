@@ -1,0 +1,122 @@
+"""What every engine offers the serving layer, whatever runs the model (HF transformers or vLLM).
+
+An ``Engine`` serves one pool: it computes prompt features (probe feature, KV embedding), streams
+one request's tokens (with online switching inside the engine) and reports its load. Deployments
+talk to this protocol only; ``engines.load.make_engine(cfg, pool)`` builds the configured one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol, Sequence
+
+import torch
+from pydantic import BaseModel
+
+from serve_app.core.kv_features import PoolingConfig
+from serve_app.core.policy import Mode
+from serve_app.core.prompts import ModePrompts, mode_prefix_ids, switch_ids
+
+SAMPLING_EPS = 1e-5
+"""Temperatures below this sample greedily (vLLM's ``_SAMPLING_EPS``)."""
+
+
+class DifficultyScorer(Protocol):
+    """What the engine needs from a calibrated probe (serve_app.probe.Probe implements it)."""
+
+    pooling: PoolingConfig
+    decode_pooling: PoolingConfig
+    """Pooling of the last S cached positions during decoding (often the same as ``pooling``)."""
+
+    def prompt_difficulty(self, features: torch.Tensor, kind: str = "kv") -> torch.Tensor: ...
+
+    def decode_difficulty(self, features: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    """Token ids of the shared prompt: the chat template up to the assistant turn, no think prefix."""
+    mode: Mode | None = None
+    """Forced mode; ``None`` lets the probe decide (d > tau → slow)."""
+    online: bool = False
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    """0 (or below ``SAMPLING_EPS``, vLLM's cut-off): greedy."""
+    top_p: float = 1.0
+    seed: int | None = None
+    add_prefix: bool = True
+    """False: ``prompt_ids`` already end inside the assistant turn (calibration's forced closes)."""
+
+
+@dataclass
+class GenResult:
+    text: str
+    """The generated text (switch tokens included), without the mode prefix."""
+    reply: str
+    """The whole assistant turn: mode prefix + text. Grade this."""
+    tokens: int
+    """Every generated token plus every appended switch token."""
+    finished: bool
+    start_mode: Mode
+    end_mode: Mode
+    difficulty: float | None = None
+    """Prompt difficulty (0–100) from the probe, when a probe was used."""
+    switched_at: int | None = None
+    """Generated-token index at which the switch tokens were appended."""
+    checks: list[tuple[int, float]] = field(default_factory=list)
+    prompt_feature: torch.Tensor | None = None
+    embedding: torch.Tensor | None = None
+    hidden_feature: torch.Tensor | None = None
+    kv_trajectory: torch.Tensor | None = None
+    """[T+1, 2*kv_heads*head_dim]: last prompt position, then every fed generated token."""
+    hidden_trajectory: torch.Tensor | None = None
+    """[layers+1, hidden]: hidden state per layer averaged over the generated tokens."""
+    token_max_probs: list[float] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)
+    token_entropies: list[float] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    recorded: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    """(counted tokens so far, pooled feature of the last S cached positions), when recording."""
+
+
+class EngineStats(BaseModel):
+    """One replica's load, as the pool's request router and the metrics read it."""
+
+    queued: int = 0
+    """Requests accepted but not yet decoding."""
+    running: int = 0
+    """Requests decoding."""
+    predicted_tokens: float = 0.0
+    """Predicted tokens still to generate for all of them."""
+
+
+class TokenSetup:
+    """The token ids every engine derives from its tokenizer and mode prompts (one place for both engines)."""
+
+    def __init__(self, tokenizer, prompts: ModePrompts = ModePrompts()):
+        self.tokenizer, self.prompts = tokenizer, prompts
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.prefix_ids = mode_prefix_ids(tokenizer, prompts)
+        """Each mode's prefix, fed after the shared prompt (counted as prompt tokens)."""
+        self.switch_ids = switch_ids(tokenizer, prompts)
+        """Tokens appended when a reply switches *into* the given mode (counted as generated)."""
+
+
+class Engine(Protocol):
+    """One pool's model runtime. ``stream`` yields ``(new token ids, None)`` while the reply
+    decodes, then ``([...], GenResult)`` once; closing the iterator cancels the request."""
+
+    tokenizer: object
+    prompts: ModePrompts
+    probe: DifficultyScorer
+    eos_id: int
+    pad_id: int
+    prefix_ids: dict[str, list[int]]
+
+    async def features(self, prompts: Sequence[Sequence[int]], embedding: bool = False) -> list[dict[str, torch.Tensor]]: ...
+
+    def stream(self, request: GenRequest, predicted_tokens: float = 0.0) -> AsyncIterator[tuple[list[int], GenResult | None]]: ...
+
+    def stats(self) -> EngineStats: ...

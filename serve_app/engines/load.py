@@ -1,0 +1,54 @@
+"""Building an engine from the config: local files only (never the hub), probe checked against the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from serve_app.config import AppConfig
+from serve_app.core.policy import OnlineConfig
+from serve_app.core.probe import Probe
+from serve_app.engines.base import Engine
+
+
+def load_model(path: str | Path):
+    """Model and tokenizer from a local directory (never the hub), eval mode."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no model at {path}: expected a directory with config.json (train one with `kvswitch train-model`)")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    model.eval()
+    return model, tokenizer
+
+
+def online_config(cfg: AppConfig, probe: Probe) -> OnlineConfig:
+    """The probe's calibrated switching thresholds with the config's overrides on top."""
+    return probe.online_config(cfg.online.model_dump(exclude={"enabled"}))
+
+
+def routing_limits(cfg: AppConfig, probe: Probe, model_config) -> tuple[float, int]:
+    """The router's τ (``policy.tau``, else the switching τ) and context length (config, else the model's)."""
+    tau = cfg.policy.tau if cfg.policy.tau is not None else online_config(cfg, probe).tau
+    return tau, cfg.context_length or int(getattr(model_config, "max_position_embeddings", 4096))
+
+
+def make_engine(cfg: AppConfig, pool: str) -> Engine:
+    """The engine of one pool (``prefill``, ``fast`` or ``slow``) as its ``engine`` setting asks:
+    ``hf``, a ``ContinuousBatcher`` over an ``HFEngine``; ``vllm``, a ``VLLMEngine`` with the pool's
+    ``vllm`` AsyncEngineArgs overrides. Either way the probe must match the model."""
+    pc = cfg.engine_settings(pool)
+    torch.set_num_threads(cfg.torch_threads)
+    if pc.engine == "vllm":
+        from serve_app.engines.vllm_engine import VLLMEngine
+
+        probe = Probe.load(cfg.probe, AutoConfig.from_pretrained(cfg.model, local_files_only=True))
+        return VLLMEngine.create(cfg.model, probe, online_config(cfg, probe), **pc.vllm)
+    from serve_app.engines.batcher import ContinuousBatcher
+    from serve_app.engines.hf import HFEngine
+
+    model, tokenizer = load_model(cfg.model)
+    probe = Probe.load(cfg.probe, model.config)
+    return ContinuousBatcher(HFEngine(model, tokenizer), probe, online_config(cfg, probe), getattr(pc, "max_batch_size", 16))
