@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
+	@# the layer contracts (pyproject.toml [tool.importlinter]; docs/architecture.md)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
 	@# the service tests again with every pool on vLLM (serve_config.vllm.yaml's engine settings)
 	KVSWITCH_TEST_ENGINE=vllm $(PY) -m pytest tests/test_service.py

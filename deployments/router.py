@@ -11,7 +11,6 @@ requests go to ``fallback_mode`` with ``kvswitch.fallback`` set. Every generatio
 import asyncio
 import base64
 import logging
-import os
 from typing import AsyncIterator
 
 import numpy as np
@@ -26,8 +25,8 @@ from deployments.metrics import RouterMetrics, add
 from serve_app.config import AppConfig
 from serve_app.core.policy import PoolLoad, expected_tokens
 from serve_app.core.prompts import encode_messages, mode_prefix_ids
-from serve_app.serving.api import create_app
-from serve_app.serving.errors import APIError
+from serve_app.serving.api import api_keys, check_exposure, create_app
+from serve_app.serving.errors import APIError, overloaded, replica_failed, timed_out
 from serve_app.serving.messages import Final, Job, Reply
 from serve_app.serving.plan import Plan, admit, jobs, max_prompt_tokens, plan
 from serve_app.serving.responses import chat_body, chunk, completion_body, info, rank_choices, sse, usage
@@ -38,32 +37,6 @@ logger = logging.getLogger("ray.serve")
 
 REPLICA_FAILURES = (RayActorError, ReplicaUnavailableError, NodeDiedError)
 """What a call raises when the replica (or its node) serving it died."""
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-
-
-def _overloaded(exc: Exception) -> APIError:
-    return APIError(503, f"the service is at capacity, retry shortly ({type(exc).__name__})", "overloaded_error",
-                    code="overloaded", headers={"Retry-After": "1"})
-
-
-def _replica_failed(what: str, exc: Exception, retried: bool) -> APIError:
-    again = "; it was retried once on another replica, which failed too" if retried else ""
-    return APIError(503, f"the {what} replica serving this request failed ({type(exc).__name__}){again}. Nothing was "
-                    "streamed; retry shortly (Serve is replacing the replica)", "server_error", code="replica_failed",
-                    headers={"Retry-After": "1"})
-
-
-def _timed_out(limit: float) -> APIError:
-    return APIError(504, f"the request did not finish within the service's {limit:g} s timeout; its generation was cancelled",
-                    "timeout_error", code="request_timeout")
-
-
-def _api_keys(cfg: AppConfig) -> list[str]:
-    """The configured keys plus the comma-separated keys in ``$<auth.api_keys_env>`` (read here, in
-    the router replica, so keys can stay out of config files)."""
-    keys = [k.get_secret_value() for k in cfg.auth.api_keys]
-    keys += [k.strip() for k in os.environ.get(cfg.auth.api_keys_env, "").split(",") if k.strip()]
-    return keys
 
 
 def _serve_http_host() -> str | None:
@@ -73,14 +46,6 @@ def _serve_http_host() -> str | None:
         return _get_global_client().http_config.host
     except Exception:  # noqa: BLE001 — outside a Serve instance (unit tests): nothing to check
         return None
-
-
-def check_exposure(cfg: AppConfig, auth_enabled: bool, host: str | None) -> None:
-    """Refuse to serve without API keys on a non-loopback interface (unless explicitly allowed)."""
-    if auth_enabled or cfg.auth.allow_unauthenticated_remote or host is None or host in LOOPBACK:
-        return
-    raise RuntimeError(f"Serve's HTTP proxy listens on {host!r} but no API key is configured: set ${cfg.auth.api_keys_env} "
-                       "(or auth.api_keys), bind http_options.host to 127.0.0.1, or set auth.allow_unauthenticated_remote: true")
 
 
 @serve.deployment
@@ -95,7 +60,7 @@ class Router:
         self.metrics = RouterMetrics()
         guard = app.state.guard
         guard.max_body_bytes = cfg.limits.max_body_bytes
-        guard.set_keys(_api_keys(cfg))
+        guard.set_keys(api_keys(cfg))
         check_exposure(cfg, guard.auth_enabled, _serve_http_host())
         logger.info("kvswitch router: API keys %s", f"required ({len(guard.key_digests)} configured)" if guard.auth_enabled else "off")
 
@@ -181,7 +146,7 @@ class Router:
         try:
             _, out, retried = await self._retrying(pool, lambda: self.pools[pool].generate.remote(job), lambda resp: resp)
         except REPLICA_FAILURES as exc:
-            raise _replica_failed(pool, exc, retried=self.cfg.retry_on_replica_failure) from exc
+            raise replica_failed(pool, exc, retried=self.cfg.retry_on_replica_failure) from exc
         out.final.retried = retried
         return out
 
@@ -195,9 +160,9 @@ class Router:
                 outs = await asyncio.gather(*tasks)
         except TimeoutError as exc:
             self.metrics.timeouts.inc()
-            raise _timed_out(self.cfg.limits.request_timeout_s) from exc
+            raise timed_out(self.cfg.limits.request_timeout_s) from exc
         except (BackPressureError, DeploymentUnavailableError) as exc:
-            raise _overloaded(exc) from exc
+            raise overloaded(exc) from exc
         finally:
             for t in tasks:  # one choice failed or the client left: stop the others too
                 t.cancel()
@@ -212,7 +177,7 @@ class Router:
         try:
             return await self._retrying(pool, lambda: handle.generate_stream.remote(job), lambda gen: gen.__anext__())
         except REPLICA_FAILURES as exc:
-            raise _replica_failed(pool, exc, retried=self.cfg.retry_on_replica_failure) from exc
+            raise replica_failed(pool, exc, retried=self.cfg.retry_on_replica_failure) from exc
 
     async def _stream(self, plan: Plan, body: SamplingRequest, kind: str) -> StreamingResponse:
         self._start(plan, body.n)
@@ -229,9 +194,9 @@ class Router:
             self._end(plan, [], body.n)
             if isinstance(exc, TimeoutError):
                 self.metrics.timeouts.inc()
-                raise _timed_out(self.cfg.limits.request_timeout_s) from exc
+                raise timed_out(self.cfg.limits.request_timeout_s) from exc
             if isinstance(exc, (BackPressureError, DeploymentUnavailableError)):
-                raise _overloaded(exc) from exc
+                raise overloaded(exc) from exc
             raise
         return StreamingResponse(self._sse(plan, body, kind, opened), media_type="text/event-stream")
 
@@ -338,11 +303,11 @@ class Router:
         try:
             vectors = await self._call("prefill", lambda: self.prefill.embed.remote(prompts), limits.request_timeout_s)
         except (BackPressureError, DeploymentUnavailableError) as exc:
-            raise _overloaded(exc) from exc
+            raise overloaded(exc) from exc
         except TimeoutError as exc:
-            raise _timed_out(limits.request_timeout_s) from exc
+            raise timed_out(limits.request_timeout_s) from exc
         except REPLICA_FAILURES as exc:
-            raise _replica_failed("prefill", exc, retried=self.cfg.retry_on_replica_failure) from exc
+            raise replica_failed("prefill", exc, retried=self.cfg.retry_on_replica_failure) from exc
         if body.encoding_format == "base64":
             vectors = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() for v in vectors]
         tokens = sum(len(p) for p in prompts)

@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # It must be set before Ray is first imported (Ray caches its config at import).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-from serve_app.cli import DEFAULT_MODEL  # noqa: E402
+from serve_app.config import DEFAULT_MODEL  # noqa: E402
 
 
 @pytest.fixture(scope="session")

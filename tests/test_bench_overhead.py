@@ -8,11 +8,11 @@ from serve_app.offline.bench.overhead import (
     PREFILL,
     VARIANTS,
     BenchOverheadConfig,
-    _run_rss_worker,
     batch_prompts,
     plot_bench,
     print_bench,
     run_bench_overhead,
+    run_rss_worker,
 )
 
 
@@ -76,7 +76,7 @@ def test_rss_worker_runs_in_a_fresh_interpreter(shipped, model_dir):
         "pooling": cfg.pooling.model_dump(),
         "variant": KV_POOL,
     }
-    result = _run_rss_worker(job)
+    result = run_rss_worker(job)
     assert result["variant"] == KV_POOL
     assert result["rss_before_bytes"] > 0
     assert result["peak_rss_delta_bytes"] >= 0

@@ -15,11 +15,11 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from deployments.router import check_exposure  # noqa: E402
 from loadtests.chaos import ChaosConfig, format_chaos, kill_replica, run_chaos  # noqa: E402
 from loadtests.fuzz import FuzzConfig, format_fuzz, run_fuzz  # noqa: E402
 from serve_app.app import build_app  # noqa: E402
 from serve_app.config import AppConfig  # noqa: E402
+from serve_app.serving.api import check_exposure  # noqa: E402
 
 PORT = int(os.environ.get("KVSWITCH_TEST_RELIABILITY_PORT", "18441"))
 MODEL = "kvswitch-arith-tiny"

@@ -1,4 +1,4 @@
-"""KV-cache features (DESIGN §2): the difficulty-probe feature and the KV sentence embedding.
+"""KV-cache features (docs/method.md §1–2): the difficulty-probe feature and the KV sentence embedding.
 
 Pure torch, no Ray. Inputs are the per-layer key/value tensors of a transformers 5.x cache
 (``cache.layers[l].keys`` / ``.values``, shape ``[batch, kv_heads, seq, head_dim]``) and the
@@ -36,7 +36,7 @@ class PoolingConfig(BaseModel):
 
 
 EMBEDDING_LAYERS = 4
-"""The KV sentence embedding averages the last 4 layers (DESIGN §2)."""
+"""The KV sentence embedding averages the last 4 layers (docs/method.md §2)."""
 
 
 def last_real_weights(attention_mask: torch.Tensor, last_tokens: int | None, token: str = "sum") -> torch.Tensor:

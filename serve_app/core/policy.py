@@ -85,7 +85,7 @@ def choose_pool(difficulty: float, tau: float, fast: PoolLoad, slow: PoolLoad, c
 
 
 class OnlineConfig(BaseModel):
-    """Two-step switching (DESIGN §2): every ``every`` generated tokens re-score the last S cached
+    """Two-step switching (docs/method.md §5): every ``every`` generated tokens re-score the last S cached
     positions; slow → fast below ``tau - delta``, fast → slow above ``tau + delta``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

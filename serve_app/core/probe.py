@@ -1,4 +1,4 @@
-"""Difficulty probe (DESIGN §2): labels, the MLP regressor, and a checkpoint that knows its model.
+"""Difficulty probe (docs/method.md §3): labels, the MLP regressor, and a checkpoint that knows its model.
 
 Labels (0–100, per calibration question, after running both modes):
   0 = fast correct and short, 25 = fast correct but long, 75 = fast wrong and slow correct,
@@ -58,7 +58,7 @@ def model_fingerprint(config: Any) -> str:
 
 
 class MLPRegressor(torch.nn.Module):
-    """in → hidden → ReLU → 1 on standardised features (DESIGN §2: 2048 → 512 → ReLU → 1)."""
+    """in → hidden → ReLU → 1 on standardised features (docs/method.md §3: 2048 → 512 → ReLU → 1)."""
 
     def __init__(self, in_dim: int, hidden: int = 512):
         super().__init__()

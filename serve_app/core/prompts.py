@@ -8,8 +8,12 @@ slow mode with ``<think>\n``; a mid-generation switch appends ``</think>\n\n`` (
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import BaseModel, ConfigDict
-from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # core needs no transformers at run time: any object with encode / apply_chat_template works
+    from transformers import PreTrainedTokenizerBase
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 FAST_PREFIX = f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"

@@ -1,4 +1,4 @@
-"""The synthetic chain-arithmetic task the embedded model is trained and measured on (DESIGN §4).
+"""The synthetic chain-arithmetic task the embedded model is trained and measured on (docs/method.md §7).
 
 Questions read ``What is 37 + 48 - 19?``: operands 0–99, ``+`` and ``-`` evaluated left to right.
 Every dataset file is JSONL ``{"question": ..., "answer": ...}``; the grader takes the last integer

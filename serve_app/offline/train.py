@@ -1,4 +1,4 @@
-"""Train the embedded default model from scratch (DESIGN §4): a small Qwen3 on chain arithmetic.
+"""Train the embedded default model from scratch (docs/method.md §7): a small Qwen3 on chain arithmetic.
 
 Read top to bottom: constants, data, the loop. Both modes are mixed in every run: fast replies
 answer directly after the empty think block; slow replies work the steps, undo them to re-check,
@@ -45,7 +45,7 @@ class TrainConfig(BaseModel):
     fast_one_operator_fraction: float = Field(0.6, ge=0, le=1)
     # A share of slow examples is cut at a random token after the worked steps and closed with
     # ``</think>\n\n`` (no loss on those tokens: the model must not learn to close by itself), then
-    # answered. That is what an online slow → fast switch does at serving time (DESIGN §2).
+    # answered. That is what an online slow → fast switch does at serving time (docs/method.md §5).
     forced_close_fraction: float = Field(0.25, ge=0, le=1)
     init_from: str | None = None
     """Fine-tune from this checkpoint directory instead of starting from scratch."""

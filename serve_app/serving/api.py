@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -16,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve_app.config import AppConfig
 from serve_app.serving.errors import APIError
 from serve_app.serving.schemas import error_body
 
@@ -177,3 +179,24 @@ def create_app() -> FastAPI:
         return error_response(exc)
 
     return app
+
+
+# ----------------------------------------------------------------------------- API keys, exposure
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def api_keys(cfg: AppConfig) -> list[str]:
+    """The configured keys plus the comma-separated keys in ``$<auth.api_keys_env>`` (read here, in
+    the router replica, so keys can stay out of config files)."""
+    keys = [k.get_secret_value() for k in cfg.auth.api_keys]
+    keys += [k.strip() for k in os.environ.get(cfg.auth.api_keys_env, "").split(",") if k.strip()]
+    return keys
+
+
+def check_exposure(cfg: AppConfig, auth_enabled: bool, host: str | None) -> None:
+    """Refuse to serve without API keys on a non-loopback interface (unless explicitly allowed)."""
+    if auth_enabled or cfg.auth.allow_unauthenticated_remote or host is None or host in LOOPBACK:
+        return
+    raise RuntimeError(f"Serve's HTTP proxy listens on {host!r} but no API key is configured: set ${cfg.auth.api_keys_env} "
+                       "(or auth.api_keys), bind http_options.host to 127.0.0.1, or set auth.allow_unauthenticated_remote: true")

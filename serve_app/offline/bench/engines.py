@@ -38,7 +38,6 @@ async def _vllm_run(engine, prompts, mode, on, batch):
 
 
 def run_bench_engines(model: str, prompts_n: int = 32, batches=(1, 16), seed: int = 4040, threads: int = 1, vllm_args: dict | None = None) -> dict:
-    from serve_app.core.policy import OnlineConfig
     from serve_app.core.probe import Probe
     from serve_app.core.task import generate_problems
     from serve_app.engines.hf import HFEngine
@@ -49,7 +48,7 @@ def run_bench_engines(model: str, prompts_n: int = 32, batches=(1, 16), seed: in
     hf_model, tok = load_model(model)
     hf = HFEngine(hf_model, tok)
     probe = Probe.load(f"{model}/probe.pt", hf_model.config)
-    online = OnlineConfig(**probe.thresholds)
+    online = probe.online_config()
     prompts = [hf.encode_prompt(p.question) for p in generate_problems(prompts_n, seed=seed)]
     cases = [("fast", False), ("slow", False), ("slow", True)]
     rows = []
