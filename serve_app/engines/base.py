@@ -22,7 +22,7 @@ SAMPLING_EPS = 1e-5
 
 
 class DifficultyScorer(Protocol):
-    """What the engine needs from a calibrated probe (serve_app.probe.Probe implements it)."""
+    """What the engine needs from a calibrated probe (serve_app.core.probe.Probe implements it)."""
 
     pooling: PoolingConfig
     decode_pooling: PoolingConfig

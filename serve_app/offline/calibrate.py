@@ -11,7 +11,7 @@
    ``kv-decode`` head, which online switching uses to decide when the thought can end.
 5. Train one MLP head per feature kind on the train split (early stopping on a slice of it);
    report validation MSE and AUROC of "fast is enough" (decode head: "closing is safe").
-6. Fit the KV-CoE confidence mapping per mode on the train split (``serve_app.coe``).
+6. Fit the KV-CoE confidence mapping per mode on the train split (``serve_app.offline.metrics.fit_confidence``).
 """
 
 from __future__ import annotations

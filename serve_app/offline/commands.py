@@ -309,7 +309,7 @@ def add_quant_report(sub) -> None:
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--dataset", required=True)
     p.add_argument("--settings", help="comma list of quantization specs (fp is always included); default: int8/int4/int3/int2 "
-                                      "keys and values, per-token / per-tensor / per-channel, and a layer map (serve_app.quant_report)")
+                                      "keys and values, per-token / per-tensor / per-channel, and a layer map (serve_app.offline.quant_report)")
     p.add_argument("--probes", help="comma list of probe checkpoints to compare (default: <model>/probe.pt)")
     p.add_argument("--out", help="JSON report; a PNG goes beside it")
     p.add_argument("--batch-size", type=int, default=64)

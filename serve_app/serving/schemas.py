@@ -46,7 +46,7 @@ class KvswitchOptions(_Body):
     online: bool | None = None
     """Mid-generation switching (default: the service's setting)."""
     select: Literal["coe", "vote", "coe-vote"] | None = None
-    """Best-of-n: with n > 1, put the choice this rule picks first (serve_app.bestofn)."""
+    """Best-of-n: with n > 1, put the choice this rule picks first (serve_app.core.bestofn)."""
 
 
 class ChatTemplateKwargs(_Body):
