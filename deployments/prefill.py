@@ -6,6 +6,8 @@ features come from vLLM's own paged cache (``serve_app.engines.vllm_connector``)
 
 from __future__ import annotations
 
+import asyncio
+
 import torch
 from ray import serve
 
@@ -24,7 +26,8 @@ class PrefillPool:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _score_batch(self, prompts: list[list[int]]) -> list[float]:
         feats = await self.engine.features(prompts)
-        return self.probe.prompt_difficulty(torch.stack([f["kv"] for f in feats])).tolist()
+        scores = await asyncio.to_thread(self.probe.prompt_difficulty, torch.stack([f["kv"] for f in feats]))  # off the event loop
+        return scores.tolist()
 
     async def score(self, prompt_ids: list[int]) -> float:
         """Difficulty (0–100) of one prompt; concurrent calls share one batched prefill."""

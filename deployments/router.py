@@ -28,7 +28,7 @@ from serve_app.core.prompts import encode_messages, mode_prefix_ids
 from serve_app.serving.api import api_keys, check_exposure, create_app
 from serve_app.serving.errors import APIError, overloaded, replica_failed, timed_out
 from serve_app.serving.messages import Final, Job, Reply
-from serve_app.serving.plan import Plan, admit, jobs, max_prompt_tokens, plan
+from serve_app.serving.plan import Plan, admit, check_target, jobs, max_prompt_tokens, plan
 from serve_app.serving.responses import chat_body, chunk, completion_body, info, rank_choices, sse, usage
 from serve_app.serving.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingRequest, completion_id, now
 
@@ -71,6 +71,7 @@ class Router:
     async def _plan(self, body: SamplingRequest, messages: list[dict]) -> Plan:
         """Admit the request, ask the prefill pool for the difficulty unless the mode is forced, and plan."""
         deadline = asyncio.get_running_loop().time() + self.cfg.limits.request_timeout_s
+        check_target(body, self.cfg)  # before tokenising: a wrong model or n is refused whatever the messages
         prompt_ids = self._prompt_ids(messages)
         admission = admit(body, len(prompt_ids), self.cfg, self.context, self.prefix_len)
         difficulty = None if admission.forced else await self._difficulty(prompt_ids)

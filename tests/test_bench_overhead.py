@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from serve_app.offline.bench.memory import run_rss_worker
 from serve_app.offline.bench.overhead import (
     HIDDEN,
     KV_POOL,
@@ -12,7 +13,6 @@ from serve_app.offline.bench.overhead import (
     plot_bench,
     print_bench,
     run_bench_overhead,
-    run_rss_worker,
 )
 
 

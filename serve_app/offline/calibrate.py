@@ -114,7 +114,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     unknown = set(cfg.features) - set(FEATURE_KINDS)
     if unknown or "kv" not in cfg.features:
         raise ValueError(f"features must include 'kv' and be among {FEATURE_KINDS}; got {cfg.features}")
-    exp = setup(cfg.model, cfg.dataset, cfg.limit)
+    exp = setup(cfg.model, cfg.dataset, cfg.limit, min_rows=0)  # the check below says what calibration needs
     rows = exp.rows
     if len(rows) < 20:
         raise ValueError(f"{cfg.dataset}: calibration needs at least 20 questions, got {len(rows)}")

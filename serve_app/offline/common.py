@@ -54,7 +54,7 @@ class Experiment:
 
 
 def setup(model: str | Path, dataset: str | Path, limit: int | None = None, min_rows: int = 1) -> Experiment:
-    """Load the model (never from the hub) and the first ``limit`` rows of ``dataset``."""
+    """Load the model (never from the hub) and the first ``limit`` rows of ``dataset`` (at least ``min_rows``)."""
     m, tokenizer = load_model(model)
     engine = HFEngine(m, tokenizer)
     rows = list(read_jsonl(dataset))[:limit]

@@ -43,14 +43,19 @@ def max_prompt_tokens(cfg: AppConfig, context: int) -> int:
     return min(cfg.limits.max_prompt_tokens or context, context)
 
 
-def admit(body: SamplingRequest, prompt_len: int, cfg: AppConfig, context: int, prefix_len: dict[str, int]) -> Admission:
-    """Refuse (``APIError``, a 4xx) what the service cannot serve: another model, too many choices,
-    a prompt or a prompt plus ``max_tokens`` beyond the limits."""
+def check_target(body: SamplingRequest, cfg: AppConfig) -> None:
+    """What needs no prompt: the served model and the number of choices (404 / 400)."""
     if body.model != cfg.model_name:
         raise APIError(404, f"model {body.model!r} does not exist; this service serves {cfg.model_name!r} (see GET /v1/models)",
                        param="model", code="model_not_found")
     if body.n > cfg.max_n:
         raise APIError(400, f"n must be ≤ {cfg.max_n}", param="n")
+
+
+def admit(body: SamplingRequest, prompt_len: int, cfg: AppConfig, context: int, prefix_len: dict[str, int]) -> Admission:
+    """Refuse (``APIError``, a 4xx) what the service cannot serve: another model, too many choices,
+    a prompt or a prompt plus ``max_tokens`` beyond the limits."""
+    check_target(body, cfg)
     max_prompt = max_prompt_tokens(cfg, context)
     if prompt_len > max_prompt:
         raise APIError(400, f"the prompt has {prompt_len} tokens; this service takes at most {max_prompt}", param="messages",
