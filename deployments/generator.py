@@ -6,40 +6,74 @@ Replicas publish their load through ``record_routing_stats`` for the pool's requ
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from typing import AsyncIterator
 
 from ray import serve
 
 from deployments.metrics import GeneratorMetrics, add
+from deployments.reporting import LoadReporter
 from serve_app.config import AppConfig
 from serve_app.core.confidence import kv_confidence
-from serve_app.engines.base import GenRequest
+from serve_app.engines.base import GenerationError, GenRequest
 from serve_app.engines.load import make_engine
 from serve_app.engines.reply import ReplyStream
 from serve_app.serving.messages import Delta, Final, Job, Reply
 
+logger = logging.getLogger("ray.serve")
+
 
 @serve.deployment
 class Generator:
-    def __init__(self, cfg: AppConfig, pool: str):
+    def __init__(self, cfg: AppConfig, pool: str, board=None):
         self.pool = pool
         self.engine = make_engine(cfg, pool)
         self.online_enabled = cfg.online.enabled
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.reporter = LoadReporter(board, pool, self.replica, lambda: self.engine.stats().model_dump(), cfg.load_view_period_s)
+        self.reporter.ensure_started()
         self.metrics = GeneratorMetrics(pool)
         self.skip_ids = {self.engine.eos_id, self.engine.pad_id}
+        # detokenising and the confidence run here, off the replica's event loop
+        self.cpu = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"kvswitch-{pool}-reply")
+
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.cpu, fn, *args)
 
     def record_routing_stats(self) -> dict:
         """Polled by the pool's request router (``PredictedTokensRouter``)."""
+        self.reporter.ensure_started()
         stats = self.engine.stats().model_dump()
         self.metrics.observe(stats)
         return stats
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Polled by Serve's autoscaler for ``cluster.autoscaling.predicted_tokens_policy``."""
+        stats = self.engine.stats()
+        return {"predicted_tokens": float(stats.predicted_tokens), "running": float(stats.running), "queued": float(stats.queued)}
+
     async def generate_stream(self, job: Job) -> AsyncIterator[Delta | Final]:
-        """Yield ``Delta`` text as the reply decodes, then one ``Final``."""
+        """Yield ``Delta`` text as the reply decodes, then one ``Final``. A failure ends this reply
+        alone with ``GenerationError`` (its request id only; the details go to the log)."""
+        self.reporter.ensure_started()
+        try:
+            async with aclosing(self._generate_stream(job)) as items:  # closed at once when the client goes
+                async for item in items:
+                    yield item
+        except GenerationError:
+            raise
+        except Exception as exc:  # noqa: BLE001 — clients get the request id, the log gets the details
+            logger.exception("generation failed for request %s", job.request_id or "?")
+            raise GenerationError(job.request_id) from exc
+
+    async def _generate_stream(self, job: Job) -> AsyncIterator[Delta | Final]:
         eng = self.engine
         req = GenRequest(prompt_ids=job.prompt_ids, mode=self.pool, online=job.online and self.online_enabled,
-                         max_new_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p, seed=job.seed)
+                         max_new_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p, seed=job.seed,
+                         request_id=job.request_id)
         reply = ReplyStream(eng.tokenizer, thinking=self.pool == "slow", stops=job.stop, skip_ids=self.skip_ids,
                             open_tag=eng.prompts.open_think.strip(), close_tag=eng.prompts.close_think.strip())
         tokens, result = 0, None
@@ -47,7 +81,7 @@ class Generator:
         try:
             async for ids, result in stream:
                 tokens += len(ids)
-                reasoning, content = reply.push(ids, final=result is not None)
+                reasoning, content = await self._off_loop(reply.push, ids, result is not None)
                 if reasoning or content:
                     yield Delta(reasoning, content)
                 if reply.stopped:
@@ -58,7 +92,7 @@ class Generator:
         if result is not None:
             finish = "stop" if result.finished else "length"
             start, end, switched_at = result.start_mode, result.end_mode, result.switched_at
-            confidence = kv_confidence(eng.probe.confidence, result.end_mode, result.kv_trajectory)
+            confidence = await self._off_loop(kv_confidence, eng.probe.confidence, result.end_mode, result.kv_trajectory)
         else:  # a stop string ended the reply early
             finish, start, end, switched_at, confidence = "stop", self.pool, self.pool, None, None
         yield Final(finish_reason="stop" if reply.stopped else finish, prompt_tokens=len(req.prompt_ids) + len(eng.prefix_ids[self.pool]),

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from serve_app.config import AppConfig
-from serve_app.engines.base import GenRequest
+from serve_app.engines.base import GenerationError, GenRequest
 from serve_app.engines.batcher import ContinuousBatcher
 from serve_app.engines.load import make_engine
 from serve_app.engines.reply import ReplyStream
@@ -64,6 +64,42 @@ def test_closing_a_stream_frees_its_row(runtime):
 
     assert asyncio.run(run()) >= 5
     assert batcher.stats().running == 0 and not batcher.batch.rows
+
+
+def test_a_failing_request_ends_alone_and_the_others_finish_unchanged(runtime, monkeypatch):
+    """A prefill that fails (an empty prompt) and a sampling step that fails (injected for one seed)
+    end their own streams with a ``GenerationError`` that names only the request id; the rows
+    batched with them decode exactly as they would alone."""
+    eng = runtime.engine
+    good = [GenRequest(eng.encode_prompt(HARD), mode="slow", max_new_tokens=300, request_id="good-greedy"),
+            GenRequest(eng.encode_prompt(EASY), mode="slow", temperature=0.8, seed=3, max_new_tokens=300, request_id="good-seeded")]
+    bad_prefill = GenRequest([], mode="slow", max_new_tokens=50, request_id="bad-prefill")
+    bad_sample = GenRequest(eng.encode_prompt("What is 7 + 8?"), mode="slow", temperature=0.9, seed=666, max_new_tokens=300,
+                            request_id="bad-sample")
+    alone = [eng.generate([r])[0].token_ids for r in good]
+    sample = eng._sample
+
+    def failing_sample(row, logits):
+        if row.req.seed == 666 and row.generated >= 3:
+            raise RuntimeError("injected secret detail")
+        return sample(row, logits)
+
+    monkeypatch.setattr(eng, "_sample", failing_sample)
+    batcher = ContinuousBatcher(eng, runtime.probe, runtime.online, max_batch_size=8)
+
+    async def run():
+        async def one(req):
+            try:
+                return await _collect(batcher, req)
+            except GenerationError as exc:
+                return exc
+        return await asyncio.gather(*(one(r) for r in [good[0], bad_prefill, bad_sample, good[1]]))
+
+    g0, e_prefill, e_sample, g1 = asyncio.run(run())
+    assert [g0[0], g1[0]] == alone
+    for exc, rid in ((e_prefill, "bad-prefill"), (e_sample, "bad-sample")):
+        assert isinstance(exc, GenerationError) and rid in str(exc) and "secret" not in str(exc) and "token" not in str(exc)
+    assert batcher.stats().model_dump() == {"queued": 0, "running": 0, "predicted_tokens": 0.0} and not batcher.batch.rows
 
 
 class CharTokenizer:

@@ -47,6 +47,20 @@ class GenRequest:
     seed: int | None = None
     add_prefix: bool = True
     """False: ``prompt_ids`` already end inside the assistant turn (calibration's forced closes)."""
+    request_id: str = ""
+    """The service's id of the request (logs only)."""
+
+
+class GenerationError(RuntimeError):
+    """One request's generation failed (the details are in the replica's log, not in the message:
+    clients see only the request id). The other requests of the batch go on."""
+
+    def __init__(self, request_id: str = ""):
+        super().__init__(f"generation failed (request {request_id or 'without id'}); the details are in the service's logs")
+        self.request_id = request_id
+
+    def __reduce__(self):  # Ray pickles it across processes
+        return (GenerationError, (self.request_id,))
 
 
 @dataclass

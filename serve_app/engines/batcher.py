@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
@@ -11,8 +12,10 @@ import torch
 
 from serve_app.core.policy import OnlineConfig
 from serve_app.core.probe import Probe
-from serve_app.engines.base import EngineStats, GenRequest, GenResult
+from serve_app.engines.base import EngineStats, GenerationError, GenRequest, GenResult
 from serve_app.engines.hf import DecodeBatch, HFEngine, Row
+
+logger = logging.getLogger("kvswitch.engine")
 
 
 @dataclass(eq=False)
@@ -24,6 +27,7 @@ class _Ticket:
     sent: int = 0
     done: bool = False
     cancelled: bool = False
+    error: Exception | None = None
 
 
 class ContinuousBatcher:
@@ -91,15 +95,42 @@ class ContinuousBatcher:
                 if ticket.row is not None:
                     self.batch.cancel(ticket.row)
 
-    def _tick(self, new: list[_Ticket]) -> None:
-        if new:
+    def _admit(self, new: list[_Ticket]) -> list[_Ticket]:
+        """Prefill ``new`` into the batch; returns the tickets whose prefill failed (their
+        ``error`` set). A failed batched prefill is retried one request at a time, so one bad
+        request fails alone; ``DecodeBatch.add`` changes the batch only once its prefill succeeded."""
+        try:
             rows = self.batch.add([t.request for t in new])
-            for t, row in zip(new, rows):
-                t.row = row
-                if t.cancelled:
-                    self.batch.cancel(row)
+        except Exception as exc:  # noqa: BLE001 — find the culprit below
+            if len(new) == 1:
+                new[0].error = exc
+                return new
+            failed = []
+            for t in new:
+                try:
+                    t.row = self.batch.add([t.request])[0]
+                except Exception as exc1:  # noqa: BLE001 — that request alone fails
+                    t.error = exc1
+                    failed.append(t)
+            return failed
+        for t, row in zip(new, rows):
+            t.row = row
+        return []
+
+    def _tick(self, new: list[_Ticket]) -> list[_Ticket]:
+        failed = self._admit(new) if new else []
+        for t in new:
+            if t.row is not None and t.cancelled:
+                self.batch.cancel(t.row)
         if self.batch.rows:
             self.batch.step()
+        return failed
+
+    def _fail(self, t: _Ticket, exc: BaseException) -> None:
+        """End one stream with ``GenerationError``: the details go to the log, not to the client."""
+        logger.error("generation failed for request %s", t.request.request_id or "?", exc_info=exc)
+        t.done = True
+        t.queue.put_nowait(GenerationError(t.request.request_id))
 
     async def _run(self) -> None:
         while True:
@@ -113,21 +144,24 @@ class ContinuousBatcher:
                 if not t.cancelled:
                     new.append(t)
             try:
-                await asyncio.to_thread(self._tick, new)
-            except Exception as exc:  # a failed step fails its rows, never the replica
-                failed = self.inflight + new
+                failed = await asyncio.to_thread(self._tick, new)
+            except Exception as exc:  # noqa: BLE001 — the batch's forward pass failed: its rows fail, never the replica
+                broken = self.inflight + new
                 self.inflight, self.batch = [], self._new_batch()
-                for t in failed:
-                    t.done = True
-                    t.queue.put_nowait(RuntimeError(f"generation failed: {exc}"))
+                for t in broken:
+                    self._fail(t, t.error or exc)
                 continue
-            self.inflight.extend(new)
+            for t in failed:
+                self._fail(t, t.error)
+            self.inflight.extend(t for t in new if t.row is not None)
             still = []
             for t in self.inflight:
                 row = t.row
                 ids = row.out_ids[t.sent :]
                 t.sent = len(row.out_ids)
-                if row.result is not None:
+                if row.error is not None:  # this row's sampling failed; the others go on
+                    self._fail(t, row.error)
+                elif row.result is not None:
                     t.done = True
                     t.queue.put_nowait((ids, row.result))
                 elif t.cancelled:
@@ -137,5 +171,3 @@ class ContinuousBatcher:
                         t.queue.put_nowait((ids, None))
                     still.append(t)
             self.inflight = still
-
-

@@ -58,6 +58,8 @@ class Row:
     hidden_feature: torch.Tensor | None = None
     cancelled: bool = False
     result: GenResult | None = None
+    error: Exception | None = None
+    """What ended this row alone (its sampling failed); the other rows go on."""
 
 
 class HFEngine(TokenSetup):
@@ -164,6 +166,9 @@ class HFEngine(TokenSetup):
         rows = batch.add(requests)
         while batch.rows:
             batch.step()
+        for row in rows:
+            if row.error is not None:
+                raise row.error
         return [row.result for row in rows]  # type: ignore[misc]
 
 
@@ -262,14 +267,20 @@ class DecodeBatch:
         feed, keep, fed_counted, done = [], [], [], []
         # Choose every sampled token first, then score them all with one batched softmax.
         greedy = logits.argmax(-1).tolist()
-        chosen = {b: greedy[b] if row.req.temperature < SAMPLING_EPS else eng._sample(row, logits[b])
-                  for b, row in enumerate(rows) if not row.forced and not row.cancelled}
+        chosen: dict[int, int] = {}
+        for b, row in enumerate(rows):
+            if row.forced or row.cancelled:
+                continue
+            try:
+                chosen[b] = greedy[b] if row.req.temperature < SAMPLING_EPS else eng._sample(row, logits[b])
+            except Exception as exc:  # noqa: BLE001 — one row's failure ends that row, not the batch
+                row.error = exc
         stats: dict[int, tuple] = {}
         if chosen:
             idx = list(chosen)
             stats = dict(zip(idx, zip(*(t.tolist() for t in token_stats(logits[idx], torch.tensor([chosen[b] for b in idx]))))))
         for b, row in enumerate(rows):
-            if row.cancelled:
+            if row.cancelled or row.error is not None:
                 continue
             tok, counted = self._next_token(row, chosen.get(b), stats.get(b))
             if not row.forced:

@@ -27,3 +27,9 @@ def replica_failed(what: str, exc: Exception, retried: bool) -> APIError:
 def timed_out(limit: float) -> APIError:
     return APIError(504, f"the request did not finish within the service's {limit:g} s timeout; its generation was cancelled",
                     "timeout_error", code="request_timeout")
+
+
+def generation_failed(request_id: str) -> APIError:
+    """A generation failed inside the service: the client learns the request id, the log the details."""
+    return APIError(500, f"generation failed (request {request_id}); the details are in the service's logs", "server_error",
+                    code="generation_failed")

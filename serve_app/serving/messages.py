@@ -23,6 +23,8 @@ class Job:
     stop: list[str] = field(default_factory=list)
     predicted_tokens: float = 0.0
     """The router's prediction of this job's generated tokens (what the request router balances)."""
+    request_id: str = ""
+    """The response id the client sees; errors name it, logs carry it."""
 
 
 @dataclass(frozen=True)
