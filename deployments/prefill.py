@@ -11,14 +11,19 @@ import asyncio
 import torch
 from ray import serve
 
+from deployments.reporting import LoadReporter
 from serve_app.config import AppConfig
 from serve_app.engines.load import make_engine
 
 
 @serve.deployment
 class PrefillPool:
-    def __init__(self, cfg: AppConfig):
+    def __init__(self, cfg: AppConfig, board=None):
         self.engine = make_engine(cfg, "prefill")
+        self.running = 0
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.reporter = LoadReporter(board, "prefill", replica, lambda: {"running": self.running}, cfg.load_view_period_s)
+        self.reporter.ensure_started()
         self.probe = self.engine.probe
         self._score_batch.set_max_batch_size(cfg.prefill.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(cfg.prefill.batch_wait_timeout_s)
@@ -31,8 +36,18 @@ class PrefillPool:
 
     async def score(self, prompt_ids: list[int]) -> float:
         """Difficulty (0–100) of one prompt; concurrent calls share one batched prefill."""
-        return await self._score_batch(prompt_ids)
+        self.reporter.ensure_started()
+        self.running += 1
+        try:
+            return await self._score_batch(prompt_ids)
+        finally:
+            self.running -= 1
 
     async def embed(self, prompts: list[list[int]]) -> list[list[float]]:
         """KV embeddings (L2-normalised) of the given prompts, one prefill for all."""
-        return [f["embedding"].tolist() for f in await self.engine.features(prompts, embedding=True)]
+        self.reporter.ensure_started()
+        self.running += 1
+        try:
+            return [f["embedding"].tolist() for f in await self.engine.features(prompts, embedding=True)]
+        finally:
+            self.running -= 1

@@ -14,19 +14,20 @@ import logging
 from typing import AsyncIterator
 
 import numpy as np
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import NodeDiedError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
 
-from deployments.metrics import RouterMetrics, add
+from deployments.metrics import RouterMetrics
+from deployments.router_loads import RouterLoads
 from serve_app.config import AppConfig
-from serve_app.core.policy import PoolLoad, expected_tokens
 from serve_app.core.prompts import encode_messages, mode_prefix_ids
 from serve_app.serving.api import api_keys, check_exposure, create_app
-from serve_app.serving.errors import APIError, overloaded, replica_failed, timed_out
+from serve_app.serving.errors import APIError, generation_failed, overloaded, replica_failed, timed_out
+from serve_app.serving.lease import LeasedStreamingResponse
 from serve_app.serving.messages import Final, Job, Reply
 from serve_app.serving.plan import Plan, admit, check_target, jobs, max_prompt_tokens, plan
 from serve_app.serving.responses import chat_body, chunk, completion_body, info, rank_choices, sse, usage
@@ -39,25 +40,34 @@ REPLICA_FAILURES = (RayActorError, ReplicaUnavailableError, NodeDiedError)
 """What a call raises when the replica (or its node) serving it died."""
 
 
+STREAM_BUFFER = 64
+"""Items buffered per streamed reply between the pools and the client; a slow client holds the
+pools' streams back (back-pressure) instead of growing the router's memory."""
+
+
 def _serve_http_host() -> str | None:
+    """The interface Serve's HTTP proxy listens on; None when it cannot be determined (then
+    ``check_exposure`` refuses to start without API keys)."""
     try:
         from ray.serve.context import _get_global_client
 
         return _get_global_client().http_config.host
-    except Exception:  # noqa: BLE001 — outside a Serve instance (unit tests): nothing to check
+    except Exception as exc:  # noqa: BLE001 — fail closed: check_exposure decides what None means
+        logger.warning("could not determine Serve's HTTP host (%s: %s)", type(exc).__name__, exc)
         return None
 
 
 @serve.deployment
 @serve.ingress(app)
 class Router:
-    def __init__(self, cfg: AppConfig, prefill: DeploymentHandle, fast: DeploymentHandle, slow: DeploymentHandle, tau: float, context_length: int):
+    def __init__(self, cfg: AppConfig, prefill: DeploymentHandle, fast: DeploymentHandle, slow: DeploymentHandle, tau: float, context_length: int,
+                 board: DeploymentHandle | None = None):
         self.cfg, self.tau, self.context = cfg, tau, context_length
         self.prefill, self.pools = prefill, {"fast": fast, "slow": slow}
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
         self.prefix_len = {m: len(ids) for m, ids in mode_prefix_ids(self.tokenizer).items()}
-        self.load = {"fast": PoolLoad(), "slow": PoolLoad()}
         self.metrics = RouterMetrics()
+        self.loads = RouterLoads(cfg, tau, board, serve.get_replica_context().replica_id.unique_id, self.metrics)
         guard = app.state.guard
         guard.max_body_bytes = cfg.limits.max_body_bytes
         guard.set_keys(api_keys(cfg))
@@ -68,16 +78,17 @@ class Router:
     def _prompt_ids(self, messages: list[dict]) -> list[int]:
         return encode_messages(self.tokenizer, messages)
 
-    async def _plan(self, body: SamplingRequest, messages: list[dict]) -> Plan:
+    async def _plan(self, body: SamplingRequest, messages: list[dict], kind: str) -> Plan:
         """Admit the request, ask the prefill pool for the difficulty unless the mode is forced, and plan."""
         deadline = asyncio.get_running_loop().time() + self.cfg.limits.request_timeout_s
         check_target(body, self.cfg)  # before tokenising: a wrong model or n is refused whatever the messages
-        prompt_ids = self._prompt_ids(messages)
+        prompt_ids = await asyncio.to_thread(self._prompt_ids, messages)  # CPU work off the event loop
         admission = admit(body, len(prompt_ids), self.cfg, self.context, self.prefix_len)
         difficulty = None if admission.forced else await self._difficulty(prompt_ids)
         if difficulty is not None:
             self.metrics.difficulty.observe(difficulty)
-        p = plan(body, prompt_ids, admission, difficulty, self.load, self.tau, self.cfg, deadline)
+        p = plan(body, prompt_ids, admission, difficulty, self.loads.view(), self.tau, self.cfg, deadline)
+        p.request_id = completion_id("chatcmpl" if kind == "chat" else "cmpl")
         self.metrics.requests.inc(tags={"route": p.decision.pool, "reason": p.decision.reason})
         return p
 
@@ -118,27 +129,6 @@ class Router:
             logger.warning("prefill pool gave no difficulty (%s); routing to %s", cause, self.cfg.fallback_mode)
             return None
 
-    # ------------------------------------------------------------------------------ load view
-    def _start(self, plan: Plan, n: int) -> None:
-        load = self.load[plan.decision.pool]
-        load.running += n
-        load.predicted_tokens += n * plan.decision.predicted_tokens
-        self.metrics.inflight.set(load.running, tags={"route": plan.decision.pool})
-
-    def _end(self, plan: Plan, finals: list[Final], n: int) -> None:
-        pool = plan.decision.pool
-        load = self.load[pool]
-        load.running -= n
-        load.predicted_tokens = max(load.predicted_tokens - n * plan.decision.predicted_tokens, 0.0)
-        self.metrics.inflight.set(load.running, tags={"route": pool})
-        for f in finals:
-            add(self.metrics.tokens, f.completion_tokens, {"route": pool})
-            slow_cost = expected_tokens(plan.difficulty if plan.difficulty is not None else self.tau, "slow", self.cfg.policy)
-            if pool == "fast" or f.end_mode == "fast":
-                add(self.metrics.saved, slow_cost - f.completion_tokens)
-            if f.switched_at is not None:
-                self.metrics.switches.inc(tags={"direction": f"{f.start_mode}->{f.end_mode}"})
-
     # ---------------------------------------------------------------------------- generation
     async def _generate(self, plan: Plan, job: Job) -> Reply:
         """One whole reply; retried once on another replica if the first one dies (the client has
@@ -152,8 +142,7 @@ class Router:
         return out
 
     async def _complete(self, plan: Plan, body: SamplingRequest) -> list[Reply]:
-        n = body.n
-        self._start(plan, n)
+        lease = self.loads.start(plan, body.n)
         outs: list[Reply] = []
         tasks = [asyncio.create_task(self._generate(plan, job)) for job in jobs(plan, body)]
         try:
@@ -164,11 +153,19 @@ class Router:
             raise timed_out(self.cfg.limits.request_timeout_s) from exc
         except (BackPressureError, DeploymentUnavailableError) as exc:
             raise overloaded(exc) from exc
+        except APIError:
+            raise
+        except Exception as exc:  # noqa: BLE001 — the client gets the request id, the log the details
+            raise self._failed(plan, exc) from exc
         finally:
             for t in tasks:  # one choice failed or the client left: stop the others too
                 t.cancel()
-            self._end(plan, [o.final for o in outs], n)
+            lease.release([o.final for o in outs])
         return outs
+
+    def _failed(self, plan: Plan, exc: BaseException) -> APIError:
+        logger.error("request %s: generation failed: %r", plan.request_id, exc)
+        return generation_failed(plan.request_id)
 
     async def _open(self, plan: Plan, job: Job):
         """Start one streamed choice and wait for its first item; a replica that dies before it sends
@@ -180,8 +177,8 @@ class Router:
         except REPLICA_FAILURES as exc:
             raise replica_failed(pool, exc, retried=self.cfg.retry_on_replica_failure) from exc
 
-    async def _stream(self, plan: Plan, body: SamplingRequest, kind: str) -> StreamingResponse:
-        self._start(plan, body.n)
+    async def _stream(self, plan: Plan, body: SamplingRequest, kind: str) -> LeasedStreamingResponse:
+        lease = self.loads.start(plan, body.n)
         tasks = [asyncio.create_task(self._open(plan, job)) for job in jobs(plan, body)]
         try:  # the first items surface a full queue or a dead replica as a proper 503 before any byte is sent
             async with asyncio.timeout_at(plan.deadline):
@@ -192,14 +189,34 @@ class Router:
             for t in tasks:  # streams that did open are cancelled too
                 if t.done() and not t.cancelled() and t.exception() is None:
                     t.result()[0].cancel()
-            self._end(plan, [], body.n)
+            lease.release()
             if isinstance(exc, TimeoutError):
                 self.metrics.timeouts.inc()
                 raise timed_out(self.cfg.limits.request_timeout_s) from exc
             if isinstance(exc, (BackPressureError, DeploymentUnavailableError)):
                 raise overloaded(exc) from exc
+            if isinstance(exc, Exception) and not isinstance(exc, APIError):
+                raise self._failed(plan, exc) from exc
             raise
-        return StreamingResponse(self._sse(plan, body, kind, opened), media_type="text/event-stream")
+        gens = [o[0] for o in opened]
+        finals: dict[int, Final] = {}
+        pumps: list[asyncio.Task] = []
+
+        def close() -> None:  # when the body ends, the client leaves (even before the first byte), or it is never sent
+            if lease.released:
+                return
+            for t in pumps:
+                t.cancel()
+            for g in gens:
+                g.cancel()
+            lease.release(list(finals.values()))
+
+        sse_body = self._sse(plan, body, kind, opened, finals, pumps, close)
+        return LeasedStreamingResponse(sse_body, close, media_type="text/event-stream", headers=self._headers(plan))
+
+    @staticmethod
+    def _headers(plan: Plan) -> dict[str, str]:
+        return {"x-kvswitch-route": plan.decision.pool, "x-request-id": plan.request_id}
 
     def _error_event(self, plan: Plan, exc: BaseException) -> dict:
         if isinstance(exc, TimeoutError):
@@ -210,15 +227,18 @@ class Router:
             message, type_, code = (f"the {plan.decision.pool} replica generating this reply failed after it had started streaming "
                                     f"({type(exc).__name__}); the reply is incomplete", "server_error", "replica_failed")
         else:
-            message, type_, code = f"generation failed: {exc}", "server_error", None
+            err = self._failed(plan, exc)
+            message, type_, code = f"{err.message}; the reply is incomplete", err.type, err.code
         return {"error": {"message": message, "type": type_, "param": None, "code": code}}
 
-    async def _sse(self, plan: Plan, body: SamplingRequest, kind: str, opened: list[tuple]) -> AsyncIterator[str]:
+    async def _sse(self, plan: Plan, body: SamplingRequest, kind: str, opened: list[tuple], finals: dict[int, Final],
+                   tasks: list[asyncio.Task], close) -> AsyncIterator[str]:
         """The SSE body of ``opened`` streams, ``(stream, first item, retried)`` per choice, merged as
-        their items arrive; an error event (and no ``[DONE]``) if one fails or the deadline passes."""
+        their items arrive; an error event (and no ``[DONE]``) if one fails or the deadline passes.
+        Fills ``finals`` and ``tasks`` (its pumps); ``close()`` cancels the rest and releases the lease."""
         gens, firsts, retried = (list(x) for x in zip(*opened))
-        rid, created, model = completion_id("chatcmpl" if kind == "chat" else "cmpl"), now(), self.cfg.model_name
-        queue: asyncio.Queue = asyncio.Queue()
+        rid, created, model = plan.request_id, now(), self.cfg.model_name
+        queue: asyncio.Queue = asyncio.Queue(maxsize=STREAM_BUFFER * len(gens))
 
         async def pump(i: int, gen, first) -> None:
             try:
@@ -228,8 +248,7 @@ class Router:
             except Exception as exc:  # noqa: BLE001 — reported to the client as an error event
                 await queue.put((i, exc))
 
-        tasks = [asyncio.create_task(pump(i, g, f)) for i, (g, f) in enumerate(zip(gens, firsts))]
-        finals: dict[int, Final] = {}
+        tasks.extend(asyncio.create_task(pump(i, g, f)) for i, (g, f) in enumerate(zip(gens, firsts)))
         try:
             if kind == "chat":
                 for i in range(len(gens)):
@@ -260,14 +279,10 @@ class Router:
                            "model": model, "choices": [], "usage": usage(ordered)})
             yield sse("[DONE]")
         finally:  # also on client disconnect: cancel the generations so their slots free up
-            for t in tasks:
-                t.cancel()
-            for g in gens:
-                g.cancel()
-            self._end(plan, list(finals.values()), len(gens))
+            close()
 
     async def _serve(self, body: SamplingRequest, messages: list[dict], kind: str):
-        plan = await self._plan(body, messages)
+        plan = await self._plan(body, messages, kind)
         if body.stream:
             return await self._stream(plan, body, kind)
         outs = await self._complete(plan, body)
@@ -276,10 +291,10 @@ class Router:
         if body.kvswitch.select is not None and len(outs) > 1:
             outs, infos, selection = rank_choices(outs, infos, body.kvswitch.select, seed=body.seed or 0)
         build = chat_body if kind == "chat" else completion_body
-        out = build(completion_id("chatcmpl" if kind == "chat" else "cmpl"), now(), self.cfg.model_name, outs, infos)
+        out = build(plan.request_id, now(), self.cfg.model_name, outs, infos)
         if selection is not None:
             out["kvswitch"] = {**out["kvswitch"], "selection": selection}
-        return JSONResponse(out)
+        return JSONResponse(out, headers=self._headers(plan))
 
     # -------------------------------------------------------------------------------- routes
     @app.post("/v1/chat/completions")
@@ -296,7 +311,7 @@ class Router:
         if body.model != self.cfg.model_name:
             raise APIError(404, f"model {body.model!r} does not exist; this service serves {self.cfg.model_name!r}", param="model",
                            code="model_not_found")
-        prompts = [self._prompt_ids([{"role": "user", "content": t}]) for t in body.input]
+        prompts = await asyncio.to_thread(lambda: [self._prompt_ids([{"role": "user", "content": t}]) for t in body.input])
         max_prompt = max_prompt_tokens(self.cfg, self.context)
         if max(len(p) for p in prompts) > max_prompt:
             raise APIError(400, f"an input is longer than {max_prompt} tokens", param="input", code="context_length_exceeded")
@@ -319,6 +334,12 @@ class Router:
     async def models(self):
         return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "created": 0, "owned_by": "kvswitch",
                                             "max_model_len": self.context}]}
+
+    @app.get("/v1/kvswitch/status")
+    async def status(self):
+        """Operators' view: each pool's replicas and own reported load, whether routing counts it as
+        saturated, and this router replica's in-flight requests."""
+        return self.loads.status()
 
     @app.get("/health")
     async def health(self):

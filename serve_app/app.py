@@ -23,13 +23,15 @@ def _tau_and_context(cfg: AppConfig) -> tuple[float, int]:
 
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     from deployments.generator import Generator
+    from deployments.load_board import LoadBoard
     from deployments.prefill import PrefillPool
     from deployments.request_router import PredictedTokensRouter
     from deployments.router import Router
 
     cfg = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
     tau, context = _tau_and_context(cfg)
-    prefill = PrefillPool.options(name="prefill", **cfg.prefill.options()).bind(cfg)
+    board = LoadBoard.options(name="load_board").bind(cfg.load_view_stale_s)
+    prefill = PrefillPool.options(name="prefill", **cfg.prefill.options()).bind(cfg, board)
     pools = {}
     for name in ("fast", "slow"):
         opts = cfg.pool(name).options()
@@ -39,5 +41,5 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
                 request_router_kwargs={"stats_period_s": cfg.routing_stats_period_s},
                 request_routing_stats_period_s=cfg.routing_stats_period_s,
             )
-        pools[name] = Generator.options(name=name, **opts).bind(cfg, name)
-    return Router.options(name="router", **cfg.router.options()).bind(cfg, prefill, pools["fast"], pools["slow"], tau, context)
+        pools[name] = Generator.options(name=name, **opts).bind(cfg, name, board)
+    return Router.options(name="router", **cfg.router.options()).bind(cfg, prefill, pools["fast"], pools["slow"], tau, context, board)

@@ -172,6 +172,8 @@ class AppConfig(_Strict):
     router: RouterConfig = RouterConfig()
     request_router: bool = Field(True, description="route inside each pool by fewest predicted outstanding tokens")
     routing_stats_period_s: float = Field(0.5, gt=0)
+    load_view_period_s: float = Field(0.1, gt=0, description="how often pools report and routers read the shared load view (LoadBoard)")
+    load_view_stale_s: float = Field(3.0, gt=0, description="a pool or router replica silent this long no longer counts (it died)")
 
     @field_validator("model", "probe")
     @classmethod

@@ -230,17 +230,33 @@ def _pool_stats(app: str, pool: str) -> dict:
     return serve.get_deployment_handle(pool, app_name=app).record_routing_stats.remote().result()
 
 
+LONG_STREAM = {"model": MODEL, "stream": True, "n": 8, "temperature": 2.0, "seed": 7, "max_tokens": 600,
+               "kvswitch": {"mode": "slow", "online": False}, "messages": [{"role": "user", "content": HARD}]}
+
+
+def _router_inflight(app: str) -> dict:
+    return httpx.get(f"http://127.0.0.1:{PORT}/{app}/v1/kvswitch/status", timeout=30).json()["router"]["inflight"]
+
+
 def test_client_disconnect_mid_stream_frees_the_generation_slot(main_app):
-    body = {"model": MODEL, "stream": True, "max_tokens": 700, "kvswitch": {"mode": "slow"},
-            "messages": [{"role": "user", "content": "What is 99 - 98 + 97 - 96 + 95 - 94?"}]}
-    with httpx.stream("POST", f"{main_app}/v1/chat/completions", json=body, timeout=60) as r:
-        lines = r.iter_lines()
-        assert next(lines).startswith("data:")
-        assert _pool_stats("main", "slow")["running"] == 1
-    deadline = time.time() + 20
-    while _pool_stats("main", "slow")["running"] and time.time() < deadline:
-        time.sleep(0.2)
+    """Eight sampled choices that run for seconds: a client that leaves after the first event frees
+    every slot (and the router's in-flight count) in a fraction of that time, so a broken cancel fails."""
+    started = time.perf_counter()
+    with httpx.stream("POST", f"{main_app}/v1/chat/completions", json=LONG_STREAM, timeout=120) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data:")]
+    natural = time.perf_counter() - started
+    assert events[-1] == "data: [DONE]" and natural > 2.0, natural
+    with httpx.stream("POST", f"{main_app}/v1/chat/completions", json=LONG_STREAM, timeout=120) as r:
+        assert next(r.iter_lines()).startswith("data:")
+        assert _pool_stats("main", "slow")["running"] == 8 and _router_inflight("main")["slow"] == 8
+    left = time.perf_counter()
+    while _pool_stats("main", "slow")["running"] and time.perf_counter() - left < natural:
+        time.sleep(0.05)
+    freed = time.perf_counter() - left
+    print(f"natural {natural:.2f} s, slots free {freed:.2f} s after the client left")
+    assert freed < min(2.0, natural / 2), (freed, natural)
     assert _pool_stats("main", "slow") == {"queued": 0, "running": 0, "predicted_tokens": 0.0}
+    assert _router_inflight("main") == {"fast": 0, "slow": 0}
 
 
 def test_metrics_reach_the_prometheus_endpoint(main_app):
@@ -390,3 +406,41 @@ def test_pool_balances_replicas_and_sheds_load_with_503(cluster, local_probe):
         assert again.status_code == 200
     finally:
         serve.delete("limits")
+
+
+def test_two_router_replicas_share_one_load_view(cluster):
+    """64 long slow replies in flight through two router replicas (about 32 each): both replicas see
+    all 64 (the LoadBoard's shared view), so both call the slow pool saturated at 48 — each alone
+    would not — and both shift a borderline request to the fast pool."""
+    slow = {**SMALL, "max_ongoing_requests": 64, "max_batch_size": 64}
+    cfg = {**MAIN, "router": {"num_replicas": 2, "num_cpus": 0.1}, "slow": slow,
+           "policy": {"borderline_margin": 100, "slow_saturation_requests": 48}}
+    serve.run(build_app(cfg), name="two", route_prefix="/two")
+    base = f"http://127.0.0.1:{PORT}/two"
+    long = {**LONG_STREAM, "stream": False, "n": 1}
+    try:
+        async def run():
+            async with httpx.AsyncClient(timeout=600) as c:
+                load = [asyncio.create_task(c.post(f"{base}/v1/chat/completions", json={**long, "seed": i})) for i in range(64)]
+                statuses, deadline = {}, time.time() + 120
+                while time.time() < deadline and len(statuses) < 2:
+                    st = (await c.get(f"{base}/v1/kvswitch/status")).json()
+                    if st["router"]["decision_load"]["slow"]["running"] >= 60:
+                        statuses[st["router"]["replica"]] = st
+                    await asyncio.sleep(0.05)
+                shifted = await asyncio.gather(*(c.post(f"{base}/v1/chat/completions", json={"model": MODEL, "messages": [
+                    {"role": "user", "content": q}]}) for q in HARD_QS[:6]))
+                done = await asyncio.gather(*load)
+                return statuses, shifted, done
+
+        statuses, shifted, done = asyncio.run(run())
+        assert len(statuses) == 2, statuses
+        for st in statuses.values():
+            assert st["router"]["view"] == "shared" and st["router"]["replicas"] == 2, st
+            assert st["pools"]["slow"]["saturated"] is True and st["pools"]["slow"]["replicas"] == 1, st
+            assert st["router"]["inflight"]["slow"] < 48, st  # its own share alone: not saturated
+        assert all(r.status_code == 200 for r in done)
+        infos = [r.json()["kvswitch"] for r in shifted]
+        assert all(i["reason"] == "borderline-shifted" and i["route"] == "fast" for i in infos), infos
+    finally:
+        serve.delete("two")

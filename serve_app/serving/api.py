@@ -195,8 +195,13 @@ def api_keys(cfg: AppConfig) -> list[str]:
 
 
 def check_exposure(cfg: AppConfig, auth_enabled: bool, host: str | None) -> None:
-    """Refuse to serve without API keys on a non-loopback interface (unless explicitly allowed)."""
-    if auth_enabled or cfg.auth.allow_unauthenticated_remote or host is None or host in LOOPBACK:
+    """Refuse to serve without API keys on a non-loopback interface (unless explicitly allowed).
+    Fails closed: a host that could not be determined (``None``) counts as exposed."""
+    if auth_enabled or cfg.auth.allow_unauthenticated_remote or (host is not None and host in LOOPBACK):
         return
+    if host is None:
+        raise RuntimeError("could not determine the interface Serve's HTTP proxy listens on, and no API key is configured: "
+                           f"set ${cfg.auth.api_keys_env} (or auth.api_keys), or, if the service is only reachable from a "
+                           "trusted network, set auth.allow_unauthenticated_remote: true")
     raise RuntimeError(f"Serve's HTTP proxy listens on {host!r} but no API key is configured: set ${cfg.auth.api_keys_env} "
                        "(or auth.api_keys), bind http_options.host to 127.0.0.1, or set auth.allow_unauthenticated_remote: true")

@@ -37,6 +37,8 @@ class Plan:
     """``prefill_unavailable`` when no difficulty arrived and ``fallback_mode`` was used."""
     deadline: float = 0.0
     """Loop time at which the generation is cancelled."""
+    request_id: str = ""
+    """The response id (``chatcmpl-…``/``cmpl-…``) the client sees and errors name."""
 
 
 def max_prompt_tokens(cfg: AppConfig, context: int) -> int:
@@ -84,8 +86,8 @@ def predicted_tokens(pool: Mode, tau: float, cfg: AppConfig) -> float:
 def plan(body: SamplingRequest, prompt_ids: list[int], admission: Admission, difficulty: float | None,
          load: dict[str, PoolLoad], tau: float, cfg: AppConfig, deadline: float = 0.0) -> Plan:
     """The pool, the reason and the reply budget. ``difficulty`` is None for a forced request and
-    when the prefill pool gave none (then ``cfg.fallback_mode`` answers, with online switching off
-    unless the request asks for it)."""
+    when the prefill pool gave none (then ``cfg.fallback_mode`` answers; online switching stays on,
+    since the decode probe runs in the generation pool)."""
     fallback = None
     if admission.forced:
         decision = Decision(pool=admission.forced, reason="forced", predicted_tokens=predicted_tokens(admission.forced, tau, cfg))
@@ -95,7 +97,8 @@ def plan(body: SamplingRequest, prompt_ids: list[int], admission: Admission, dif
                             predicted_tokens=predicted_tokens(cfg.fallback_mode, tau, cfg))
     else:
         decision = choose_pool(difficulty, tau, load["fast"], load["slow"], cfg.policy)
-    online = body.kvswitch.online if body.kvswitch.online is not None else (admission.forced is None and fallback is None)
+    # the decode probe runs in the generation pool, so a fallback request still switches online
+    online = body.kvswitch.online if body.kvswitch.online is not None else admission.forced is None
     max_tokens = body.max_tokens or min(cfg.pool(decision.pool).max_tokens, admission.room)
     return Plan(prompt_ids, decision, difficulty, online, max_tokens, fallback, deadline)
 
@@ -104,5 +107,5 @@ def jobs(plan: Plan, body: SamplingRequest) -> list[Job]:
     """One job per choice; choice i samples with ``seed + i`` when a seed is given."""
     return [Job(prompt_ids=plan.prompt_ids, max_tokens=plan.max_tokens, online=plan.online, temperature=body.temperature,
                 top_p=body.top_p, seed=None if body.seed is None else body.seed + i, stop=list(body.stop or []),
-                predicted_tokens=plan.decision.predicted_tokens)
+                predicted_tokens=plan.decision.predicted_tokens, request_id=plan.request_id)
             for i in range(body.n)]
