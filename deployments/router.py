@@ -216,7 +216,7 @@ class Router:
 
     @staticmethod
     def _headers(plan: Plan) -> dict[str, str]:
-        return {"x-kvswitch-route": plan.decision.pool, "x-request-id": plan.request_id}
+        return {"x-kvswitch-route": plan.decision.pool}
 
     def _error_event(self, plan: Plan, exc: BaseException) -> dict:
         if isinstance(exc, TimeoutError):
