@@ -1,10 +1,11 @@
 """``kvswitch gen-data``: operator-count mixes (--operators), exclusion lists (--exclude), determinism,
-clear errors and the unchanged default."""
+clear errors, the unchanged default, and the documented commands reproducing the shipped data/ files."""
 
 import collections
 import json
 import random
 import re
+import shlex
 from fractions import Fraction
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from serve_app.core.task import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "models" / "arith-qwen3-tiny" / "README.md"]
 
 
 def _questions(path: Path) -> list[str]:
@@ -203,3 +205,33 @@ def test_bad_input_is_an_argparse_error_that_names_the_problem(tmp_path, capsys,
     assert "kvswitch gen-data: error:" in err
     assert message in err
     assert not (tmp_path / "x.jsonl").exists()
+
+
+# ------------------------------------------------------------------ the documented commands reproduce data/
+
+
+def _documented_gen_data_commands() -> list[list[str]]:
+    commands = []
+    for doc in DOCS:
+        text = doc.read_text().replace("\\\n", " ")
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith(".venv/bin/kvswitch gen-data "):
+                commands.append(shlex.split(line.split("#", 1)[0])[1:])
+    return commands
+
+
+def test_every_shipped_data_file_has_a_documented_command_that_reproduces_it_byte_for_byte(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the commands name data/ files relative to the repository root
+    reproduced = set()
+    for i, argv in enumerate(_documented_gen_data_commands()):
+        out = argv[argv.index("--out") + 1]
+        if not out.startswith("data/"):
+            continue
+        argv = list(argv)
+        argv[argv.index("--out") + 1] = str(tmp_path / f"{i}.jsonl")
+        assert main(argv) == 0
+        assert (tmp_path / f"{i}.jsonl").read_bytes() == (ROOT / out).read_bytes(), f"{shlex.join(argv)} does not reproduce {out}"
+        reproduced.add(out)
+    shipped = {f"data/{p.name}" for p in (ROOT / "data").glob("*.jsonl")}
+    assert shipped <= reproduced, f"no documented gen-data command for {sorted(shipped - reproduced)}"
