@@ -81,7 +81,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     kv_quant = parse_kv_quant(args.kv_quant) if args.kv_quant else None
     if args.best_of is not None:
         return _best_of_n(args, kv_quant)
-    from serve_app.offline.evaluate import EvalConfig, plot_report, print_report, run_eval
+    from serve_app.offline.evaluate import (
+        EvalConfig,
+        plot_report,
+        print_report,
+        run_eval,
+    )
 
     optional = _given(args, "max_new_tokens", "probe", "tau", "delta", "every", "confirm")
     cfg = EvalConfig(
@@ -102,7 +107,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _best_of_n(args: argparse.Namespace, kv_quant) -> int:
-    from serve_app.offline.bestofn_eval import BestOfNConfig, plot_best_of_n, print_best_of_n, run_best_of_n
+    from serve_app.offline.bestofn_eval import (
+        BestOfNConfig,
+        plot_best_of_n,
+        print_best_of_n,
+        run_best_of_n,
+    )
 
     cfg = BestOfNConfig(
         model=args.model,
@@ -127,7 +137,11 @@ def _best_of_n(args: argparse.Namespace, kv_quant) -> int:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from serve_app.core.kv_features import PoolingConfig
     from serve_app.core.policy import OnlineConfig
-    from serve_app.offline.calibrate import CalibrateConfig, calibrate, print_calibration
+    from serve_app.offline.calibrate import (
+        CalibrateConfig,
+        calibrate,
+        print_calibration,
+    )
 
     pooling = _given(args, "last_tokens", "last_layers", "token", "heads", "layers", "part")
     if args.l2:
@@ -162,7 +176,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_quant_report(args: argparse.Namespace) -> int:
-    from serve_app.offline.quant_report import DEFAULT_SETTINGS, QuantReportConfig, plot_quant_report, print_quant_report, run_quant_report
+    from serve_app.offline.quant_report import (
+        DEFAULT_SETTINGS,
+        QuantReportConfig,
+        plot_quant_report,
+        print_quant_report,
+        run_quant_report,
+    )
 
     cfg = QuantReportConfig(
         model=args.model,
@@ -180,7 +200,12 @@ def _cmd_quant_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_overhead(args: argparse.Namespace) -> int:
-    from serve_app.offline.bench.overhead import BenchOverheadConfig, plot_bench, print_bench, run_bench_overhead
+    from serve_app.offline.bench.overhead import (
+        BenchOverheadConfig,
+        plot_bench,
+        print_bench,
+        run_bench_overhead,
+    )
 
     optional = _given(args, "repeats", "warmup", "threads")
     probe_path = Path(args.probe) if args.probe else Path(args.model) / "probe.pt"
@@ -201,7 +226,11 @@ def _cmd_bench_overhead(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_handoff(args: argparse.Namespace) -> int:
-    from serve_app.offline.bench.handoff import plot_handoff, print_handoff, run_bench_handoff
+    from serve_app.offline.bench.handoff import (
+        plot_handoff,
+        print_handoff,
+        run_bench_handoff,
+    )
 
     report = run_bench_handoff(args.model, prompts=args.prompts, repeats=args.repeats, threads=args.threads)
     print_handoff(report)
