@@ -7,11 +7,13 @@ after ``</think>`` (or in the whole text when there is no think block) and compa
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 from pydantic import BaseModel, Field, model_validator
@@ -30,7 +32,7 @@ class TaskConfig(BaseModel):
     max_operand: int = Field(99, ge=1)
 
     @model_validator(mode="after")
-    def _check_range(self) -> "TaskConfig":
+    def _check_range(self) -> TaskConfig:
         if self.min_operators > self.max_operators:
             raise ValueError("min_operators must be <= max_operators")
         return self
@@ -82,14 +84,113 @@ def sample_problem(rng: random.Random, num_operators: int, max_operand: int = 99
     return Problem(operands, ops)
 
 
-def generate_problems(n: int, seed: int, config: TaskConfig | None = None) -> list[Problem]:
-    """``n`` problems, operator counts uniform over the configured range; same seed, same list."""
+def iter_problems(seed: int, config: TaskConfig | None = None) -> Iterator[Problem]:
+    """An endless stream of problems, operator counts uniform over the configured range."""
     config = config or TaskConfig()
     rng = random.Random(seed)
-    return [
-        sample_problem(rng, rng.randint(config.min_operators, config.max_operators), config.max_operand)
-        for _ in range(n)
-    ]
+    while True:
+        yield sample_problem(rng, rng.randint(config.min_operators, config.max_operators), config.max_operand)
+
+
+def generate_problems(
+    n: int, seed: int, config: TaskConfig | None = None, exclude: Collection[str] = (), drop_excluded: bool = False
+) -> list[Problem]:
+    """``n`` problems, operator counts uniform over the configured range; same seed, same list.
+
+    A problem whose question is in ``exclude`` is replaced by the stream's next non-excluded one
+    (so there are still ``n``), or, with ``drop_excluded``, left out (fewer than ``n``). Without
+    ``exclude`` both give the first ``n`` problems of ``iter_problems(seed, config)``.
+    """
+    stream = iter_problems(seed, config)
+    if drop_excluded or not exclude:
+        return [p for p in itertools.islice(stream, n) if p.question not in exclude]
+    out: list[Problem] = []
+    for drawn, p in enumerate(stream):
+        if len(out) == n:
+            break
+        if drawn >= MAX_DRAWS_PER_PROBLEM * n + MAX_DRAWS_PER_PROBLEM:
+            raise ValueError(f"drew {drawn} problems and found only {len(out)} of {n} outside the excluded questions")
+        if p.question not in exclude:
+            out.append(p)
+    return out
+
+
+# how many draws per wanted problem before generation gives up on finding non-excluded ones
+MAX_DRAWS_PER_PROBLEM = 1000
+
+
+@dataclass(frozen=True)
+class OperatorGroup:
+    """One part of an operator-count mix: counts uniform over [min_operators, max_operators], share = weight."""
+
+    min_operators: int
+    max_operators: int
+    weight: Fraction
+
+    @property
+    def label(self) -> str:
+        lo, hi = self.min_operators, self.max_operators
+        return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def parse_operator_mix(spec: str) -> list[OperatorGroup]:
+    """Parse ``K:W,...``: K an operator count (``2``) or range (``3-6``), W a weight (``0.35``, ``7/20``
+    or a count such as ``210``). Weights are shares after normalising, so counts that add up to the
+    dataset size are taken exactly. Raises ValueError with the offending part."""
+    groups: list[OperatorGroup] = []
+    parts = [part.strip() for part in spec.split(",")]
+    if not spec.strip() or any(not part for part in parts):
+        raise ValueError(f"empty part in {spec!r}; expected K:W[,K:W...], e.g. 1:0.6,2:0.2,4:0.2")
+    for part in parts:
+        key, sep, value = part.partition(":")
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", key)
+        if not sep or match is None:
+            raise ValueError(f"bad part {part!r}: expected K:W with K an operator count (2) or range (3-6)")
+        lo = int(match.group(1))
+        hi = int(match.group(2)) if match.group(2) is not None else lo
+        if lo < 1 or hi < lo:
+            raise ValueError(f"bad operator count {key.strip()!r} in {part!r}: need 1 <= min <= max")
+        try:
+            weight = Fraction(value.strip())
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"bad weight {value.strip()!r} in {part!r}: expected a number such as 0.35, 7/20 or 210") from None
+        if weight <= 0:
+            raise ValueError(f"bad weight {value.strip()!r} in {part!r}: weights must be > 0")
+        groups.append(OperatorGroup(lo, hi, weight))
+    ranges = sorted((g.min_operators, g.max_operators) for g in groups)
+    for (lo1, hi1), (lo2, hi2) in itertools.pairwise(ranges):
+        if lo2 <= hi1:
+            raise ValueError(f"operator counts overlap in {spec!r}: {lo1}-{hi1} and {lo2}-{hi2}")
+    return groups
+
+
+def mix_counts(n: int, groups: Sequence[OperatorGroup]) -> list[int]:
+    """Problems per group: ``n · weight / total`` rounded by largest remainder (ties: earlier group),
+    so the counts add up to ``n`` and are exact whenever the shares are."""
+    total = sum(g.weight for g in groups)
+    quotas = [n * g.weight / total for g in groups]
+    counts = [int(q) for q in quotas]  # floor: quotas are >= 0
+    order = sorted(range(len(groups)), key=lambda i: (-(quotas[i] - counts[i]), i))
+    for i in order[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def generate_mix(
+    n: int,
+    seed: int,
+    groups: Sequence[OperatorGroup],
+    max_operand: int = 99,
+    exclude: Collection[str] = (),
+    drop_excluded: bool = False,
+) -> list[Problem]:
+    """``n`` problems split over ``groups`` by ``mix_counts``, group after group in the given order.
+    Group i (from 1) is ``generate_problems(count_i, seed * 10 + i, its range, exclude, drop_excluded)``."""
+    out: list[Problem] = []
+    for i, (group, count) in enumerate(zip(groups, mix_counts(n, groups)), 1):
+        config = TaskConfig(min_operators=group.min_operators, max_operators=group.max_operators, max_operand=max_operand)
+        out += generate_problems(count, seed * 10 + i, config, exclude, drop_excluded)
+    return out
 
 
 def extract_answer(text: str) -> int | None:
