@@ -71,6 +71,7 @@ class Router:
         guard = app.state.guard
         guard.max_body_bytes = cfg.limits.max_body_bytes
         guard.set_keys(api_keys(cfg))
+        guard.on_error = lambda status: self.metrics.errors.inc(tags={"status": str(status)})
         check_exposure(cfg, guard.auth_enabled, _serve_http_host())
         logger.info("kvswitch router: API keys %s", f"required ({len(guard.key_digests)} configured)" if guard.auth_enabled else "off")
 
@@ -219,6 +220,7 @@ class Router:
         return {"x-kvswitch-route": plan.decision.pool}
 
     def _error_event(self, plan: Plan, exc: BaseException) -> dict:
+        self.metrics.errors.inc(tags={"status": "stream"})  # the reply had started (200): an SSE error event
         if isinstance(exc, TimeoutError):
             self.metrics.timeouts.inc()
             message, type_, code = (f"the reply did not finish within the service's {self.cfg.limits.request_timeout_s:g} s timeout; "

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -56,6 +56,15 @@ class GuardSettings:
 
     max_body_bytes: int = 1 << 20
     key_digests: tuple[bytes, ...] = field(default=(), repr=False)
+    on_error: Callable[[int], None] | None = field(default=None, repr=False)
+    """Called with the status of every error response (the router counts them in a metric)."""
+
+    def count_error(self, status: int) -> None:
+        if self.on_error is not None:
+            try:
+                self.on_error(status)
+            except Exception:  # noqa: BLE001 — a metric must never fail a response
+                logger.debug("error metric failed", exc_info=True)
 
     def set_keys(self, keys: Iterable[str]) -> None:
         self.key_digests = tuple(_digest(k) for k in keys if k)
@@ -88,7 +97,9 @@ def _bearer(scope: dict) -> str | None:
     return token.strip() if scheme.lower() == "bearer" else None
 
 
-async def _send_error(send, status: int, message: str, type_: str, code: str, headers: dict[str, str] | None = None) -> None:
+async def _send_error(settings: GuardSettings, send, status: int, message: str, type_: str, code: str,
+                      headers: dict[str, str] | None = None) -> None:
+    settings.count_error(status)
     body = json.dumps(error_body(message, type_, None, code)).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
@@ -110,14 +121,14 @@ class Guard:
         root, path = scope.get("root_path", ""), scope.get("path", "")
         route = path[len(root):] if root and path.startswith(root) else path
         if s.auth_enabled and route not in OPEN_PATHS and not s.authorized(_bearer(scope)):
-            return await _send_error(send, 401, "missing or invalid API key: send `Authorization: Bearer <key>`",
+            return await _send_error(s, send, 401, "missing or invalid API key: send `Authorization: Bearer <key>`",
                                      "authentication_error", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
         if scope.get("method") not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         limit = s.max_body_bytes
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await _send_error(send, 413, f"request body of {declared} bytes exceeds the limit of {limit} bytes",
+            return await _send_error(s, send, 413, f"request body of {declared} bytes exceeds the limit of {limit} bytes",
                                      "invalid_request_error", "request_too_large")
         chunks, size, more = [], 0, True
         while more:  # read (at most limit + one chunk of) the body, then replay it to the app
@@ -127,7 +138,7 @@ class Guard:
             chunk_ = message.get("body", b"")
             size += len(chunk_)
             if size > limit:
-                return await _send_error(send, 413, f"request body exceeds the limit of {limit} bytes", "invalid_request_error",
+                return await _send_error(s, send, 413, f"request body exceeds the limit of {limit} bytes", "invalid_request_error",
                                          "request_too_large")
             chunks.append(chunk_)
             more = message.get("more_body", False)
@@ -161,21 +172,25 @@ def create_app() -> FastAPI:
         if detail == "There was an error parsing the body":
             detail = "request body is not valid JSON (or is nested too deeply)"
         type_ = _STATUS_TYPES.get(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
+        app.state.guard.count_error(exc.status_code)
         return JSONResponse(error_body(detail, type_), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s", request.url.path)
+        app.state.guard.count_error(500)
         return JSONResponse(error_body(f"internal error ({type(exc).__name__}); the request was not completed", "server_error"),
                             status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
+        app.state.guard.count_error(400)
         return JSONResponse(error_body(message, param=param), status_code=400)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        app.state.guard.count_error(exc.status)
         return error_response(exc)
 
     return app
