@@ -62,8 +62,9 @@ test: $(STAMP_TEST)
 	@# the layer contracts (pyproject.toml [tool.importlinter]; docs/architecture.md)
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
-	@# the service tests again with every pool on vLLM (serve_config.vllm.yaml's engine settings)
-	KVSWITCH_TEST_ENGINE=vllm $(PY) -m pytest tests/test_service.py
+	@# the service tests again with every pool on vLLM (serve_config.vllm.yaml's engine settings); the
+	@# serve_level ones (routing across deployments, load view, autoscaling, shedding) do not depend on the engine
+	KVSWITCH_TEST_ENGINE=vllm $(PY) -m pytest tests/test_service.py -m "not serve_level"
 
 # The service on the embedded model at http://127.0.0.1:8000 until Ctrl-C. Ray's token auth stays on
 # (Ray 2.60's default for local clusters, set explicitly); the token lives in ~/.ray/auth_token.

@@ -69,35 +69,58 @@ class Generator:
             logger.exception("generation failed for request %s", job.request_id or "?")
             raise GenerationError(job.request_id) from exc
 
+    def _request(self, job: Job, reply: ReplyStream) -> GenRequest:
+        """The engine request of ``job``; for a resumed reply, replay what was streamed into ``reply``
+        and continue after it (prompt + mode prefix + those tokens, on the same sampling schedule).
+        Online switching continues only while the reply is still in its starting mode (a thought that
+        opened or closed may have been a switch)."""
+        eng, online = self.engine, job.online and self.online_enabled
+        if not job.resume:
+            return GenRequest(prompt_ids=job.prompt_ids, mode=self.pool, online=online, max_new_tokens=job.max_tokens,
+                              temperature=job.temperature, top_p=job.top_p, seed=job.seed, request_id=job.request_id,
+                              max_thinking_tokens=job.max_thinking_tokens)
+        done = [i for chunk in job.resume for i in chunk]
+        ended = len(done) >= job.max_tokens or done[-1:] == [eng.eos_id]  # the reply was complete but for its Final
+        for n, chunk in enumerate(job.resume):  # the client has this text already; the last push of an ended reply was final
+            reply.push(list(chunk), ended and n == len(job.resume) - 1)
+        moved = reply.in_think != (self.pool == "slow")
+        return GenRequest(prompt_ids=list(job.prompt_ids) + list(eng.prefix_ids[self.pool]) + done, mode=self.pool,
+                          online=online and not moved, max_new_tokens=0 if ended else job.max_tokens - len(done), temperature=job.temperature,
+                          top_p=job.top_p, seed=job.seed, request_id=job.request_id, add_prefix=False, already=len(done),
+                          max_thinking_tokens=None if moved else job.max_thinking_tokens)
+
     async def _generate_stream(self, job: Job) -> AsyncIterator[Delta | Final]:
         eng = self.engine
-        req = GenRequest(prompt_ids=job.prompt_ids, mode=self.pool, online=job.online and self.online_enabled,
-                         max_new_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p, seed=job.seed,
-                         request_id=job.request_id)
         reply = ReplyStream(eng.tokenizer, thinking=self.pool == "slow", stops=job.stop, skip_ids=self.skip_ids,
                             open_tag=eng.prompts.open_think.strip(), close_tag=eng.prompts.close_think.strip())
-        tokens, result = 0, None
-        stream = eng.stream(req, job.predicted_tokens)
-        try:
-            async for ids, result in stream:
-                tokens += len(ids)
-                reasoning, content = await self._off_loop(reply.push, ids, result is not None)
-                if reasoning or content:
-                    yield Delta(reasoning, content)
-                if reply.stopped:
-                    break
-        finally:
-            await stream.aclose()
-        add(self.metrics.tokens, tokens, self.metrics.tags)
+        req = await self._off_loop(self._request, job, reply)
+        tokens, result = req.already, None
+        if req.max_new_tokens > 0 and not reply.stopped:
+            stream = eng.stream(req, job.predicted_tokens)
+            try:
+                async for ids, result in stream:
+                    tokens += len(ids)
+                    reasoning, content = await self._off_loop(reply.push, ids, result is not None)
+                    if reasoning or content or ids:
+                        yield Delta(reasoning, content, tuple(ids))
+                    if reply.stopped:
+                        break
+            finally:
+                await stream.aclose()
+        add(self.metrics.tokens, tokens - req.already, self.metrics.tags)
         if result is not None:
             finish = "stop" if result.finished else "length"
-            start, end, switched_at = result.start_mode, result.end_mode, result.switched_at
+            start, end = self.pool, result.end_mode
+            switched_at = None if result.switched_at is None else req.already + result.switched_at
+            capped = result.thinking_capped
             confidence = await self._off_loop(kv_confidence, eng.probe.confidence, result.end_mode, result.kv_trajectory)
-        else:  # a stop string ended the reply early
-            finish, start, end, switched_at, confidence = "stop", self.pool, self.pool, None, None
-        yield Final(finish_reason="stop" if reply.stopped else finish, prompt_tokens=len(req.prompt_ids) + len(eng.prefix_ids[self.pool]),
+        else:  # a stop string ended the reply early (or a resumed reply had nothing left to generate)
+            finish = "stop" if reply.stopped or req.max_new_tokens > 0 or job.resume[-1][-1:] == (eng.eos_id,) else "length"
+            start, end, switched_at, confidence, capped = self.pool, self.pool, None, None, False
+        yield Final(finish_reason="stop" if reply.stopped else finish, prompt_tokens=len(job.prompt_ids) + len(eng.prefix_ids[self.pool]),
                     completion_tokens=tokens, reasoning_tokens=reply.reasoning_tokens, start_mode=start, end_mode=end,
-                    switched_at=switched_at, confidence=None if confidence is None else round(confidence, 4), replica=self.replica)
+                    switched_at=switched_at, confidence=None if confidence is None else round(confidence, 4), replica=self.replica,
+                    resumed=bool(job.resume), thinking_capped=capped)
 
     async def generate(self, job: Job) -> Reply:
         """The whole reply at once."""

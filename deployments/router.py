@@ -2,8 +2,9 @@
 difficulty and live load (``serve_app.core.policy``), and relays the pool's reply as OpenAI JSON or SSE.
 
 Faults: a request whose replica dies before it streamed anything is retried once on another
-replica; after that it ends with a clear error (a JSON 503, or an SSE error event), never a hang or
-a silently truncated reply. Without a difficulty from the prefill pool (down, overloaded, slow),
+replica; a stream whose replica dies mid-reply is resumed on another one from the tokens already
+sent (``resume_streams``). Otherwise it ends with a clear error (a JSON 503, or an SSE error event),
+never a hang or a silently truncated reply. Without a difficulty from the prefill pool (down, overloaded, slow),
 requests go to ``fallback_mode`` with ``kvswitch.fallback`` set. Every generation is cancelled at
 ``limits.request_timeout_s``."""
 
@@ -11,6 +12,7 @@ requests go to ``fallback_mode`` with ``kvswitch.fallback`` set. Every generatio
 import asyncio
 import base64
 import logging
+from dataclasses import replace
 from typing import AsyncIterator
 
 import numpy as np
@@ -28,7 +30,7 @@ from serve_app.core.prompts import encode_messages, mode_prefix_ids
 from serve_app.serving.api import api_keys, check_exposure, create_app
 from serve_app.serving.errors import APIError, generation_failed, overloaded, replica_failed, timed_out
 from serve_app.serving.lease import LeasedStreamingResponse
-from serve_app.serving.messages import Final, Job, Reply
+from serve_app.serving.messages import Delta, Final, Job, Reply
 from serve_app.serving.plan import Plan, admit, check_target, jobs, max_prompt_tokens, plan
 from serve_app.serving.responses import chat_body, chunk, completion_body, info, rank_choices, sse, usage
 from serve_app.serving.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingRequest, completion_id, now
@@ -39,6 +41,9 @@ logger = logging.getLogger("ray.serve")
 REPLICA_FAILURES = (RayActorError, ReplicaUnavailableError, NodeDiedError)
 """What a call raises when the replica (or its node) serving it died."""
 
+
+MAX_RESUMES = 2
+"""How often one streamed choice may move to another replica after its replica died."""
 
 STREAM_BUFFER = 64
 """Items buffered per streamed reply between the pools and the client; a slow client holds the
@@ -180,7 +185,8 @@ class Router:
 
     async def _stream(self, plan: Plan, body: SamplingRequest, kind: str) -> LeasedStreamingResponse:
         lease = self.loads.start(plan, body.n)
-        tasks = [asyncio.create_task(self._open(plan, job)) for job in jobs(plan, body)]
+        job_list = jobs(plan, body)
+        tasks = [asyncio.create_task(self._open(plan, job)) for job in job_list]
         try:  # the first items surface a full queue or a dead replica as a proper 503 before any byte is sent
             async with asyncio.timeout_at(plan.deadline):
                 opened = await asyncio.gather(*tasks)
@@ -199,7 +205,7 @@ class Router:
             if isinstance(exc, Exception) and not isinstance(exc, APIError):
                 raise self._failed(plan, exc) from exc
             raise
-        gens = [o[0] for o in opened]
+        gens, firsts, retried = (list(x) for x in zip(*opened))
         finals: dict[int, Final] = {}
         pumps: list[asyncio.Task] = []
 
@@ -212,7 +218,7 @@ class Router:
                 g.cancel()
             lease.release(list(finals.values()))
 
-        sse_body = self._sse(plan, body, kind, opened, finals, pumps, close)
+        sse_body = self._sse(plan, body, kind, job_list, gens, firsts, retried, finals, pumps, close)
         return LeasedStreamingResponse(sse_body, close, media_type="text/event-stream", headers=self._headers(plan))
 
     @staticmethod
@@ -233,24 +239,52 @@ class Router:
             message, type_, code = f"{err.message}; the reply is incomplete", err.type, err.code
         return {"error": {"message": message, "type": type_, "param": None, "code": code}}
 
-    async def _sse(self, plan: Plan, body: SamplingRequest, kind: str, opened: list[tuple], finals: dict[int, Final],
-                   tasks: list[asyncio.Task], close) -> AsyncIterator[str]:
-        """The SSE body of ``opened`` streams, ``(stream, first item, retried)`` per choice, merged as
-        their items arrive; an error event (and no ``[DONE]``) if one fails or the deadline passes.
-        Fills ``finals`` and ``tasks`` (its pumps); ``close()`` cancels the rest and releases the lease."""
-        gens, firsts, retried = (list(x) for x in zip(*opened))
+    async def _resume(self, plan: Plan, job: Job, chunks: list[tuple[int, ...]], exc: BaseException):
+        """A new stream continuing ``job`` after the token chunks already streamed (its replica died)."""
+        pool = plan.decision.pool
+        self.metrics.retries.inc(tags={"target": f"{pool}-resume"})
+        logger.warning("request %s: %s replica died mid-stream (%s); resuming after %d tokens on another replica", plan.request_id, pool,
+                       type(exc).__name__, sum(len(c) for c in chunks))
+        handle = self.pools[pool].options(stream=True)
+        resumed = replace(job, resume=tuple(chunks))
+        gen, first, _ = await self._retrying(pool, lambda: handle.generate_stream.remote(resumed), lambda g: g.__anext__())
+        return gen, first
+
+    async def _sse(self, plan: Plan, body: SamplingRequest, kind: str, job_list: list[Job], gens: list, firsts: list, retried: list,
+                   finals: dict[int, Final], tasks: list[asyncio.Task], close) -> AsyncIterator[str]:
+        """The SSE body of the opened streams ``gens`` (their first items ``firsts``), merged as their
+        items arrive. A stream whose replica dies is resumed on another replica (``cfg.resume_streams``,
+        up to ``MAX_RESUMES`` times); otherwise, or when the deadline passes, an error event and no
+        ``[DONE]``. Fills ``finals`` and ``tasks`` (its pumps); ``close()`` cancels the rest and releases the lease."""
         rid, created, model = plan.request_id, now(), self.cfg.model_name
         queue: asyncio.Queue = asyncio.Queue(maxsize=STREAM_BUFFER * len(gens))
 
-        async def pump(i: int, gen, first) -> None:
+        async def pump(i: int) -> None:
+            chunks: list[tuple[int, ...]] = []
+            item, resumes = firsts[i], 0
             try:
-                await queue.put((i, first))
-                async for item in gen:
-                    await queue.put((i, item))
+                while True:
+                    if isinstance(item, Delta):
+                        if item.token_ids:
+                            chunks.append(item.token_ids)
+                        if item.reasoning or item.content:
+                            await queue.put((i, item))
+                    else:
+                        await queue.put((i, item))
+                        return
+                    try:
+                        item = await gens[i].__anext__()
+                    except StopAsyncIteration:
+                        return
+                    except REPLICA_FAILURES as exc:
+                        if not self.cfg.resume_streams or resumes >= MAX_RESUMES:
+                            raise
+                        resumes += 1
+                        gens[i], item = await self._resume(plan, job_list[i], chunks, exc)
             except Exception as exc:  # noqa: BLE001 — reported to the client as an error event
                 await queue.put((i, exc))
 
-        tasks.extend(asyncio.create_task(pump(i, g, f)) for i, (g, f) in enumerate(zip(gens, firsts)))
+        tasks.extend(asyncio.create_task(pump(i)) for i in range(len(gens)))
         try:
             if kind == "chat":
                 for i in range(len(gens)):

@@ -139,6 +139,8 @@ def summarize_chaos(records: list[RequestRecord], kills: list[dict], elapsed: fl
         "held_up": counts["hang"] == 0 and counts["unclear"] == 0 and not corrupted,
         "errors_by_status": by_status,
         "retried": sum(bool(r.retried) for r in records),
+        "resumed": sum(bool(r.resumed) for r in records),
+        "cut": by_status.get("stream_error:replica_failed", 0) + sum(1 for r in records if outcome(r) == "unclear" and r.status != "timeout"),
         "fallback": sum(r.fallback is not None for r in records),
         "routes": {k: sum(r.route == k for r in records) for k in ("fast", "slow")},
         "e2e_s": {"p50": float(np.percentile(e2e, 50)) if e2e else None, "p99": float(np.percentile(e2e, 99)) if e2e else None,
@@ -165,7 +167,8 @@ async def run_chaos(cfg: ChaosConfig, progress: bool = True) -> dict:
     report["config"] = cfg.model_dump()
     report["machine"] = machine()
     report["records"] = [{"index": r.index, "outcome": outcome(r), "status": r.status, "error_code": r.error_code, "error": r.error,
-                          "route": r.route, "retried": r.retried, "fallback": r.fallback, "e2e": r.e2e, "sent_at": r.sent_at}
+                          "route": r.route, "retried": r.retried, "resumed": r.resumed, "fallback": r.fallback, "e2e": r.e2e,
+                          "sent_at": r.sent_at}
                          for r in records]
     return report
 
@@ -235,7 +238,8 @@ def format_chaos(report: dict) -> str:
              f"  correct {report['correct']}, wrong {report['wrong']} (changed by the faults: {report['corrupted']}), "
              f"clear errors {report['clear_error']}, hangs {report['hang']}, unclear {report['unclear']}",
              f"  unfaulted baseline: {report['baseline'] or 'not run'}",
-             f"  retried on another replica {report['retried']}, prefill fallback {report['fallback']}, routes {report['routes']}",
+             f"  retried on another replica {report['retried']}, streams resumed on another replica {report.get('resumed', 0)}, "
+             f"streams cut {report.get('cut', 0)}, prefill fallback {report['fallback']}, routes {report['routes']}",
              f"  errors by status: {report['errors_by_status'] or '-'}",
              f"  e2e p50 {report['e2e_s']['p50']}, p99 {report['e2e_s']['p99']}, max {report['e2e_s']['max']} s"]
     for k in report["kills"]:

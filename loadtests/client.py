@@ -178,6 +178,7 @@ def _take_kvswitch(rec: RequestRecord, info: dict) -> None:
     rec.predicted_tokens = info.get("predicted_tokens")
     rec.confidence = info.get("confidence")
     rec.retried = info.get("retried")
+    rec.resumed = info.get("resumed")
     rec.fallback = info.get("fallback")
 
 

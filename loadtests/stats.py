@@ -63,6 +63,8 @@ class RequestRecord:
     predicted_tokens: float | None = None
     confidence: float | None = None
     retried: bool | None = None
+    resumed: bool | None = None
+    """A stream whose replica died mid-reply and that another replica continued (``kvswitch.resumed``)."""
     """kvswitch: the reply came from a second replica after the first one failed."""
     fallback: str | None = None
     """kvswitch: routing fell back (``prefill_unavailable``)."""

@@ -1,5 +1,5 @@
 """The ``kvswitch`` command line: dispatch only. The offline commands live in
-``serve_app.offline.commands``; the load-test, chaos and fuzz commands in ``loadtests``."""
+``serve_app.offline.commands``; the load-test, chaos, fuzz and autoscaling-benchmark commands in ``loadtests``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from loadtests.autoscale import add_parser as add_autoscale
     from loadtests.chaos import add_parser as add_chaos
     from loadtests.cli import add_parser as add_loadtest
     from loadtests.fuzz import add_parser as add_fuzz
@@ -16,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="kvswitch", description="data, training, evaluation, benchmarks, load tests and a two-mode demo")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (*COMMANDS, add_loadtest, add_chaos, add_fuzz):
+    for add in (*COMMANDS, add_loadtest, add_chaos, add_fuzz, add_autoscale):
         add(sub)
     return parser
 

@@ -84,6 +84,30 @@ class PoolConfig(_EngineChoice, DeploymentConfig):
     max_tokens: int = Field(768, ge=1, description="upper limit of a request's max_tokens in this pool")
     max_ongoing_requests: int = Field(32, ge=1)
     max_queued_requests: int = Field(64, ge=-1)
+    autoscale_on: Literal["requests", "predicted_tokens"] = Field(
+        "requests", description="with autoscaling_config: Ray's ongoing-request rule, or predicted outstanding tokens per replica "
+                                "(deployments.autoscaling.PredictedTokensPolicy)")
+    target_predicted_tokens: float = Field(2000.0, gt=0, description="predicted outstanding tokens per replica to scale towards")
+    tokens_per_queued_request: float = Field(300.0, ge=0, description="predicted tokens of a request still queued at a handle "
+                                             "while the pool's replicas are idle")
+
+    @model_validator(mode="after")
+    def _autoscale_on(self) -> "PoolConfig":
+        if self.autoscale_on == "predicted_tokens":
+            if self.autoscaling_config is None:
+                raise ValueError("autoscale_on: predicted_tokens needs an autoscaling_config (min_replicas, max_replicas, ...)")
+            if "policy" in self.autoscaling_config:
+                raise ValueError("autoscale_on: predicted_tokens sets autoscaling_config.policy itself; give one or the other")
+        return self
+
+    def options(self) -> dict[str, Any]:
+        opts = super().options()
+        if self.autoscale_on == "predicted_tokens":
+            opts["autoscaling_config"]["policy"] = {
+                "policy_function": "deployments.autoscaling:PredictedTokensPolicy",
+                "policy_kwargs": {"target_tokens_per_replica": self.target_predicted_tokens,
+                                  "default_tokens_per_request": self.tokens_per_queued_request}}
+        return opts
 
 
 def default_slow_saturation(slow: PoolConfig) -> int:
@@ -130,6 +154,8 @@ class LimitsConfig(_Strict):
                                                             "an error event) and its slot freed")
     prefill_timeout_s: float = Field(10.0, gt=0, description="no difficulty from the prefill pool within this: route by "
                                                            "fallback_mode instead")
+    max_thinking_tokens: int | None = Field(None, ge=0, description="hard cap on any reply's open thought (a request may ask "
+                                                                   "for less with kvswitch.max_thinking_tokens / thinking_token_budget)")
 
 
 class AuthConfig(_Strict):
@@ -162,6 +188,9 @@ class AppConfig(_Strict):
     timed out); such replies carry ``kvswitch.fallback = "prefill_unavailable"``."""
     retry_on_replica_failure: bool = True
     """Retry a request once on another replica when its replica dies before it streamed a token."""
+    resume_streams: bool = True
+    """When a replica dies mid-stream, continue the reply on another replica from the tokens already
+    sent (``kvswitch.resumed``); off: the stream ends with an SSE ``replica_failed`` error event."""
     limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
     online: OnlineOverride = OnlineOverride()

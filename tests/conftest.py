@@ -27,4 +27,6 @@ def shipped(model_dir):
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "serve_level: routing, load view, autoscaling and load shedding across deployments; they do not "
+                                       "depend on the engine, so make test's vLLM pass of test_service.py skips them")
     config.addinivalue_line("markers", "cluster: starts a real two-node Ray cluster on this machine (tests/test_cluster.py; -m 'not cluster' skips it)")

@@ -189,3 +189,26 @@ def test_cancelled_row_leaves_without_disturbing_the_others(engine):
     while batch.rows:
         batch.step()
     assert rows[1].result.text == engine.generate([reqs[1]])[0].text
+
+
+@pytest.mark.parametrize("cap", [0, 20, 100])
+def test_a_thinking_cap_closes_the_thought_and_the_reply_answers(engine, cap):
+    """``max_thinking_tokens``: the open thought holds exactly ``cap`` tokens, then the close-think
+    tokens are forced (counted) and the model answers after them."""
+    q = engine.encode_prompt(HARD)
+    capped = engine.generate([GenRequest(q, mode="slow", max_new_tokens=700, max_thinking_tokens=cap)])[0]
+    close = engine.switch_ids["fast"]
+    assert capped.thinking_capped and capped.end_mode == "fast" and capped.start_mode == "slow"
+    assert capped.token_ids[cap : cap + len(close)] == close
+    answer = capped.text.split("</think>")[-1]
+    assert answer.strip().removesuffix("<|im_end|>").strip().lstrip("-").isdigit(), capped.text[-80:]
+    assert capped.tokens == len(capped.token_ids) < 700
+
+
+def test_a_thought_that_ends_below_the_cap_is_not_capped(engine):
+    q = engine.encode_prompt(HARD)
+    free = engine.generate([GenRequest(q, mode="slow", max_new_tokens=700)])[0]
+    under = engine.generate([GenRequest(q, mode="slow", max_new_tokens=700, max_thinking_tokens=free.tokens + 10)])[0]
+    fast = engine.generate([GenRequest(q, mode="fast", max_new_tokens=50, max_thinking_tokens=0)])[0]
+    assert not under.thinking_capped and under.token_ids == free.token_ids
+    assert not fast.thinking_capped and fast.end_mode == "fast"  # no thought to cap

@@ -36,3 +36,25 @@ def test_jobs_carry_the_request_id_and_one_seed_per_choice():
     p.request_id = "chatcmpl-abc"
     js = jobs(p, req)
     assert [j.request_id for j in js] == ["chatcmpl-abc"] * 3 and [j.seed for j in js] == [7, 8, 9]
+
+
+def test_the_thinking_cap_is_the_smaller_of_the_request_and_the_service_limit():
+    assert _plan(80.0)[1].max_thinking_tokens is None
+    assert _plan(80.0, kvswitch={"max_thinking_tokens": 50})[1].max_thinking_tokens == 50
+    assert _plan(80.0, thinking_token_budget=40)[1].max_thinking_tokens == 40  # vLLM's name
+    limited = AppConfig(limits={"max_thinking_tokens": 30})
+    req = ChatCompletionRequest(model=CFG.model_name, messages=[{"role": "user", "content": "hi"}], thinking_token_budget=40)
+    assert plan(req, [1], admit(req, 1, limited, 1024, PREFIX), 80.0, LOAD, 50.0, limited).max_thinking_tokens == 30
+    req, p = _plan(80.0, kvswitch={"max_thinking_tokens": 7})
+    p.request_id = "x"
+    assert jobs(p, req)[0].max_thinking_tokens == 7
+
+
+def test_two_different_thinking_caps_are_refused():
+    import pydantic
+    import pytest
+
+    with pytest.raises(pydantic.ValidationError, match="disagree"):
+        _plan(80.0, kvswitch={"max_thinking_tokens": 7}, thinking_token_budget=8)
+    with pytest.raises(pydantic.ValidationError):
+        _plan(80.0, thinking_token_budget=-1)

@@ -300,49 +300,75 @@ def test_prefill_down_falls_back_to_the_default_mode_with_a_flag(cluster):
         serve.delete("fallback")
 
 
-def test_a_dead_replica_is_retried_before_streaming_and_reported_after(cluster):
+async def _killed_during(app: str, coro_factory, rng):
+    """Run ``coro_factory()`` and kill ``app``'s slow replica as soon as it is generating."""
+    task = asyncio.create_task(coro_factory())
+    while (await asyncio.to_thread(_pool_stats, app, "slow"))["running"] == 0:
+        await asyncio.sleep(0.01)
+    await asyncio.to_thread(kill_replica, app, "slow", rng)
+    return await task
+
+
+async def _stream_killed_after(base: str, app: str, body: dict, rng, after: int = 3) -> tuple[int, list[str]]:
+    """Stream ``body``; once ``after`` events have arrived, kill the slow replica generating it."""
+    async with httpx.AsyncClient(timeout=180) as c:
+        async with c.stream("POST", f"{base}/v1/chat/completions", json={**body, "stream": True}) as resp:
+            lines = []
+            async for line in resp.aiter_lines():
+                if line.startswith("data:"):
+                    lines.append(line[5:].strip())
+                    if len(lines) == after:  # the stream is under way: now the replica dies
+                        await asyncio.to_thread(kill_replica, app, "slow", rng)
+            return resp.status_code, lines
+
+
+def _streamed_text(lines: list[str]) -> tuple[str, dict]:
+    chunks = [json.loads(x) for x in lines if x != "[DONE]"]
+    text = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch["choices"])
+    return text, next(ch["kvswitch"] for ch in chunks if ch.get("kvswitch"))
+
+
+def test_a_dead_replica_is_retried_before_streaming_and_resumed_after(cluster):
     """One slow replica: killed mid-generation of a non-streamed reply, the request is retried on its
-    replacement (nothing had reached the client); killed after a stream has started, the client
-    gets an SSE error event and no [DONE], never a silently truncated reply."""
+    replacement (nothing had reached the client); killed after a stream has started, the stream goes
+    on from the replacement (``resumed``) and ends with the unfaulted reply, greedy and seeded."""
     base = deploy("faults", BASE)
     long = chat(HARD, kvswitch={"mode": "slow", "online": False})
+    seeded = chat(HARD, temperature=0.8, seed=21, max_tokens=400, kvswitch={"mode": "slow", "online": False})
     rng = __import__("random").Random(0)
     try:
         unfaulted = post(base, long, timeout=120).json()["choices"][0]["message"]["content"]
         assert unfaulted == "-11"
-        async def killed_during(coro_factory):
-            task = asyncio.create_task(coro_factory())
-            while (await asyncio.to_thread(_pool_stats, "faults", "slow"))["running"] == 0:
-                await asyncio.sleep(0.01)
-            await asyncio.to_thread(kill_replica, "faults", "slow", rng)
-            return await task
 
         async def whole():
             async with httpx.AsyncClient(timeout=120) as c:
                 return await c.post(f"{base}/v1/chat/completions", json=long)
 
-        r = asyncio.run(killed_during(whole))
+        r = asyncio.run(_killed_during("faults", whole, rng))
         assert r.status_code == 200, r.text[:300]
         assert r.json()["kvswitch"]["retried"] is True and r.json()["choices"][0]["message"]["content"] == unfaulted
 
-        async def streamed():
-            async with httpx.AsyncClient(timeout=120) as c:
-                async with c.stream("POST", f"{base}/v1/chat/completions", json={**long, "stream": True}) as resp:
-                    lines = []
-                    async for line in resp.aiter_lines():
-                        if line.startswith("data:"):
-                            lines.append(line[5:].strip())
-                            if len(lines) == 3:  # the stream is under way: now the replica dies
-                                await asyncio.to_thread(kill_replica, "faults", "slow", rng)
-                    return resp.status_code, lines
+        for body in (long, seeded):
+            status, reference = asyncio.run(_stream_killed_after(base, "faults", body, rng, after=10**9))  # no kill
+            status, lines = asyncio.run(_stream_killed_after(base, "faults", body, rng))
+            assert status == 200 and lines[-1] == "[DONE]", lines[-2:]
+            text, kv = _streamed_text(lines)
+            ref_text, ref_kv = _streamed_text(reference)
+            assert kv["resumed"] is True and ref_kv["resumed"] is False and text == ref_text, (text, ref_text)
+    finally:
+        serve.delete("faults")
 
-        status, lines = asyncio.run(streamed())
+
+def test_a_stream_is_cut_with_an_error_event_when_resuming_is_off(cluster):
+    base = deploy("cut", {**BASE, "resume_streams": False})
+    try:
+        status, lines = asyncio.run(_stream_killed_after(base, "cut", chat(HARD, kvswitch={"mode": "slow", "online": False}),
+                                                         __import__("random").Random(0)))
         assert status == 200 and "[DONE]" not in lines
         err = json.loads(lines[-1])["error"]
         assert err["code"] == "replica_failed" and err["type"] == "server_error" and "incomplete" in err["message"]
-        assert post(base, long, timeout=120).json()["choices"][0]["message"]["content"] == unfaulted  # served again by the replacement
     finally:
-        serve.delete("faults")
+        serve.delete("cut")
 
 
 def test_chaos_300_requests_while_a_replica_of_every_pool_is_killed(cluster, tmp_path):
@@ -357,6 +383,7 @@ def test_chaos_300_requests_while_a_replica_of_every_pool_is_killed(cluster, tmp
         (tmp_path / "chaos.json").write_text(json.dumps(report, indent=1))
         assert report["requests"] == 300 and len(report["kills"]) == 3
         assert report["hang"] == 0 and report["unclear"] == 0, report["errors_by_status"]
+        assert report["cut"] == 0, report["errors_by_status"]  # every stream whose replica died was resumed
         assert report["correct"] + report["clear_error"] + report["wrong"] == 300
         assert report["corrupted"] == 0, report["wrong_answers"]  # wrong only where the unfaulted run was wrong too
         assert report["held_up"] and report["correct"] >= 250, report

@@ -115,6 +115,17 @@ def test_forced_modes_completions_and_stop(main_app):
     assert [ch.index for ch in many.choices] == [0, 1, 2] and many.usage.completion_tokens <= 90
 
 
+def test_a_thinking_cap_closes_the_thought_and_the_reply_answers(main_app):
+    r = client(main_app).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": HARD}],
+                                                 extra_body={"kvswitch": {"mode": "slow", "online": False}, "thinking_token_budget": 20})
+    kv, reasoning = r.model_extra["kvswitch"], r.usage.completion_tokens_details.reasoning_tokens
+    assert kv["thinking_capped"] is True and kv["end_mode"] == "fast" and 20 <= reasoning <= 24, (kv, reasoning)
+    assert r.choices[0].message.content.strip().lstrip("-").isdigit(), r.choices[0].message.content
+    free = client(main_app).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": HARD}],
+                                                    extra_body={"kvswitch": {"mode": "slow", "online": False}})
+    assert free.model_extra["kvswitch"]["thinking_capped"] is False and free.usage.completion_tokens > r.usage.completion_tokens
+
+
 def test_best_of_n_puts_the_selected_choice_first(main_app):
     c = client(main_app)
     r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": HARD}], n=4, temperature=1.0, seed=11,
@@ -204,6 +215,9 @@ BAD = [
     ("select with stream", {"model": MODEL, "messages": [{"role": "user", "content": EASY}], "n": 2, "stream": True,
                             "kvswitch": {"select": "coe"}}, 400),
     ("unknown select rule", {"model": MODEL, "messages": [{"role": "user", "content": EASY}], "kvswitch": {"select": "best"}}, 400),
+    ("two thinking caps", {"model": MODEL, "messages": [{"role": "user", "content": EASY}], "thinking_token_budget": 5,
+                           "kvswitch": {"max_thinking_tokens": 6}}, 400),
+    ("negative thinking cap", {"model": MODEL, "messages": [{"role": "user", "content": EASY}], "thinking_token_budget": -1}, 400),
     ("unknown kvswitch option", {"model": MODEL, "messages": [{"role": "user", "content": EASY}], "kvswitch": {"mood": "fast"}}, 400),
 ]
 
@@ -282,6 +296,7 @@ HARD_PROBLEMS = [p for p in generate_problems(200, seed=777) if p.num_operators 
 HARD_QS = [p.question for p in HARD_PROBLEMS]
 
 
+@pytest.mark.serve_level
 def test_loadtest_compare_against_the_running_service(main_app, tmp_path):
     """``kvswitch loadtest --compare auto,slow`` end to end on the real service: nothing lost, every
     record carries the route and replica it was served by, forced-slow requests go slow, routing
@@ -315,6 +330,7 @@ def test_loadtest_compare_against_the_running_service(main_app, tmp_path):
     assert summary["ttft_s"]["p50"] <= summary["e2e_s"]["p50"] and summary["tpot_s"]["p50"] > 0 and summary["itl_s"]["p50"] > 0
 
 
+@pytest.mark.serve_level
 def test_saturated_slow_pool_shifts_borderline_traffic_to_fast(cluster):
     """Test config: every request above τ counts as borderline and the slow pool saturates at
     2 in-flight requests, so a burst of hard questions overflows to the fast pool."""
@@ -340,6 +356,7 @@ def test_saturated_slow_pool_shifts_borderline_traffic_to_fast(cluster):
         serve.delete("sat")
 
 
+@pytest.mark.serve_level
 def test_a_pool_autoscales_from_one_to_two_replicas_under_load(cluster):
     slow = {**SMALL, "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
                                             "upscale_delay_s": 0.5, "look_back_period_s": 1, "metrics_interval_s": 0.25}}
@@ -374,6 +391,7 @@ def test_a_pool_autoscales_from_one_to_two_replicas_under_load(cluster):
         serve.delete("scale")
 
 
+@pytest.mark.serve_level
 def test_pool_balances_replicas_and_sheds_load_with_503(cluster, local_probe):
     """Two slow replicas behind PredictedTokensRouter share a burst; beyond running + queued
     capacity callers get 503 with Retry-After and a JSON body, and the service keeps serving."""
@@ -411,6 +429,7 @@ def test_pool_balances_replicas_and_sheds_load_with_503(cluster, local_probe):
         serve.delete("limits")
 
 
+@pytest.mark.serve_level
 def test_two_router_replicas_share_one_load_view(cluster):
     """64 long slow replies in flight through two router replicas (about 32 each): both replicas see
     all 64 (the LoadBoard's shared view), so both call the slow pool saturated at 48 — each alone

@@ -49,6 +49,13 @@ class GenRequest:
     """False: ``prompt_ids`` already end inside the assistant turn (calibration's forced closes)."""
     request_id: str = ""
     """The service's id of the request (logs only)."""
+    max_thinking_tokens: int | None = None
+    """Hard cap on thinking tokens (vLLM's ``thinking_token_budget`` semantics): once the open
+    thought holds this many tokens, the close-think tokens are forced and the reply answers."""
+    already: int = 0
+    """Tokens of this reply generated before this request (a reply resumed on another replica after
+    its first one died; ``prompt_ids`` then end with them and ``add_prefix`` is False). Online checks
+    and seeded sampling continue on the schedule of the first replica."""
 
 
 class GenerationError(RuntimeError):
@@ -77,6 +84,8 @@ class GenResult:
     difficulty: float | None = None
     """Prompt difficulty (0–100) from the probe, when a probe was used."""
     switched_at: int | None = None
+    thinking_capped: bool = False
+    """The thought was closed by ``max_thinking_tokens``, not by the model or the probe."""
     """Generated-token index at which the switch tokens were appended."""
     checks: list[tuple[int, float]] = field(default_factory=list)
     prompt_feature: torch.Tensor | None = None

@@ -13,7 +13,8 @@ import torch
 from serve_app.core.policy import OnlineConfig
 from serve_app.core.probe import Probe
 from serve_app.engines.base import EngineStats, GenerationError, GenRequest, GenResult
-from serve_app.engines.hf import DecodeBatch, HFEngine, Row
+from serve_app.engines.decode import DecodeBatch, Row
+from serve_app.engines.hf import HFEngine
 
 logger = logging.getLogger("kvswitch.engine")
 

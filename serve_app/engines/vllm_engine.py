@@ -54,6 +54,9 @@ class _State:
     start_mode: str = "fast"
     checks: list[tuple[int, float]] = field(default_factory=list)
     finished: bool = False
+    in_thought: bool = False
+    think: int = 0
+    capped: bool = False
 
 
 class VLLMEngine(TokenSetup):
@@ -115,11 +118,15 @@ class VLLMEngine(TokenSetup):
     async def stream(self, req: GenRequest, predicted_tokens: float = 0.0) -> AsyncIterator[tuple[list[int], GenResult | None]]:
         if req.mode is None:
             raise ValueError("the vLLM engine serves a pool: the request's mode must be fast or slow")
-        st = _State(req, req.mode, list(req.prompt_ids) + (self.prefix_ids[req.mode] if req.add_prefix else []), start_mode=req.mode)
+        st = _State(req, req.mode, list(req.prompt_ids) + (self.prefix_ids[req.mode] if req.add_prefix else []), start_mode=req.mode,
+                    since=req.already % self.online.every, in_thought=req.mode == "slow", think=req.already if req.mode == "slow" else 0)
         key = id(st)
         self._live[key] = (predicted_tokens, st)
         try:
             while not st.finished and len(st.out) < req.max_new_tokens:
+                if self._cap_due(st):
+                    yield self._close_thought(st), None
+                    continue
                 if self._check_due(st):
                     new = await self._check(st)
                 else:
@@ -140,8 +147,24 @@ class VLLMEngine(TokenSetup):
         o = self.online
         return st.req.online and st.switches < o.max_switches and st.since >= o.every
 
-    def _take(self, st: _State, ids: list[int]) -> list[int]:
+    def _cap_due(self, st: _State) -> bool:
+        cap = st.req.max_thinking_tokens
+        return cap is not None and st.in_thought and st.think >= cap
+
+    def _close_thought(self, st: _State) -> list[int]:
+        """``max_thinking_tokens`` reached: force the close-think tokens; no switch follows."""
+        st.mode, st.in_thought, st.capped, st.switches = "fast", False, True, max(st.switches, self.online.max_switches)
+        return self._take(st, list(self.switch_ids["fast"]), forced=True)
+
+    def _take(self, st: _State, ids: list[int], forced: bool = False) -> list[int]:
         ids = ids[: st.req.max_new_tokens - len(st.out)]
+        if st.in_thought and not forced:
+            close = self.tokenizer.encode(self.prompts.close_think.strip(), add_special_tokens=False)
+            for n in range(len(ids)):
+                st.think += 1
+                if close and (st.out + ids[: n + 1])[-len(close):] == close:  # the model closed its thought itself
+                    st.in_thought = False
+                    break
         st.out.extend(ids)
         st.seq.extend(ids)
         st.since += len(ids)
@@ -153,6 +176,8 @@ class VLLMEngine(TokenSetup):
         budget = st.req.max_new_tokens - len(st.out)
         if st.req.online and st.switches < self.online.max_switches:
             budget = min(budget, self.online.every - st.since)
+        if st.req.max_thinking_tokens is not None and st.in_thought:
+            budget = min(budget, st.req.max_thinking_tokens - st.think)
         seen = 0
         final = None
         async with aclosing(self._run(st.seq, self._params(st.req, budget))) as outs:
@@ -178,7 +203,8 @@ class VLLMEngine(TokenSetup):
             st.switched_at = len(st.out)
             st.switches += 1
             st.mode = target
-            return self._take(st, list(self.switch_ids[target]))
+            st.in_thought, st.think = target == "slow", 0
+            return self._take(st, list(self.switch_ids[target]), forced=True)
         new = self._take(st, list(final.outputs[0].token_ids))
         if final.outputs[0].finish_reason == "stop":
             st.finished = True
@@ -203,7 +229,7 @@ class VLLMEngine(TokenSetup):
         text = self.tokenizer.decode(st.out)
         prefix = self.prompts.fast_prefix if st.start_mode == "fast" else self.prompts.slow_prefix
         return GenResult(text=text, reply=prefix + text, tokens=len(st.out), finished=st.finished, start_mode=st.start_mode,
-                         end_mode=st.mode, switched_at=st.switched_at, checks=st.checks)
+                         end_mode=st.mode, switched_at=st.switched_at, checks=st.checks, thinking_capped=st.capped)
 
     def stats(self) -> EngineStats:
         """Running requests and predicted tokens still to generate (vLLM queues internally: queued is 0)."""

@@ -25,6 +25,10 @@ class Job:
     """The router's prediction of this job's generated tokens (what the request router balances)."""
     request_id: str = ""
     """The response id the client sees; errors name it, logs carry it."""
+    max_thinking_tokens: int | None = None
+    """Hard cap on the tokens of an open thought (``GenRequest.max_thinking_tokens``)."""
+    resume: tuple[tuple[int, ...], ...] = ()
+    """Continue a reply another replica started: the token ids of every ``Delta`` it streamed, in order."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,9 @@ class Delta:
 
     reasoning: str
     content: str
+    token_ids: tuple[int, ...] = ()
+    """The generated token ids this delta covers (text may trail them by a few held-back characters).
+    The router keeps them so that a reply whose replica dies can be resumed on another one."""
 
 
 @dataclass
@@ -50,6 +57,10 @@ class Final:
     replica: str | None
     retried: bool = False
     """Set by the router: the first replica failed and another generated the choice."""
+    thinking_capped: bool = False
+    """``max_thinking_tokens`` closed the thought."""
+    resumed: bool = False
+    """The replica streaming this choice died mid-stream and another one continued it (``Job.resume``)."""
 
 
 @dataclass

@@ -39,6 +39,8 @@ class Plan:
     """Loop time at which the generation is cancelled."""
     request_id: str = ""
     """The response id (``chatcmpl-…``/``cmpl-…``) the client sees and errors name."""
+    max_thinking_tokens: int | None = None
+    """The request's thinking cap, within the service's ``limits.max_thinking_tokens``."""
 
 
 def max_prompt_tokens(cfg: AppConfig, context: int) -> int:
@@ -100,12 +102,13 @@ def plan(body: SamplingRequest, prompt_ids: list[int], admission: Admission, dif
     # the decode probe runs in the generation pool, so a fallback request still switches online
     online = body.kvswitch.online if body.kvswitch.online is not None else admission.forced is None
     max_tokens = body.max_tokens or min(cfg.pool(decision.pool).max_tokens, admission.room)
-    return Plan(prompt_ids, decision, difficulty, online, max_tokens, fallback, deadline)
+    caps = [c for c in (body.thinking_cap(), cfg.limits.max_thinking_tokens) if c is not None]
+    return Plan(prompt_ids, decision, difficulty, online, max_tokens, fallback, deadline, max_thinking_tokens=min(caps) if caps else None)
 
 
 def jobs(plan: Plan, body: SamplingRequest) -> list[Job]:
     """One job per choice; choice i samples with ``seed + i`` when a seed is given."""
     return [Job(prompt_ids=plan.prompt_ids, max_tokens=plan.max_tokens, online=plan.online, temperature=body.temperature,
                 top_p=body.top_p, seed=None if body.seed is None else body.seed + i, stop=list(body.stop or []),
-                predicted_tokens=plan.decision.predicted_tokens, request_id=plan.request_id)
+                predicted_tokens=plan.decision.predicted_tokens, request_id=plan.request_id, max_thinking_tokens=plan.max_thinking_tokens)
             for i in range(body.n)]

@@ -28,6 +28,8 @@ def info(final: Final, plan: Plan) -> dict:
         predicted_tokens=round(float(plan.decision.predicted_tokens), 1),
         fallback=plan.fallback,
         retried=final.retried,
+        resumed=final.resumed,
+        thinking_capped=final.thinking_capped,
     ).model_dump()
 
 

@@ -47,6 +47,9 @@ class KvswitchOptions(_Body):
     """Mid-generation switching (default: the service's setting)."""
     select: Literal["coe", "vote", "coe-vote"] | None = None
     """Best-of-n: with n > 1, put the choice this rule picks first (serve_app.core.bestofn)."""
+    max_thinking_tokens: int | None = Field(None, ge=0)
+    """Hard cap on the tokens of an open thought: once reached, the thought is closed and the reply
+    answers (a backstop; vLLM's ``thinking_token_budget`` semantics, which is accepted as an alias)."""
 
 
 class ChatTemplateKwargs(_Body):
@@ -83,6 +86,11 @@ class SamplingRequest(_Body):
     logprobs: bool | None = None
     kvswitch: KvswitchOptions = KvswitchOptions()
     chat_template_kwargs: ChatTemplateKwargs = ChatTemplateKwargs()
+    thinking_token_budget: int | None = Field(None, ge=0)
+    """vLLM's name for ``kvswitch.max_thinking_tokens``."""
+
+    def thinking_cap(self) -> int | None:
+        return self.kvswitch.max_thinking_tokens if self.kvswitch.max_thinking_tokens is not None else self.thinking_token_budget
 
     @field_validator("temperature")
     @classmethod
@@ -110,6 +118,13 @@ class SamplingRequest(_Body):
         if v:
             raise ValueError("logprobs are not supported by kvswitch")
         return v
+
+    @model_validator(mode="after")
+    def _one_thinking_cap(self) -> "SamplingRequest":
+        caps = {self.kvswitch.max_thinking_tokens, self.thinking_token_budget} - {None}
+        if len(caps) > 1:
+            raise ValueError("thinking_token_budget and kvswitch.max_thinking_tokens disagree; send one")
+        return self
 
     @model_validator(mode="after")
     def _select_needs_choices(self) -> "SamplingRequest":
@@ -208,6 +223,11 @@ class KvswitchInfo(BaseModel):
     pool, so the service's ``fallback_mode`` pool answered)."""
     retried: bool = False
     """The first replica failed before streaming anything and another replica generated the reply."""
+    thinking_capped: bool = False
+    """The thought was closed by ``max_thinking_tokens`` (not by the model or a switch)."""
+    resumed: bool = False
+    """The replica streaming this reply died mid-stream and another one continued it from the tokens
+    already sent (greedy and seeded sampling continue as they would have)."""
 
 
 def completion_id(prefix: str) -> str:
