@@ -371,22 +371,23 @@ def test_a_stream_is_cut_with_an_error_event_when_resuming_is_off(cluster):
         serve.delete("cut")
 
 
-def test_chaos_300_requests_while_a_replica_of_every_pool_is_killed(cluster, tmp_path):
+def test_chaos_150_requests_while_a_replica_of_every_pool_is_killed(cluster, tmp_path):
+    """Sized for CI; `kvswitch chaos` runs the full 300 as a benchmark (README, results/chaos-serve-config.json)."""
     two = {**POOL, "num_replicas": 2}
     base = deploy("chaos", {**BASE, "fast": two, "slow": two, "limits": {"request_timeout_s": 120, "prefill_timeout_s": 3}})
     try:
-        cfg = ChaosConfig(url=base, app="chaos", dataset=str(ROOT / "data" / "test-mix70-600-seed6060.jsonl"), num_requests=300,
+        cfg = ChaosConfig(url=base, app="chaos", dataset=str(ROOT / "data" / "test-mix70-600-seed6060.jsonl"), num_requests=150,
                           concurrency=12, kill=["prefill", "fast", "slow"], kill_at=[0.15, 0.35, 0.55], timeout=150,
                           out=str(tmp_path / "chaos.json"))
         report = asyncio.run(run_chaos(cfg, progress=False))
         print("\n" + format_chaos(report))
         (tmp_path / "chaos.json").write_text(json.dumps(report, indent=1))
-        assert report["requests"] == 300 and len(report["kills"]) == 3
+        assert report["requests"] == 150 and len(report["kills"]) == 3
         assert report["hang"] == 0 and report["unclear"] == 0, report["errors_by_status"]
         assert report["cut"] == 0, report["errors_by_status"]  # every stream whose replica died was resumed
-        assert report["correct"] + report["clear_error"] + report["wrong"] == 300
+        assert report["correct"] + report["clear_error"] + report["wrong"] == 150
         assert report["corrupted"] == 0, report["wrong_answers"]  # wrong only where the unfaulted run was wrong too
-        assert report["held_up"] and report["correct"] >= 250, report
+        assert report["held_up"] and report["correct"] >= 125, report
         assert all(k["recovered_after_s"] is not None for k in report["kills"]), report["kills"]
         assert post(base, chat()).json()["choices"][0]["message"]["content"] == "5"
     finally:
