@@ -21,10 +21,10 @@ class LoadBoard:
         """A pool replica's own ``EngineStats``."""
         self.book.report_pool(pool, replica, stats, time.monotonic())
 
-    def exchange(self, router: str, loads: dict[str, dict]) -> BoardSnapshot:
-        """A router replica's in-flight counts in, the whole view out."""
+    def exchange(self, router: str, loads: dict[str, dict], decisions: dict[str, bool] | None = None) -> BoardSnapshot:
+        """A router replica's in-flight counts (and its last decisions) in, the whole view out."""
         now = time.monotonic()
-        self.book.report_router(router, loads, now)
+        self.book.report_router(router, loads, now, decisions)
         return self.book.snapshot(now)
 
     def snapshot(self) -> BoardSnapshot:

@@ -72,9 +72,10 @@ class RouterLoads:
         period = self.cfg.load_view_period_s
         while True:
             sent = {p: load.model_copy() for p, load in self.load.items()}
+            decisions = {p: saturation(p, v, self.cfg.policy) for p, v in self._view().items()}
             try:
-                snap = await asyncio.wait_for(self.board.exchange.remote(self.replica, {p: v.model_dump() for p, v in sent.items()}),
-                                              timeout=max(1.0, 5 * period))
+                snap = await asyncio.wait_for(self.board.exchange.remote(self.replica, {p: v.model_dump() for p, v in sent.items()},
+                                                                         decisions), timeout=max(1.0, 5 * period))
                 self.snapshot, self.reported, self.snapshot_at = snap, sent, asyncio.get_running_loop().time()
                 self._warned = False
             except asyncio.CancelledError:
@@ -94,12 +95,16 @@ class RouterLoads:
         """The load routing decides on: every router's in-flight requests per pool (the shared view),
         or this router's own while the board is unreachable."""
         self.ensure_sync()
+        return self._view()
+
+    def _view(self) -> dict[str, PoolLoad]:
         snap = self.fresh_snapshot()
         return {p: combined(self.load[p], self.reported[p], snap, p) for p in GEN_POOLS}
 
     def status(self) -> dict:
         """``GET /v1/kvswitch/status``: each pool's replicas and own reported load, whether routing
-        counts it as saturated, and this router replica's in-flight requests."""
+        counts it as saturated, this router replica's in-flight requests, and every router replica's
+        last decisions (``decisions``: replica -> pool -> saturated, as of its last exchange)."""
         view, snap = self.view(), self.fresh_snapshot()
         pools = {}
         for p in POOLS:
@@ -112,5 +117,6 @@ class RouterLoads:
                         "predicted_tokens": round(reported.predicted_tokens, 1), "saturated": saturated}
         router = {"replica": self.replica, "view": "shared" if snap else "local", "replicas": snap.router_replicas if snap else 1,
                   "inflight": {p: self.load[p].running for p in GEN_POOLS},
-                  "decision_load": {p: {"running": v.running, "predicted_tokens": round(v.predicted_tokens, 1)} for p, v in view.items()}}
+                  "decision_load": {p: {"running": v.running, "predicted_tokens": round(v.predicted_tokens, 1)} for p, v in view.items()},
+                  "decisions": {r: {p: d.get(p) for p in GEN_POOLS} for r, d in sorted(snap.decisions.items())} if snap else {}}
         return {"pools": pools, "router": router}

@@ -30,7 +30,9 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
 
     cfg = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
     tau, context = _tau_and_context(cfg)
-    board = LoadBoard.options(name="load_board").bind(cfg.load_view_stale_s)
+    # the board sits where the routers are pinned (their resources / labels), reserving no CPU
+    pin = {k: v for k, v in cfg.router.options()["ray_actor_options"].items() if k not in ("num_cpus", "num_gpus")}
+    board = LoadBoard.options(name="load_board", ray_actor_options={"num_cpus": 0, **pin}).bind(cfg.load_view_stale_s)
     prefill = PrefillPool.options(name="prefill", **cfg.prefill.options()).bind(cfg, board)
     pools = {}
     for name in ("fast", "slow"):

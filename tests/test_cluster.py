@@ -394,7 +394,7 @@ def test_two_nodes_pin_serve_and_survive_losing_the_worker(two_nodes):
     content, route = _ask(c, HARD)
     assert is_correct(content, "-11") and route == "slow"
     assert {n: p for n, p in _placement("kvswitch").items() if n != "slow"} == \
-           {n: [("RUNNING", nodes["head"])] for n in ("router", "prefill", "fast")}  # nothing else moved
+           {n: [("RUNNING", nodes["head"])] for n in ("router", "load_board", "prefill", "fast")}  # nothing else moved
 
     waiter.join(RECOVERY_LIMIT_S + 90)
     assert "reply" in waiting and is_correct(waiting["reply"][0], "-11") and waiting["reply"][1] == "slow", waiting

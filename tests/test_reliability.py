@@ -325,7 +325,9 @@ async def _stream_killed_after(base: str, app: str, body: dict, rng, after: int 
 def _streamed_text(lines: list[str]) -> tuple[str, dict]:
     chunks = [json.loads(x) for x in lines if x != "[DONE]"]
     text = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch["choices"])
-    return text, next(ch["kvswitch"] for ch in chunks if ch.get("kvswitch"))
+    infos = [ch["choices"][0]["kvswitch"] for ch in chunks if ch["choices"] and ch["choices"][0].get("kvswitch")]  # on the final chunk's choice
+    assert len(infos) == 1, lines[-4:]
+    return text, infos[0]
 
 
 def test_a_dead_replica_is_retried_before_streaming_and_resumed_after(cluster):
@@ -378,7 +380,9 @@ def test_chaos_150_requests_while_a_replica_of_every_pool_is_killed(cluster, tmp
     try:
         cfg = ChaosConfig(url=base, app="chaos", dataset=str(ROOT / "data" / "test-mix70-600-seed6060.jsonl"), num_requests=150,
                           concurrency=12, kill=["prefill", "fast", "slow"], kill_at=[0.15, 0.35, 0.55], timeout=150,
-                          out=str(tmp_path / "chaos.json"))
+                          recover_timeout=300, out=str(tmp_path / "chaos.json"))
+        # recover_timeout: a replacement replica loads torch and the model on cores busy with 12 decodes;
+        # on 2 cores that took up to 152 s (how fast is the benchmark's figure; that it happens, the test's)
         report = asyncio.run(run_chaos(cfg, progress=False))
         print("\n" + format_chaos(report))
         (tmp_path / "chaos.json").write_text(json.dumps(report, indent=1))

@@ -4,8 +4,10 @@ Each router replica counts what it has sent to each pool (its leases, ``serving.
 pool replica knows what it runs and queues (``EngineStats``). A router alone sees only its own
 share, so two router replicas under the same load would each see half of it and decide
 differently. ``LoadBook`` (kept by one ``LoadBoard`` deployment) collects both kinds of report and
-answers with their sum over live reporters; ``SharedView`` is a router's side of it: the others'
-load from the last exchange plus its own load now, so its own requests count at once."""
+answers with their sum over live reporters; ``combined`` is a router's side of it: the others'
+load from the last exchange plus its own load now, so its own requests count at once. Routers also
+hand in their last decisions (which pools they count as saturated), so any router replica can show
+whether all of them agree."""
 
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ class BoardSnapshot(BaseModel):
     routers: dict[str, PoolLoad]
     """Sum over router replicas of the requests each has in flight per pool (queued in Ray included)."""
     router_replicas: int = 0
+    decisions: dict[str, dict[str, bool]] = {}
+    """Each live router replica's last decision per pool (saturated or not), as of its last exchange."""
 
 
 @dataclass
@@ -42,13 +46,13 @@ class LoadBook:
 
     stale_s: float = 3.0
     pool_reports: dict[tuple[str, str], tuple[float, PoolView]] = field(default_factory=dict)
-    router_reports: dict[str, tuple[float, dict[str, PoolLoad]]] = field(default_factory=dict)
+    router_reports: dict[str, tuple[float, dict[str, PoolLoad], dict[str, bool]]] = field(default_factory=dict)
 
     def report_pool(self, pool: str, replica: str, stats: dict, now: float) -> None:
         self.pool_reports[(pool, replica)] = (now, PoolView(replicas=1, **stats))
 
-    def report_router(self, router: str, loads: dict[str, dict], now: float) -> None:
-        self.router_reports[router] = (now, {p: PoolLoad(**v) for p, v in loads.items()})
+    def report_router(self, router: str, loads: dict[str, dict], now: float, decisions: dict[str, bool] | None = None) -> None:
+        self.router_reports[router] = (now, {p: PoolLoad(**v) for p, v in loads.items()}, dict(decisions or {}))
 
     def forget(self, now: float) -> None:
         self.pool_reports = {k: v for k, v in self.pool_reports.items() if now - v[0] < self.stale_s}
@@ -64,12 +68,13 @@ class LoadBook:
             agg.queued += v.queued
             agg.predicted_tokens += v.predicted_tokens
         routers = {p: PoolLoad() for p in ("fast", "slow")}
-        for _, loads in self.router_reports.values():
+        for _, loads, _ in self.router_reports.values():
             for pool, load in loads.items():
                 agg = routers.setdefault(pool, PoolLoad())
                 agg.running += load.running
                 agg.predicted_tokens += load.predicted_tokens
-        return BoardSnapshot(pools=pools, routers=routers, router_replicas=len(self.router_reports))
+        return BoardSnapshot(pools=pools, routers=routers, router_replicas=len(self.router_reports),
+                             decisions={r: d for r, (_, _, d) in self.router_reports.items()})
 
 
 def combined(own: PoolLoad, reported_own: PoolLoad | None, snapshot: BoardSnapshot | None, pool: str) -> PoolLoad:
