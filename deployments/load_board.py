@@ -12,7 +12,9 @@ from ray import serve
 from serve_app.serving.loadview import BoardSnapshot, LoadBook
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
+# no access log: every pool and router replica calls it every load_view_period_s
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000,
+                  logging_config={"enable_access_log": False})
 class LoadBoard:
     def __init__(self, stale_s: float = 3.0):
         self.book = LoadBook(stale_s=stale_s)

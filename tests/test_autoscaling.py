@@ -66,3 +66,23 @@ def test_the_config_selects_the_policy_per_pool():
     AutoscalingConfig(**cfg.slow.options()["autoscaling_config"])  # Ray accepts it and imports the policy
     with pytest.raises(ValueError, match="needs an autoscaling_config"):
         AppConfig(slow={"autoscale_on": "predicted_tokens"})
+
+
+def test_the_benchmarks_defaults_exist_and_differ_only_in_the_slow_pools_policy():
+    """`kvswitch bench-autoscale` with no options: its dev data set and both serve configs are in the repo."""
+    import argparse
+
+    import yaml
+
+    from loadtests.autoscale import DEFAULT_CONFIGS, add_parser, load_questions
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parser(sub)
+    args = sub.choices["bench-autoscale"].parse_args([])
+    assert len(load_questions(root / args.dataset, args.requests)) == args.requests
+    apps = [yaml.safe_load((root / c).read_text())["applications"][0]["args"] for c in DEFAULT_CONFIGS]
+    slow = [a.pop("slow") for a in apps]
+    assert apps[0] == apps[1]
+    assert [s.get("autoscale_on", "requests") for s in slow] == ["requests", "predicted_tokens"]
+    assert [AppConfig.model_validate({**a, "slow": s}).slow.autoscale_on for a, s in zip(apps, slow)] == ["requests", "predicted_tokens"]
