@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import sys
 import time
@@ -20,13 +19,15 @@ from pathlib import Path
 
 import httpx
 
+from serve_app.core.task import read_jsonl
+
 DEFAULT_CONFIGS = ["loadtests/serve_configs/autoscale-requests.yaml", "loadtests/serve_configs/autoscale-tokens.yaml"]
 
 
 def load_questions(path: str | Path, n: int, seed: int = 0) -> list[str]:
     """``n`` questions of ``path`` drawn without replacement (seeded): the data files are ordered by
     operator count, so their first lines are all one-operator questions."""
-    questions = [json.loads(line)["question"] for line in Path(path).read_text().splitlines() if line.strip()]
+    questions = [row["question"] for row in read_jsonl(path)]
     if len(questions) < n:
         raise ValueError(f"{path} has {len(questions)} questions; --requests asks for {n}")
     return random.Random(seed).sample(questions, n)
@@ -144,8 +145,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench-autoscale", help="time for the slow pool to reach 2 replicas under an easy-heavy burst: "
                                                "request-count vs predicted-tokens autoscaling, side by side")
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="comma list of serve configs to deploy in turn")
-    p.add_argument("--dataset", default="data/dev-mix70-600-seed5050.jsonl", help="JSONL with 'question' per line")
-    p.add_argument("--requests", type=int, default=48, help="requests sent at once, drawn from --dataset")
+    p.add_argument("--dataset", default="data/dev-mix70-600-seed5050.jsonl", help="JSONL with 'question' and 'answer' per line (the data sets' format)")
+    p.add_argument("--requests", type=int, default=48, help="requests in the burst, drawn from --dataset")
     p.add_argument("--seed", type=int, default=0, help="seed of the draw")
     p.add_argument("--ramp", type=float, default=0.0, help="spread the requests evenly over this many seconds (0: all at once)")
     p.add_argument("--settle", type=float, default=0.0, help="keep polling at least this long after the burst starts (s)")
