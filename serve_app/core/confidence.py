@@ -41,11 +41,52 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((a * b).sum(-1) / denom).clamp(-1.0, 1.0)
 
 
-def coe_features(trajectory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-step relative magnitudes ``M`` and angles ``A`` (each float64 ``[T]``) of ``[T+1, D]``.
+class CoePath:
+    """A trajectory ``e_0 … e_T`` kept as what CoE reads of it, so an engine can build it while it
+    decodes (one point per token, no stored points): per step ``t`` the absolute step norm
+    ``‖e_{t+1} − e_t‖`` and angle ``arccos(cos(e_{t+1}, e_t))`` (``steps``, float64 ``[T, 2]``), and the
+    endpoint span ``(‖e_T − e_0‖, arccos(cos(e_T, e_0)))``. ``coe_features`` / ``coe_scores`` accept it
+    in place of the ``[T+1, D]`` tensor and give the same values."""
+
+    def __init__(self, steps, span: tuple[float, float]):
+        self.steps = torch.as_tensor(steps, dtype=torch.float64).reshape(-1, 2)
+        self.span = (float(span[0]), float(span[1]))
+
+    @classmethod
+    def from_trajectory(cls, trajectory: torch.Tensor) -> "CoePath":
+        e = torch.as_tensor(trajectory).detach().to(torch.float64)
+        if e.shape[0] < 2:
+            return cls(torch.zeros(0, 2), (0.0, 0.0))
+        steps = torch.stack([(e[1:] - e[:-1]).norm(dim=-1), torch.arccos(_cos(e[1:], e[:-1]))], -1)
+        return cls(steps, (float((e[-1] - e[0]).norm()), float(torch.arccos(_cos(e[-1], e[0])))))
+
+    def __len__(self) -> int:
+        """Number of points (``T + 1``), as ``len`` of the trajectory tensor."""
+        return self.steps.shape[0] + 1
+
+    def __repr__(self) -> str:
+        return f"CoePath(points={len(self)}, span={self.span})"
+
+
+def step_summary(prev: torch.Tensor, point: torch.Tensor, first: torch.Tensor) -> tuple[float, float, float, float]:
+    """One new point of a ``CoePath``: (step norm, step angle) from ``prev`` and the span from ``first``
+    (float64, the formulas ``coe_features`` uses)."""
+    p, q, f = (t.to(torch.float64) for t in (prev, point, first))
+    return (float((q - p).norm()), float(torch.arccos(_cos(q, p))), float((q - f).norm()), float(torch.arccos(_cos(q, f))))
+
+
+def coe_features(trajectory: "torch.Tensor | CoePath") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-step relative magnitudes ``M`` and angles ``A`` (each float64 ``[T]``) of ``[T+1, D]``
+    (or of a ``CoePath``).
 
     Returns two empty tensors when ``T < 1`` (fewer than two points).
     """
+    if isinstance(trajectory, CoePath):
+        if trajectory.steps.shape[0] < 1:
+            empty = torch.zeros(0, dtype=torch.float64)
+            return empty, empty
+        m_den, a_den = max(trajectory.span[0], EPS), max(trajectory.span[1], EPS)
+        return trajectory.steps[:, 0] / m_den, trajectory.steps[:, 1] / a_den
     e = torch.as_tensor(trajectory).detach().to(torch.float64)
     if e.ndim != 2:
         raise ValueError(f"trajectory must be [T+1, D], got shape {tuple(e.shape)}")
@@ -59,7 +100,7 @@ def coe_features(trajectory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mags, angles
 
 
-def coe_scores(trajectory: torch.Tensor) -> dict[str, float]:
+def coe_scores(trajectory: "torch.Tensor | CoePath") -> dict[str, float]:
     """CoE-R and CoE-C of a trajectory ``[T+1, D]``: ``{"coe_r": …, "coe_c": …}``.
 
     ``CoE-R = mean(M) − mean(A)``; ``CoE-C = sqrt(mean(M cos A)² + mean(M sin A)²)``.
@@ -153,7 +194,7 @@ class ConfidenceCalibration(BaseModel):
         return cls.model_validate(data)
 
 
-def kv_confidence(calibrations: dict[str, ConfidenceCalibration] | None, mode: str, trajectory: torch.Tensor) -> float | None:
+def kv_confidence(calibrations: dict[str, ConfidenceCalibration] | None, mode: str, trajectory: "torch.Tensor | CoePath | None") -> float | None:
     """Calibrated P(correct) of a reply that ended in ``mode``, from its KV trajectory
     (the probe's per-mode KV-CoE mapping); None when the probe has none for that mode."""
     cal = (calibrations or {}).get(mode)

@@ -78,6 +78,8 @@ class Probe:
         if data.get("format") != FORMAT:
             raise ValueError(f"not a kvswitch probe checkpoint (format {data.get('format')!r}, expected {FORMAT!r})")
         self.data = data
+        self.path: Path | None = None
+        """The checkpoint this probe was loaded from (engines that run it in another process load it there)."""
         self.pooling = PoolingConfig(**data["pooling"])
         self.decode_pooling = PoolingConfig(**data.get("decode_pooling", data["pooling"]))
         self.labels = LabelConfig(**data["labels"])
@@ -121,6 +123,7 @@ class Probe:
         if not path.is_file():
             raise FileNotFoundError(f"no probe at {path}: run `kvswitch calibrate --model M --dataset D --out {path}`")
         probe = cls(torch.load(path, map_location="cpu", weights_only=True))
+        probe.path = path
         if model_config is not None:
             probe.check_model(model_config)
         return probe

@@ -1,30 +1,44 @@
-"""KV features from vLLM's own paged KV cache: an out-of-tree KV connector (``KVConnectorBase_V1``).
+"""kvswitch inside vLLM: KV features, online switching and KV-CoE while vLLM decodes, through three of
+vLLM 0.32's own extension points. No extra request, no restart, no file.
 
-No extra forward pass. vLLM calls ``save_kv_layer`` inside each attention layer right after the
-layer wrote its K/V into the paged cache; for every request whose prefill completes in this step,
-the connector reads the prompt's K/V of the layers the features need (``serve_app.engines.vllm_kv``),
-pools them with the same functions as the HF engine (``serve_app.core.kv_features``), and at the end
-of the forward (``wait_for_save``) writes them to a per-engine folder. ``request_finished``, on the
-scheduler side, reads them and returns them in the request's ``kv_transfer_params`` (how vLLM's
-prefill/decode disaggregation hands data out). A file, not worker metadata: vLLM 0.32 frees a
-request that finishes in its prefill step (``max_tokens=1``) *before* it hands the step's worker
-metadata to the scheduler connector, while the worker's forward, files included, is complete by
-then.
+- ``KVFeatureConnector`` (a ``KVConnectorBase_V1``). vLLM calls ``save_kv_layer`` in every attention
+  layer right after the layer wrote the step's K/V into the paged cache. For the requests that asked
+  (``SamplingParams.extra_args["kv_transfer_params"]["kvswitch"]``) the worker side reads only what
+  this step needs (``serve_app.engines.vllm_kv``): the prompt at the end of a features request's
+  prefill; one position per layer per decoded token for KV-CoE; the last S positions of the last n
+  layers when an online check or a calibration record is due. Per step and request the work does not
+  grow with the reply's length. Results go back to the scheduler side as vLLM's worker metadata
+  (``build_connector_worker_meta``) and out with the request's final output in ``kv_transfer_params``.
+- ``SwitchLogitsProcessor`` (a custom v1 ``LogitsProcessor``, same worker process). It follows every
+  tracked reply's tokens (``update_state``) and forces the switch text into the *same running
+  request* (``apply``) when the one shared ``switch_decision`` fires, or the close-think text when
+  ``max_thinking`` is reached.
+- ``KVSwitchScheduler`` (vLLM's ``Scheduler``, one change). vLLM frees a request that finishes in a
+  step, and hands out its ``kv_transfer_params``, before it passes that step's worker metadata to
+  the connector; this scheduler passes it first, so a reply's last step is part of its results.
 
-    LLM(model, kv_transfer_config=KVTransferConfig(
-        kv_connector="KVFeatureConnector", kv_connector_module_path="serve_app.engines.vllm_connector",
-        kv_role="kv_both", kv_connector_extra_config={"pooling": PoolingConfig().model_dump()}))
-    out = llm.generate(prompt, SamplingParams(max_tokens=1, extra_args={"kv_transfer_params": {"kvswitch": "prompt"}}))
-    out.kv_transfer_params["kvswitch"] == {"kv": [...], "embedding": [...]}
+Request options (``kvswitch``): the string ``"prompt"`` (probe feature + KV embedding of the prompt;
+send with ``max_tokens=1``), or a dict with any of ``key`` (unique id; required for switching and
+thinking caps), ``prompt`` (bool), ``mode`` (``fast``/``slow``: the mode the prompt's prefix opened),
+``online`` (bool), ``coe_start`` (position of KV-CoE's ``e_0``), ``record`` (pool the decode feature
+every this many tokens: calibration), ``max_thinking`` and ``already`` (tokens generated before a
+resume). The final output's ``kv_transfer_params["kvswitch"]`` holds ``kv``/``embedding``,
+``checks`` [[tokens, d]], ``switched_at``, ``end_mode``, ``capped``, ``coe`` {steps, span} and
+``recorded`` [[tokens, feature]], as asked.
+
+Engine settings (``kv_connector_extra_config``, built by ``serve_app.engines.vllm_engine.engine_args``):
+``pooling``, ``decode_pooling``, ``probe`` (path of the probe checkpoint; its ``kv-decode`` head runs
+in the worker), ``online`` (``OnlineConfig``), ``switch_ids`` {mode: token ids}, ``close_ids``.
+One worker only: with tensor or pipeline parallelism each rank holds part of the heads or layers,
+so the connector refuses those settings at start-up.
 """
 
 from __future__ import annotations
 
-import os
+import logging
 import re
-import tempfile
+from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,67 +46,296 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorWorkerMetadata,
 )
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+from vllm.v1.sample.logits_processor.interface import MoveDirectionality
 
-from serve_app.core.kv_features import EMBEDDING_LAYERS, PoolingConfig, kv_coe_points, kv_embedding, pool_kv
-from serve_app.engines.vllm_kv import GATHER
+from serve_app.core.confidence import step_summary
+from serve_app.core.kv_features import EMBEDDING_LAYERS, PoolingConfig, kv_embedding, pool_kv
+from serve_app.core.policy import OnlineConfig, switch_decision
+from serve_app.engines.vllm_kv import SLOTS, token_slots
 
+log = logging.getLogger(__name__)
 
-def trajectory(keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
-    """KV-CoE points ``[len(positions), 2 * kv_heads * head_dim]``: per position the layer-average of
-    the flattened K and V (``kv_coe_points``, for one request's ``[1, kv_heads, seq, head_dim]`` layers)."""
-    return kv_coe_points([k[0, :, positions].transpose(0, 1) for k in keys], [v[0, :, positions].transpose(0, 1) for v in values])
-
-
+SCHEDULER = "serve_app.engines.vllm_connector.KVSwitchScheduler"
+LOGITS_PROCESSOR = "serve_app.engines.vllm_connector:SwitchLogitsProcessor"
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
+def request_options(params) -> dict | None:
+    """The kvswitch options of a request's ``SamplingParams`` (None: a plain request)."""
+    extra = getattr(params, "extra_args", None) or {}
+    opts = (extra.get("kv_transfer_params") or {}).get("kvswitch")
+    if opts == "prompt":
+        return {"prompt": True}
+    return opts if isinstance(opts, dict) else None
+
+
+# ------------------------------------------------------------------------------ worker state
+
+
+@dataclass(eq=False)
+class Live:
+    """One tracked reply in the worker process: the same bookkeeping as the HF engine's decode
+    ``Row`` (serve_app.engines.decode), shared by the connector and the logits processor."""
+
+    key: str
+    opts: dict
+    mode: str = "fast"
+    since: int = 0
+    streak: int = 0
+    switches: int = 0
+    in_thought: bool = False
+    think: int = 0
+    forced: deque = field(default_factory=deque)
+    emitted: deque = field(default_factory=deque)
+    """Forced tokens sampled but not yet seen in the output."""
+    out: list | None = None
+    seen: int = 0
+    # paged-cache bookkeeping (connector)
+    req_id: str = ""
+    blocks: list = field(default_factory=list)
+    prompt_len: int = 0
+    tokens: int = 0
+    """Positions in the cache after this step."""
+    done_pos: int = -1
+    first: torch.Tensor | None = None
+    prev: torch.Tensor | None = None
+    prompt_done: bool = False
+    result: dict = field(default_factory=dict)
+    """What this step adds to the reply's results (sent and cleared every step)."""
+
+    @classmethod
+    def make(cls, key: str, opts: dict) -> "Live":
+        mode = opts.get("mode") or "fast"
+        already = int(opts.get("already") or 0)
+        every = max(int(_ENGINE.online.every if _ENGINE.online else 1), 1)
+        return cls(key, opts, mode=mode, since=already % every, in_thought=mode == "slow", think=already if mode == "slow" else 0)
+
+    def observe(self) -> None:
+        """Account the output tokens vLLM appended since the last step (before this step's forward)."""
+        out = self.out
+        if out is None:
+            return
+        close = _ENGINE.close_ids
+        while self.seen < len(out):
+            tok = out[self.seen]
+            self.seen += 1
+            self.since += 1
+            if self.emitted and self.emitted[0] == tok:
+                self.emitted.popleft()
+                continue  # a forced token: counted, not a thought token
+            if self.in_thought:
+                self.think += 1
+                if close and out[max(self.seen - len(close), 0):self.seen] == close:
+                    self.in_thought = False
+
+    def check_due(self) -> bool:
+        o = _ENGINE.online
+        return bool(self.opts.get("online")) and o is not None and _ENGINE.probe is not None and self.switches < o.max_switches \
+            and not self.forced and self.since >= o.every and self.seen > 0
+
+    def record_due(self) -> bool:
+        every = self.opts.get("record")
+        return bool(every) and not self.forced and self.seen > 0 and self.seen % int(every) == 0
+
+    def decide(self, d: float) -> None:
+        """One online check, as ``DecodeBatch._online_checks``."""
+        o = _ENGINE.online
+        self.since = 0
+        self.result.setdefault("checks", []).append([self.seen, d])
+        target, self.streak = switch_decision(self.mode, d, self.streak, o)
+        if target is not None:
+            self.result["switched_at"] = self.seen
+            self.switches += 1
+            self.mode, self.in_thought, self.think = target, target == "slow", 0
+            self.forced.extend(_ENGINE.switch_ids[target])
+            self.result["end_mode"] = self.mode
+
+    def next_forced(self) -> int | None:
+        """The token this reply must take now: a queued switch or thinking-cap token, else None."""
+        cap = self.opts.get("max_thinking")
+        if cap is not None and not self.forced and self.in_thought and self.think >= int(cap):
+            self.forced.extend(_ENGINE.switch_ids["fast"])
+            self.mode, self.in_thought = "fast", False
+            self.switches = max(self.switches, _ENGINE.online.max_switches if _ENGINE.online else 1)
+            self.result["capped"], self.result["end_mode"] = True, "fast"
+        if not self.forced:
+            return None
+        tok = self.forced.popleft()
+        self.emitted.append(tok)
+        return tok
+
+
+class _EngineState:
+    """Worker-process settings and live replies (one engine per worker process)."""
+
+    def __init__(self):
+        self.live: dict[str, Live] = {}
+        self.online: OnlineConfig | None = None
+        self.probe = None
+        self.switch_ids: dict[str, list[int]] = {}
+        self.close_ids: list[int] = []
+
+    def get(self, key: str, opts: dict) -> Live:
+        live = self.live.get(key)
+        if live is None:
+            live = self.live[key] = Live.make(key, opts)
+        return live
+
+
+_ENGINE = _EngineState()
+
+
+# ---------------------------------------------------------------------------- metadata types
+
+
 @dataclass
-class _Prefill:
+class _Step:
+    """Scheduler → worker, per tracked request scheduled in a step."""
+
+    key: str
     req_id: str
-    block_ids: list[int]
-    num_tokens: int
-    kind: str
-    """``prompt``: the probe feature and the KV embedding; ``decode``: the decode probe's feature;
-    ``trajectory``: KV-CoE points at ``[start[0]] + range(start[1], num_tokens)``."""
-    start: tuple[int, int] | None = None
+    tokens: int
+    """Positions in the cache once this step's forward has run."""
+    new_blocks: list[int] | None = None
+    replace_blocks: bool = False
+    opts: dict | None = None
+    prompt_len: int = 0
 
 
 @dataclass
 class FeatureMeta(KVConnectorMetadata):
-    """Scheduler → worker: requests whose prefill completes in this step."""
+    steps: list[_Step] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
 
-    prefills: list[_Prefill] = field(default_factory=list)
+
+@dataclass
+class ResultMeta(KVConnectorWorkerMetadata):
+    """Worker → scheduler: what each tracked reply gained in a step."""
+
+    results: dict[str, dict] = field(default_factory=dict)
+
+    def aggregate(self, other: "ResultMeta") -> "ResultMeta":
+        for key, res in other.results.items():
+            merge_result(self.results.setdefault(key, {}), res)
+        return self
+
+
+def merge_result(into: dict, new: dict) -> None:
+    """Add one step's results of a reply to what the scheduler holds for it."""
+    for name, value in new.items():
+        if name in ("checks", "recorded"):
+            into.setdefault(name, []).extend(value)
+        elif name == "coe":
+            coe = into.setdefault("coe", {"steps": [], "span": [0.0, 0.0]})
+            coe["steps"].extend(value["steps"])
+            coe["span"] = value["span"]
+        else:
+            into[name] = value
+
+
+# ------------------------------------------------------------------------------ the connector
 
 
 class KVFeatureConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config, role, kv_cache_config)
+        par = vllm_config.parallel_config
+        if par.tensor_parallel_size > 1 or par.pipeline_parallel_size > 1:
+            raise ValueError(f"the kvswitch KV connector reads every head of every layer in one worker; tensor_parallel_size="
+                             f"{par.tensor_parallel_size}, pipeline_parallel_size={par.pipeline_parallel_size} split them across "
+                             "workers. Serve with one worker per engine (use more replicas instead).")
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
         self.pooling = PoolingConfig(**extra.get("pooling", {}))
         self.decode_pooling = PoolingConfig(**extra.get("decode_pooling", extra.get("pooling", {})))
-        self.embedding = bool(extra.get("embedding", True))
-        self.num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
-        need = max(self.pooling.last_layers, self.decode_pooling.last_layers, EMBEDDING_LAYERS if self.embedding else 0)
-        self.layers = set(range(max(self.num_layers - need, 0), self.num_layers))
+        self.num_layers = vllm_config.model_config.get_num_layers(par)
+        self.prompt_layers = set(range(max(self.num_layers - max(self.pooling.last_layers, EMBEDDING_LAYERS), 0), self.num_layers))
+        self.decode_layers = set(range(max(self.num_layers - self.decode_pooling.last_layers, 0), self.num_layers))
+        if role == KVConnectorRole.SCHEDULER:
+            sched = vllm_config.scheduler_config.scheduler_cls
+            name = sched if isinstance(sched, str) else f"{getattr(sched, '__module__', '')}.{getattr(sched, '__name__', '')}"
+            if name != SCHEDULER:
+                raise ValueError(f"the kvswitch KV connector needs scheduler_cls={SCHEDULER!r} (vLLM hands a finishing request's "
+                                 f"kv_transfer_params out before its last step's results otherwise); got {sched!r}")
+            self._tracked: dict[str, tuple[str, dict]] = {}  # req_id -> (key, opts)
+            self._blocks: dict[str, int] = {}  # req_id -> blocks sent so far
+            self._results: dict[str, dict] = {}
+            self._finished: list[str] = []
+            return
+        # worker side
         from vllm.platforms import current_platform
 
-        self.gather = GATHER["cpu" if current_platform.is_cpu() else "logical"]
-        engine = self._kv_transfer_config.engine_id or "default"
-        self.folder = Path(extra.get("feature_dir") or Path(tempfile.gettempdir()) / f"kvswitch-features-{engine}")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        # scheduler side
-        self._blocks: dict[str, list[int]] = {}
-        self._prompt_len: dict[str, int] = {}
-        self._kind: dict[str, str] = {}
-        self._start: dict[str, tuple[int, int]] = {}
-        self._done: set[str] = set()
-        # worker side
+        self.slots = SLOTS["cpu" if current_platform.is_cpu() else "logical"]
+        _ENGINE.online = OnlineConfig(**extra["online"]) if extra.get("online") else None
+        _ENGINE.switch_ids = {m: list(ids) for m, ids in (extra.get("switch_ids") or {}).items()}
+        _ENGINE.close_ids = list(extra.get("close_ids") or [])
+        if extra.get("probe"):
+            from serve_app.core.probe import Probe
+
+            _ENGINE.probe = Probe.load(extra["probe"])
+        self._plan: list[tuple[Live, _Step]] = []
+        self._coe: tuple[list[Live], torch.Tensor, torch.Tensor] | None = None
+        self._coe_sum: torch.Tensor | None = None
+        self._tail: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._kv: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._kv_kind: dict[str, str] = {}
-        self._kv_start: dict[str, tuple[int, int]] = {}
+        self._step_results: dict[str, dict] = {}
 
     # ------------------------------------------------------------------------------ worker side
+    def bind_connector_metadata(self, connector_metadata) -> None:
+        """Plan this step: which positions of which layers each tracked reply needs."""
+        super().bind_connector_metadata(connector_metadata)
+        for req_id in connector_metadata.finished:
+            for key in [k for k, live in _ENGINE.live.items() if live.req_id == req_id]:
+                _ENGINE.live.pop(key, None)
+        self._plan, self._tail, self._kv = [], {}, {}
+        coe_lives, coe_pos = [], []
+        for st in connector_metadata.steps:
+            live = _ENGINE.get(st.key, st.opts or {})
+            if st.opts is not None:
+                live.req_id, live.prompt_len = st.req_id, st.prompt_len
+            if st.new_blocks is not None:
+                live.blocks = list(st.new_blocks) if st.replace_blocks else live.blocks + list(st.new_blocks)
+            live.tokens = st.tokens
+            self._plan.append((live, st))
+            if live.tokens < live.prompt_len:
+                continue  # prefill still running (chunked)
+            opts = live.opts
+            start = opts.get("coe_start")
+            if start is not None:
+                new = ([int(start)] if live.first is None else []) + list(range(max(live.done_pos + 1, live.prompt_len), live.tokens))
+                if live.first is None:
+                    live.done_pos = live.prompt_len - 1
+                for p in new:
+                    coe_lives.append(live)
+                    coe_pos.append(p)
+                if new:
+                    live.done_pos = max(live.done_pos, live.tokens - 1)
+            if opts.get("prompt") and not live.prompt_done:
+                self._tail[live.key] = (*self._positions(live, range(live.prompt_len)), live.prompt_len)
+            elif live.check_due() or live.record_due():
+                s = min(self.decode_pooling.last_tokens, live.tokens)
+                self._tail[live.key] = (*self._positions(live, range(live.tokens - s, live.tokens)), s)
+        self._coe = None
+        if coe_pos:
+            blocks, offsets = zip(*(self._slot(lv, p) for lv, p in zip(coe_lives, coe_pos)))
+            self._coe = (coe_lives, torch.tensor(blocks), torch.tensor(offsets))
+            self._coe_sum = None
+
+    def _slot(self, live: Live, pos: int) -> tuple[int, int]:
+        bs = self._block_size
+        return live.blocks[pos // bs], pos % bs
+
+    def _positions(self, live: Live, positions: range) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks, offsets = token_slots(live.blocks, positions.stop, self._block_size)
+        return blocks[positions.start:], offsets[positions.start:]
+
+    @property
+    def _block_size(self) -> int:
+        return self._vllm_config.cache_config.block_size
+
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         return None
 
@@ -100,46 +343,68 @@ class KVFeatureConnector(KVConnectorBase_V1):
         return None
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
+        if not self._plan:
+            return
         match = _LAYER.search(layer_name)
-        if match is None or not self.has_connector_metadata():
+        if match is None:
             return
         layer = int(match.group(1))
-        for p in self._get_connector_metadata().prefills:
-            if p.kind != "trajectory" and layer not in self.layers:
-                continue  # trajectories average every layer; features only the last few
-            self._kv.setdefault(p.req_id, {})[layer] = self.gather(kv_layer, p.block_ids, p.num_tokens)
-            self._kv_kind[p.req_id] = p.kind
-            if p.start is not None:
-                self._kv_start[p.req_id] = p.start
+        if self._coe is not None:
+            _, blocks, offsets = self._coe
+            k, v = self.slots(kv_layer, blocks.to(kv_layer.device), offsets.to(kv_layer.device))
+            point = torch.cat([k.flatten(1), v.flatten(1)], -1).to(torch.float32)
+            self._coe_sum = point if self._coe_sum is None else self._coe_sum + point
+        for key, (blocks, offsets, _) in self._tail.items():
+            live = _ENGINE.live[key]
+            wanted = self.prompt_layers if (live.opts.get("prompt") and not live.prompt_done) else self.decode_layers
+            if layer in wanted:
+                k, v = self.slots(kv_layer, blocks.to(kv_layer.device), offsets.to(kv_layer.device))
+                self._kv.setdefault(key, {})[layer] = (k.permute(1, 0, 2).unsqueeze(0), v.permute(1, 0, 2).unsqueeze(0))
 
     def wait_for_save(self) -> None:
-        """End of the forward: pool, then write each request's features for the scheduler."""
-        for req_id, layers in self._kv.items():
+        """End of the forward: KV-CoE points, features, online checks; this step's results."""
+        if not self._plan:
+            return
+        if self._coe is not None and self._coe_sum is not None:
+            lives, _, _ = self._coe
+            points = (self._coe_sum / self.num_layers).cpu()
+            for live, point in zip(lives, points):
+                if live.first is None:
+                    live.first = live.prev = point
+                    continue
+                sn, sa, en, ea = step_summary(live.prev, point, live.first)
+                coe = live.result.setdefault("coe", {"steps": [], "span": [0.0, 0.0]})
+                coe["steps"].append([sn, sa])
+                coe["span"] = [en, ea]
+                live.prev = point
+        for key, layers in self._kv.items():
+            live = _ENGINE.live[key]
             order = sorted(layers)
-            keys = [layers[i][0] for i in order]
-            values = [layers[i][1] for i in order]
+            keys = [layers[i][0].cpu() for i in order]
+            values = [layers[i][1].cpu() for i in order]
             mask = torch.ones(1, keys[0].shape[2])
-            kind = self._kv_kind.pop(req_id, "prompt")
-            if kind == "trajectory":
-                first, start = self._kv_start.pop(req_id, (0, 0))
-                positions = torch.tensor([first, *range(start, keys[0].shape[2])])
-                feats = {"trajectory": trajectory(keys, values, positions).tolist()}
-                self._write(req_id, feats)
+            if live.opts.get("prompt") and not live.prompt_done:
+                live.prompt_done = True
+                live.result["kv"] = pool_kv(keys, values, mask, self.pooling)[0].tolist()
+                live.result["embedding"] = kv_embedding(keys, values, mask)[0].tolist()
                 continue
-            pooling = self.decode_pooling if kind == "decode" else self.pooling
-            feats = {"kv": pool_kv(keys, values, mask, pooling)[0].tolist()}
-            if self.embedding and kind == "prompt":
-                feats["embedding"] = kv_embedding(keys, values, mask)[0].tolist()
-            self._write(req_id, feats)
-        self._kv.clear()
+            feat = pool_kv(keys, values, mask, self.decode_pooling)
+            if live.record_due():
+                live.result.setdefault("recorded", []).append([live.seen, feat[0].tolist()])
+            if live.check_due():
+                live.decide(float(_ENGINE.probe.decode_difficulty(feat)[0]))
+        self._kv, self._tail = {}, {}
+        for live, _ in self._plan:
+            if live.result:
+                self._step_results[live.key] = live.result
+                live.result = {}
+        self._plan, self._coe, self._coe_sum = [], None, None
 
-    def _write(self, req_id: str, feats: dict) -> None:
-        tmp = self._path(req_id).with_suffix(".tmp")
-        torch.save(feats, tmp)
-        os.replace(tmp, self._path(req_id))
-
-    def _path(self, req_id: str) -> Path:
-        return self.folder / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', req_id)}.pt"
+    def build_connector_worker_meta(self) -> ResultMeta | None:
+        if not self._step_results:
+            return None
+        meta, self._step_results = ResultMeta(self._step_results), {}
+        return meta
 
     # --------------------------------------------------------------------------- scheduler side
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
@@ -149,44 +414,103 @@ class KVFeatureConnector(KVConnectorBase_V1):
         return None
 
     def build_connector_meta(self, scheduler_output) -> FeatureMeta:
-        meta = FeatureMeta()
+        meta = FeatureMeta(finished=self._finished)
+        self._finished = []
         for new in scheduler_output.scheduled_new_reqs:
-            extra = (new.sampling_params.extra_args or {}) if new.sampling_params is not None else {}
-            kind = (extra.get("kv_transfer_params") or {}).get("kvswitch")
-            if kind not in ("prompt", "decode", "trajectory"):
-                continue  # a plain generation request: nothing to pool
-            self._kind[new.req_id] = kind
-            self._start[new.req_id] = tuple((extra.get("kv_transfer_params") or {}).get("kvswitch_start") or (0, 0))
-            self._blocks[new.req_id] = list(new.block_ids[0])
-            self._prompt_len[new.req_id] = len(new.prompt_token_ids or [])
-            self._maybe_emit(meta, new.req_id, new.num_computed_tokens, scheduler_output)
+            opts = request_options(new.sampling_params) if new.sampling_params is not None else None
+            if opts is None or not (opts.get("prompt") or opts.get("online") or opts.get("record") or opts.get("coe_start") is not None):
+                continue  # nothing to read from the cache for this one (thinking caps are the logits processor's)
+            key = str(opts.get("key") or new.req_id)
+            self._tracked[new.req_id] = (key, opts)
+            blocks = list(new.block_ids[0])
+            self._blocks[new.req_id] = len(blocks)
+            tokens = new.num_computed_tokens + scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
+            meta.steps.append(_Step(key, new.req_id, tokens, blocks, True, opts, len(new.prompt_token_ids or [])))
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
-            if req_id not in self._blocks:
+            tracked = self._tracked.get(req_id)
+            if tracked is None:
                 continue
-            if cached.new_block_ids[i]:
-                self._blocks[req_id].extend(cached.new_block_ids[i][0])
-            self._maybe_emit(meta, req_id, cached.num_computed_tokens[i], scheduler_output)
+            new_blocks = cached.new_block_ids[i][0] if cached.new_block_ids[i] else None
+            resumed = req_id in cached.resumed_req_ids
+            tokens = cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens.get(req_id, 0)
+            meta.steps.append(_Step(tracked[0], req_id, tokens, None if new_blocks is None else list(new_blocks), resumed))
         return meta
 
-    def _maybe_emit(self, meta: FeatureMeta, req_id: str, computed: int, scheduler_output) -> None:
-        prompt = self._prompt_len[req_id]
-        if req_id in self._done or computed + scheduler_output.num_scheduled_tokens.get(req_id, 0) < prompt:
-            return
-        self._done.add(req_id)
-        meta.prefills.append(_Prefill(req_id, list(self._blocks[req_id]), prompt, self._kind[req_id], self._start.get(req_id)))
+    def take_worker_meta(self, meta: ResultMeta | None) -> None:
+        """A step's results from the worker (``KVSwitchScheduler`` calls this before requests finish)."""
+        for key, res in (meta.results if meta is not None else {}).items():
+            merge_result(self._results.setdefault(key, {}), res)
+
+    def update_connector_output(self, connector_output) -> None:
+        self.take_worker_meta(connector_output.kv_connector_worker_meta)
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
-        req_id = request.request_id
-        if self._kind.pop(req_id, None) is None:
+        tracked = self._tracked.pop(request.request_id, None)
+        self._blocks.pop(request.request_id, None)
+        if tracked is None:
             return False, None  # a plain generation request
-        self._blocks.pop(req_id, None)
-        self._prompt_len.pop(req_id, None)
-        self._start.pop(req_id, None)
-        self._done.discard(req_id)
-        path = self._path(req_id)
-        if not path.exists():  # finished before its prefill completed (aborted)
-            return False, None
-        feats = torch.load(path)
-        path.unlink(missing_ok=True)
-        return False, {"kvswitch": feats}
+        self._finished.append(request.request_id)
+        res = self._results.pop(tracked[0], None)
+        return False, {"kvswitch": res or {}}
+
+
+class KVSwitchScheduler(Scheduler):
+    """vLLM's scheduler, with a step's connector results taken before that step's requests finish."""
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        kv_out = getattr(model_runner_output, "kv_connector_output", None)
+        if kv_out is not None and kv_out.kv_connector_worker_meta is not None and isinstance(self.connector, KVFeatureConnector):
+            self.connector.take_worker_meta(kv_out.kv_connector_worker_meta)
+            kv_out.kv_connector_worker_meta = None
+        return super().update_from_output(scheduler_output, model_runner_output)
+
+
+# ------------------------------------------------------------------------- the logits processor
+
+
+class SwitchLogitsProcessor(LogitsProcessor):
+    """Forces a reply's switch (or thinking-cap) tokens into its running request."""
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        self.rows: dict[int, Live] = {}
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        opts = request_options(sampling_params)
+        if opts and (opts.get("online") or opts.get("record") or opts.get("max_thinking") is not None) and not opts.get("key"):
+            raise ValueError("kvswitch: online switching and max_thinking need a unique 'key' in the request's kvswitch options")
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is not None:
+            for index in batch_update.removed:
+                live = self.rows.pop(index, None)
+                if live is not None and not live.req_id:  # not the connector's: nothing else will drop it
+                    _ENGINE.live.pop(live.key, None)
+            for index, params, _, output_ids in batch_update.added:
+                opts = request_options(params)
+                if opts and opts.get("key") and (opts.get("online") or opts.get("record") or opts.get("max_thinking") is not None):
+                    live = _ENGINE.get(str(opts["key"]), opts)
+                    live.out = output_ids
+                    self.rows[index] = live
+                else:
+                    self.rows.pop(index, None)
+            for a, b, how in batch_update.moved:
+                ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
+                if ra is not None:
+                    self.rows[b] = ra
+                if rb is not None and how == MoveDirectionality.SWAP:
+                    self.rows[a] = rb
+        for live in self.rows.values():
+            live.observe()
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        for index, live in self.rows.items():
+            tok = live.next_forced()
+            if tok is not None:
+                logits[index] = float("-inf")
+                logits[index, tok] = 0.0
+        return logits

@@ -2,12 +2,13 @@
 (``stream(request) → (new ids, None) ... ([], result)``, like ``ContinuousBatcher``).
 
 - Modes: the prompt is ``prompt_ids + prefix_ids[mode]``, the same token ids the HF engine feeds.
-- KV features come from vLLM's own paged cache through ``serve_app.engines.vllm_connector``; only
-  requests that ask for them (``extra_args.kv_transfer_params.kvswitch``) are pooled.
-- Online switching is *chunked decoding with prefix caching*: a request decodes at most ``every``
-  tokens; at each check a scoring request over ``prompt + generated`` (all but its last partial
-  block served from the prefix cache) returns the decode feature and, when no switch is due, the
-  next token, which is kept. A switch appends the switch tokens, exactly as the HF engine does.
+- One vLLM request per reply. Online switching, thinking caps, KV-CoE and calibration records happen
+  inside the engine while it decodes (``serve_app.engines.vllm_connector``: a KV connector, a logits
+  processor and a scheduler subclass); the reply's checks, switch point and CoE path come back with
+  its final output in ``kv_transfer_params``.
+- Prompt features (probe feature, KV embedding) are one prefill of the prompt (``max_tokens=1``).
+- Load (``stats``): the requests this engine streams, split into queued and running by vLLM's own
+  scheduler stats (a stat logger).
 """
 
 from __future__ import annotations
@@ -16,84 +17,114 @@ import asyncio
 import itertools
 import uuid
 from contextlib import aclosing
-from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
 
 import torch
 
-from serve_app.core.policy import OnlineConfig, switch_decision
+from serve_app.core.confidence import CoePath
+from serve_app.core.policy import OnlineConfig
 from serve_app.core.probe import Probe
 from serve_app.core.prompts import ModePrompts
-from serve_app.engines.base import EngineStats, GenRequest, GenResult, TokenSetup
+from serve_app.engines.base import SAMPLING_EPS, EngineStats, GenRequest, GenResult, TokenSetup
 
 CONNECTOR = {"kv_connector": "KVFeatureConnector", "kv_connector_module_path": "serve_app.engines.vllm_connector", "kv_role": "kv_both"}
 
 
-def engine_args(model: str, probe: Probe, **overrides: Any):
-    """``AsyncEngineArgs`` for the embedded model (or any local checkpoint): prefix caching on,
-    the KV-feature connector configured with the probe's poolings."""
+def engine_args(model: str, probe: Probe | None, online: OnlineConfig | None = None, tokens: TokenSetup | None = None,
+                decode_pooling=None, **overrides: Any):
+    """``AsyncEngineArgs`` for a local checkpoint with kvswitch inside: prefix caching on, the
+    KV-feature connector (the probe's poolings and ``kv-decode`` head, the switching thresholds and
+    switch tokens), the switch logits processor and the scheduler that hands results out in time.
+    ``probe`` None (calibration): features and records only, no switching."""
     from vllm.config import KVTransferConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    extra = {"pooling": probe.pooling.model_dump(), "decode_pooling": probe.decode_pooling.model_dump()}
-    opts = {"model": model, "dtype": "float32", "enable_prefix_caching": True, "enforce_eager": True,
+    from serve_app.engines.vllm_connector import LOGITS_PROCESSOR, SCHEDULER
+
+    extra: dict[str, Any] = {}
+    if probe is not None:
+        extra = {"pooling": probe.pooling.model_dump(), "decode_pooling": probe.decode_pooling.model_dump()}
+        if getattr(probe, "path", None) is not None:
+            extra["probe"] = str(probe.path)
+    if decode_pooling is not None:
+        extra["decode_pooling"] = decode_pooling.model_dump()
+    if online is not None:
+        extra["online"] = online.model_dump()
+    if tokens is not None:
+        extra["switch_ids"] = {m: list(ids) for m, ids in tokens.switch_ids.items()}
+        extra["close_ids"] = tokens.tokenizer.encode(tokens.prompts.close_think.strip(), add_special_tokens=False)
+    for fixed in ("scheduler_cls", "logits_processors", "async_scheduling", "kv_transfer_config"):
+        if fixed in overrides:
+            raise ValueError(f"vllm.{fixed} is set by kvswitch (its switching runs inside the engine); remove it from the pool's vllm settings")
+    par = {k: overrides.get(k, 1) for k in ("tensor_parallel_size", "pipeline_parallel_size")}
+    if max(par.values()) > 1:
+        raise ValueError(f"kvswitch reads every head of every layer in one worker: {par} is not supported; scale with replicas")
+    opts = {"model": model, "dtype": "float32", "enable_prefix_caching": True, "enforce_eager": True, "async_scheduling": False,
+            "scheduler_cls": SCHEDULER, "logits_processors": [LOGITS_PROCESSOR],
             "kv_transfer_config": KVTransferConfig(**CONNECTOR, kv_connector_extra_config=extra), **overrides}
     return AsyncEngineArgs(**opts)
 
 
-@dataclass
-class _State:
-    req: GenRequest
-    mode: str
-    seq: list[int]
-    out: list[int] = field(default_factory=list)
-    since: int = 0
-    streak: int = 0
-    switches: int = 0
-    switched_at: int | None = None
-    start_mode: str = "fast"
-    checks: list[tuple[int, float]] = field(default_factory=list)
-    finished: bool = False
-    in_thought: bool = False
-    think: int = 0
-    capped: bool = False
+class _SchedulerLoad:
+    """A vLLM stat logger that keeps the engine's latest scheduler stats (queue depth, running)."""
+
+    def __init__(self, vllm_config, engine_index: int = 0):
+        self.engine_index = engine_index
+        self.waiting = self.running = 0
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+        if scheduler_stats is not None:
+            self.waiting, self.running = scheduler_stats.num_waiting_reqs, scheduler_stats.num_running_reqs
+
+    def log_engine_initialized(self):
+        pass
+
+    def log(self):
+        pass
+
+    def record_sleep_state(self, is_awake: int, level: int):
+        pass
 
 
 class VLLMEngine(TokenSetup):
-    """The vLLM ``Engine`` of a pool: ``AsyncLLM`` batches and schedules; this class adds modes, online
-    switching and KV features."""
+    """The vLLM ``Engine`` of a pool: ``AsyncLLM`` batches and schedules; kvswitch's connector, logits
+    processor and scheduler inside it add modes, online switching and KV features."""
 
-    def __init__(self, llm, tokenizer, probe: Probe, online: OnlineConfig, prompts: ModePrompts = ModePrompts(), coe: bool = True):
+    def __init__(self, llm, tokenizer, probe: Probe | None, online: OnlineConfig, prompts: ModePrompts = ModePrompts(), coe: bool | None = None,
+                 load: _SchedulerLoad | None = None):
         super().__init__(tokenizer, prompts)
         self.llm, self.probe, self.online = llm, probe, online
-        self.coe = coe and bool(getattr(probe, "confidence", None))
-        """Record each reply's KV-CoE trajectory (one extra, prefix-cached request per reply)."""
+        self.coe = bool(getattr(probe, "confidence", None)) if coe is None else coe
+        """Record each reply's KV-CoE path (in the engine, one point per decoded token); default: when
+        the probe has a confidence calibration to apply to it."""
         self._ids = itertools.count()
-        self._live: dict[int, tuple[float, _State]] = {}
+        self._live: dict[int, tuple[float, dict]] = {}
+        self._load = load
 
     @classmethod
-    def create(cls, model: str, probe: Probe, online: OnlineConfig, **overrides: Any) -> "VLLMEngine":
+    def create(cls, model: str, probe: Probe | None, online: OnlineConfig, coe: bool | None = None, decode_pooling=None, **overrides: Any) -> "VLLMEngine":
         from transformers import AutoTokenizer
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        llm = AsyncLLM.from_engine_args(engine_args(model, probe, **overrides))
-        return cls(llm, AutoTokenizer.from_pretrained(model, local_files_only=True), probe, online)
+        tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
+        tokens = TokenSetup(tokenizer)
+        loads: list[_SchedulerLoad] = []
+
+        def factory(vllm_config, engine_index: int = 0):
+            loads.append(_SchedulerLoad(vllm_config, engine_index))
+            return loads[-1]
+
+        args = engine_args(model, probe, online, tokens, decode_pooling=decode_pooling, **overrides)
+        llm = AsyncLLM.from_engine_args(args, stat_loggers=[factory])
+        return cls(llm, tokenizer, probe, online, coe=coe, load=loads[0] if loads else None)
 
     def _rid(self) -> str:
         return f"kvs-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
 
-    def _params(self, req: GenRequest, max_tokens: int, features: str | None = None):
-        from vllm import SamplingParams
-
-        extra = {"kv_transfer_params": {"kvswitch": features}} if features else None
-        seed = req.seed if req.temperature > 0 else None
-        return SamplingParams(temperature=req.temperature, top_p=req.top_p if req.temperature > 0 else 1.0, seed=seed,
-                              max_tokens=max_tokens, skip_special_tokens=False, detokenize=False, extra_args=extra)
-
-    async def _run(self, seq: list[int], params) -> AsyncIterator[Any]:
+    async def _run(self, seq: list[int], params, rid: str | None = None) -> AsyncIterator[Any]:
         from vllm import TokensPrompt
 
-        async with aclosing(self.llm.generate(TokensPrompt(prompt_token_ids=list(seq)), params, self._rid())) as outs:
+        async with aclosing(self.llm.generate(TokensPrompt(prompt_token_ids=list(seq)), params, rid or self._rid())) as outs:
             async for out in outs:  # closing this generator aborts the vLLM request
                 yield out
 
@@ -102,137 +133,79 @@ class VLLMEngine(TokenSetup):
         feats = await asyncio.gather(*(self.prompt_features(p) for p in prompts))
         return [f if embedding else {"kv": f["kv"]} for f in feats]
 
-    async def prompt_features(self, prompt_ids: Sequence[int], which: str = "prompt") -> dict[str, torch.Tensor]:
-        """Probe feature (and KV embedding) of a prompt from vLLM's paged cache: one prefill, one token."""
+    async def prompt_features(self, prompt_ids: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Probe feature and KV embedding of a prompt from vLLM's paged cache: one prefill, one token."""
         from vllm import SamplingParams
 
-        params = SamplingParams(temperature=0.0, max_tokens=1, detokenize=False, extra_args={"kv_transfer_params": {"kvswitch": which}})
+        params = SamplingParams(temperature=0.0, max_tokens=1, detokenize=False, extra_args={"kv_transfer_params": {"kvswitch": "prompt"}})
         final = None
         async for final in self._run(prompt_ids, params):
             pass
-        feats = (final.kv_transfer_params or {}).get("kvswitch") if final is not None else None
-        if not feats:
+        feats = ((final.kv_transfer_params or {}).get("kvswitch") or {}) if final is not None else {}
+        if "kv" not in feats:
             raise RuntimeError("vLLM returned no KV feature: is the engine configured with serve_app.engines.vllm_connector?")
-        return {k: torch.tensor(v) for k, v in feats.items()}
+        return {k: torch.tensor(feats[k]) for k in ("kv", "embedding")}
 
-    async def stream(self, req: GenRequest, predicted_tokens: float = 0.0) -> AsyncIterator[tuple[list[int], GenResult | None]]:
+    def _params(self, req: GenRequest, rid: str, record: int | None = None):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        mode = req.mode
+        opts: dict[str, Any] = {"key": rid, "mode": mode, "already": req.already}
+        if req.online and self.probe is not None:
+            opts["online"] = True
+        if self.coe:
+            opts["coe_start"] = len(req.prompt_ids) - 1
+        if req.max_thinking_tokens is not None:
+            opts["max_thinking"] = req.max_thinking_tokens
+        if record:
+            opts["record"] = record
+        sampled = req.temperature >= SAMPLING_EPS
+        return SamplingParams(temperature=req.temperature if sampled else 0.0, top_p=req.top_p if sampled else 1.0,
+                              seed=req.seed if sampled else None, max_tokens=req.max_new_tokens, skip_special_tokens=False,
+                              detokenize=False, output_kind=RequestOutputKind.DELTA, extra_args={"kv_transfer_params": {"kvswitch": opts}})
+
+    async def stream(self, req: GenRequest, predicted_tokens: float = 0.0, record: int | None = None) -> AsyncIterator[tuple[list[int], GenResult | None]]:
         if req.mode is None:
             raise ValueError("the vLLM engine serves a pool: the request's mode must be fast or slow")
-        st = _State(req, req.mode, list(req.prompt_ids) + (self.prefix_ids[req.mode] if req.add_prefix else []), start_mode=req.mode,
-                    since=req.already % self.online.every, in_thought=req.mode == "slow", think=req.already if req.mode == "slow" else 0)
-        key = id(st)
-        self._live[key] = (predicted_tokens, st)
+        seq = list(req.prompt_ids) + (self.prefix_ids[req.mode] if req.add_prefix else [])
+        rid = self._rid()
+        state = {"out": 0}
+        key = id(state)
+        self._live[key] = (predicted_tokens, state)
+        out: list[int] = []
+        final = None
         try:
-            while not st.finished and len(st.out) < req.max_new_tokens:
-                if self._cap_due(st):
-                    yield self._close_thought(st), None
-                    continue
-                if self._check_due(st):
-                    new = await self._check(st)
-                else:
-                    async with aclosing(self._chunk(st)) as chunk:
-                        async for ids in chunk:
-                            yield ids, None
-                    continue
-                if new:
-                    yield new, None
-            result = self._result(st)
-            if self.coe and st.out:
-                result.kv_trajectory = await self._trajectory(st)
-            yield [], result
+            async with aclosing(self._run(seq, self._params(req, rid, record), rid)) as outs:
+                async for final in outs:
+                    ids = list(final.outputs[0].token_ids)
+                    if ids:
+                        out.extend(ids)
+                        state["out"] = len(out)
+                        yield ids, None
+            yield [], self._result(req, out, final)
         finally:  # also when the consumer closes the stream: the running vLLM request is aborted with it
             self._live.pop(key, None)
 
-    def _check_due(self, st: _State) -> bool:
-        o = self.online
-        return st.req.online and st.switches < o.max_switches and st.since >= o.every
-
-    def _cap_due(self, st: _State) -> bool:
-        cap = st.req.max_thinking_tokens
-        return cap is not None and st.in_thought and st.think >= cap
-
-    def _close_thought(self, st: _State) -> list[int]:
-        """``max_thinking_tokens`` reached: force the close-think tokens; no switch follows."""
-        st.mode, st.in_thought, st.capped, st.switches = "fast", False, True, max(st.switches, self.online.max_switches)
-        return self._take(st, list(self.switch_ids["fast"]), forced=True)
-
-    def _take(self, st: _State, ids: list[int], forced: bool = False) -> list[int]:
-        ids = ids[: st.req.max_new_tokens - len(st.out)]
-        if st.in_thought and not forced:
-            close = self.tokenizer.encode(self.prompts.close_think.strip(), add_special_tokens=False)
-            for n in range(len(ids)):
-                st.think += 1
-                if close and (st.out + ids[: n + 1])[-len(close):] == close:  # the model closed its thought itself
-                    st.in_thought = False
-                    break
-        st.out.extend(ids)
-        st.seq.extend(ids)
-        st.since += len(ids)
-        if self.eos_id in ids:
-            st.finished = True
-        return ids
-
-    async def _chunk(self, st: _State) -> AsyncIterator[list[int]]:
-        budget = st.req.max_new_tokens - len(st.out)
-        if st.req.online and st.switches < self.online.max_switches:
-            budget = min(budget, self.online.every - st.since)
-        if st.req.max_thinking_tokens is not None and st.in_thought:
-            budget = min(budget, st.req.max_thinking_tokens - st.think)
-        seen = 0
-        final = None
-        async with aclosing(self._run(st.seq, self._params(st.req, budget))) as outs:
-            async for final in outs:
-                ids = list(final.outputs[0].token_ids)[seen:]
-                seen += len(ids)
-                if ids:
-                    yield self._take(st, ids)
-        if final is not None and final.outputs[0].finish_reason == "stop":
-            st.finished = True
-
-    async def _check(self, st: _State) -> list[int]:
-        """Score ``seq`` with the decode probe; switch, or keep the token the scoring request sampled."""
-        st.since = 0
-        final = None
-        async for final in self._run(st.seq, self._params(st.req, 1, features="decode")):
-            pass
-        feats = final.kv_transfer_params["kvswitch"]
-        d = float(self.probe.decode_difficulty(torch.tensor([feats["kv"]]))[0])
-        st.checks.append((len(st.out), d))
-        target, st.streak = switch_decision(st.mode, d, st.streak, self.online)
-        if target is not None:
-            st.switched_at = len(st.out)
-            st.switches += 1
-            st.mode = target
-            st.in_thought, st.think = target == "slow", 0
-            return self._take(st, list(self.switch_ids[target]), forced=True)
-        new = self._take(st, list(final.outputs[0].token_ids))
-        if final.outputs[0].finish_reason == "stop":
-            st.finished = True
-        return new
-
-    async def _trajectory(self, st: _State) -> torch.Tensor:
-        """The reply's KV-CoE trajectory, as the HF engine records it: the last shared-prompt position,
-        then every generated token that was fed back (all but the last). One request over the
-        sequence, served from the prefix cache but for its last partial block."""
-        from vllm import SamplingParams
-
-        prompt_end = len(st.seq) - len(st.out)
-        first = len(st.req.prompt_ids) - 1 if st.req.add_prefix else prompt_end - 1
-        params = SamplingParams(temperature=0.0, max_tokens=1, detokenize=False,
-                                extra_args={"kv_transfer_params": {"kvswitch": "trajectory", "kvswitch_start": [first, prompt_end]}})
-        final = None
-        async for final in self._run(st.seq[:-1], params):
-            pass
-        return torch.tensor(final.kv_transfer_params["kvswitch"]["trajectory"])
-
-    def _result(self, st: _State) -> GenResult:
-        text = self.tokenizer.decode(st.out)
-        prefix = self.prompts.fast_prefix if st.start_mode == "fast" else self.prompts.slow_prefix
-        return GenResult(text=text, reply=prefix + text, tokens=len(st.out), finished=st.finished, start_mode=st.start_mode,
-                         end_mode=st.mode, switched_at=st.switched_at, checks=st.checks, thinking_capped=st.capped)
+    def _result(self, req: GenRequest, out: list[int], final) -> GenResult:
+        res = ((final.kv_transfer_params or {}).get("kvswitch") or {}) if final is not None else {}
+        text = self.tokenizer.decode(out)
+        prefix = self.prompts.fast_prefix if req.mode == "fast" else self.prompts.slow_prefix
+        finished = final is not None and final.outputs[0].finish_reason == "stop"
+        result = GenResult(text=text, reply=prefix + text, tokens=len(out), finished=finished, start_mode=req.mode,
+                           end_mode=res.get("end_mode", req.mode), switched_at=res.get("switched_at"),
+                           checks=[(int(t), float(d)) for t, d in res.get("checks", [])], thinking_capped=bool(res.get("capped")),
+                           token_ids=list(out))
+        if self.coe and out:
+            coe = res.get("coe") or {"steps": [], "span": [0.0, 0.0]}
+            result.kv_trajectory = CoePath(coe["steps"], coe["span"])
+        result.recorded = [(int(t), torch.tensor(f)) for t, f in res.get("recorded", [])]
+        return result
 
     def stats(self) -> EngineStats:
-        """Running requests and predicted tokens still to generate (vLLM queues internally: queued is 0)."""
+        """The requests this engine streams, queued vs running as vLLM's scheduler last reported, and
+        the predicted tokens still to generate."""
         live = list(self._live.values())
-        outstanding = sum(max(pred - len(st.out), 0.0) for pred, st in live)
-        return EngineStats(queued=0, running=len(live), predicted_tokens=float(outstanding))
+        outstanding = sum(max(pred - st["out"], 0.0) for pred, st in live)
+        waiting = min(self._load.waiting, len(live)) if self._load is not None else 0
+        return EngineStats(queued=waiting, running=len(live) - waiting, predicted_tokens=float(outstanding))
