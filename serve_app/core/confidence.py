@@ -53,7 +53,7 @@ class CoePath:
         self.span = (float(span[0]), float(span[1]))
 
     @classmethod
-    def from_trajectory(cls, trajectory: torch.Tensor) -> "CoePath":
+    def from_trajectory(cls, trajectory: torch.Tensor) -> CoePath:
         e = torch.as_tensor(trajectory).detach().to(torch.float64)
         if e.shape[0] < 2:
             return cls(torch.zeros(0, 2), (0.0, 0.0))
@@ -75,7 +75,7 @@ def step_summary(prev: torch.Tensor, point: torch.Tensor, first: torch.Tensor) -
     return (float((q - p).norm()), float(torch.arccos(_cos(q, p))), float((q - f).norm()), float(torch.arccos(_cos(q, f))))
 
 
-def coe_features(trajectory: "torch.Tensor | CoePath") -> tuple[torch.Tensor, torch.Tensor]:
+def coe_features(trajectory: torch.Tensor | CoePath) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-step relative magnitudes ``M`` and angles ``A`` (each float64 ``[T]``) of ``[T+1, D]``
     (or of a ``CoePath``).
 
@@ -100,7 +100,7 @@ def coe_features(trajectory: "torch.Tensor | CoePath") -> tuple[torch.Tensor, to
     return mags, angles
 
 
-def coe_scores(trajectory: "torch.Tensor | CoePath") -> dict[str, float]:
+def coe_scores(trajectory: torch.Tensor | CoePath) -> dict[str, float]:
     """CoE-R and CoE-C of a trajectory ``[T+1, D]``: ``{"coe_r": …, "coe_c": …}``.
 
     ``CoE-R = mean(M) − mean(A)``; ``CoE-C = sqrt(mean(M cos A)² + mean(M sin A)²)``.
@@ -194,7 +194,7 @@ class ConfidenceCalibration(BaseModel):
         return cls.model_validate(data)
 
 
-def kv_confidence(calibrations: dict[str, ConfidenceCalibration] | None, mode: str, trajectory: "torch.Tensor | CoePath | None") -> float | None:
+def kv_confidence(calibrations: dict[str, ConfidenceCalibration] | None, mode: str, trajectory: torch.Tensor | CoePath | None) -> float | None:
     """Calibrated P(correct) of a reply that ended in ``mode``, from its KV trajectory
     (the probe's per-mode KV-CoE mapping); None when the probe has none for that mode."""
     cal = (calibrations or {}).get(mode)

@@ -53,9 +53,14 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.interface import MoveDirectionality
 
 from serve_app.core.confidence import step_summary
-from serve_app.core.kv_features import EMBEDDING_LAYERS, PoolingConfig, kv_embedding, pool_kv
+from serve_app.core.kv_features import (
+    EMBEDDING_LAYERS,
+    PoolingConfig,
+    kv_embedding,
+    pool_kv,
+)
 from serve_app.core.policy import OnlineConfig, switch_decision
-from serve_app.engines.vllm_kv import SLOTS, token_slots
+from serve_app.engines.vllm_kv import SLOTS, layout_for_backend, token_slots
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +113,7 @@ class Live:
     """What this step adds to the reply's results (sent and cleared every step)."""
 
     @classmethod
-    def make(cls, key: str, opts: dict) -> "Live":
+    def make(cls, key: str, opts: dict) -> Live:
         mode = opts.get("mode") or "fast"
         already = int(opts.get("already") or 0)
         every = max(int(_ENGINE.online.every if _ENGINE.online else 1), 1)
@@ -218,7 +223,7 @@ class ResultMeta(KVConnectorWorkerMetadata):
 
     results: dict[str, dict] = field(default_factory=dict)
 
-    def aggregate(self, other: "ResultMeta") -> "ResultMeta":
+    def aggregate(self, other: ResultMeta) -> ResultMeta:
         for key, res in other.results.items():
             merge_result(self.results.setdefault(key, {}), res)
         return self
@@ -266,9 +271,7 @@ class KVFeatureConnector(KVConnectorBase_V1):
             self._finished: list[str] = []
             return
         # worker side
-        from vllm.platforms import current_platform
-
-        self.slots = SLOTS["cpu" if current_platform.is_cpu() else "logical"]
+        self.slots = None  # the reader of this engine's cache layout: register_kv_caches asks vLLM's backend
         _ENGINE.online = OnlineConfig(**extra["online"]) if extra.get("online") else None
         _ENGINE.switch_ids = {m: list(ids) for m, ids in (extra.get("switch_ids") or {}).items()}
         _ENGINE.close_ids = list(extra.get("close_ids") or [])
@@ -284,6 +287,18 @@ class KVFeatureConnector(KVConnectorBase_V1):
         self._step_results: dict[str, dict] = {}
 
     # ------------------------------------------------------------------------------ worker side
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Once the paged cache exists: pick its reader from the attention backend vLLM chose
+        (``serve_app.engines.vllm_kv.layout_for_backend``); an unreadable layout fails start-up."""
+        name, cache = next(iter(kv_caches.items()))
+        layer = self._vllm_config.compilation_config.static_forward_context[name]
+        backend = layer.get_attn_backend()
+        layout = layout_for_backend(backend, dtype=cache.dtype, block_size=cache.shape[2],
+                                    head_size=self._vllm_config.model_config.get_head_size(),
+                                    kv_cache_dtype=str(self._vllm_config.cache_config.cache_dtype))
+        self.slots = SLOTS[layout]
+        log.info("kvswitch: reading the %s paged cache with the %r layout", backend.get_name(), layout)
+
     def bind_connector_metadata(self, connector_metadata) -> None:
         """Plan this step: which positions of which layers each tracked reply needs."""
         super().bind_connector_metadata(connector_metadata)
@@ -345,6 +360,8 @@ class KVFeatureConnector(KVConnectorBase_V1):
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
         if not self._plan:
             return
+        if self.slots is None:
+            raise RuntimeError("the kvswitch connector was handed no paged cache (register_kv_caches was not called)")
         match = _LAYER.search(layer_name)
         if match is None:
             return
@@ -514,3 +531,8 @@ class SwitchLogitsProcessor(LogitsProcessor):
                 logits[index] = float("-inf")
                 logits[index, tok] = 0.0
         return logits
+
+
+def live_replies(worker=None) -> int:
+    """Replies the worker process still tracks (``AsyncLLM.collective_rpc(live_replies)``; tests)."""
+    return len(_ENGINE.live)

@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Sequence
+from typing import Any
 
 import torch
 
@@ -25,17 +26,24 @@ from serve_app.core.confidence import CoePath
 from serve_app.core.policy import OnlineConfig
 from serve_app.core.probe import Probe
 from serve_app.core.prompts import ModePrompts
-from serve_app.engines.base import SAMPLING_EPS, EngineStats, GenRequest, GenResult, TokenSetup
+from serve_app.engines.base import (
+    SAMPLING_EPS,
+    EngineStats,
+    GenRequest,
+    GenResult,
+    TokenSetup,
+)
 
 CONNECTOR = {"kv_connector": "KVFeatureConnector", "kv_connector_module_path": "serve_app.engines.vllm_connector", "kv_role": "kv_both"}
 
 
 def engine_args(model: str, probe: Probe | None, online: OnlineConfig | None = None, tokens: TokenSetup | None = None,
-                decode_pooling=None, **overrides: Any):
+                pooling=None, decode_pooling=None, **overrides: Any):
     """``AsyncEngineArgs`` for a local checkpoint with kvswitch inside: prefix caching on, the
     KV-feature connector (the probe's poolings and ``kv-decode`` head, the switching thresholds and
     switch tokens), the switch logits processor and the scheduler that hands results out in time.
-    ``probe`` None (calibration): features and records only, no switching."""
+    ``probe`` None (calibration): features and records only, no switching; ``pooling`` /
+    ``decode_pooling`` then say how (they override the probe's when given)."""
     from vllm.config import KVTransferConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -46,6 +54,8 @@ def engine_args(model: str, probe: Probe | None, online: OnlineConfig | None = N
         extra = {"pooling": probe.pooling.model_dump(), "decode_pooling": probe.decode_pooling.model_dump()}
         if getattr(probe, "path", None) is not None:
             extra["probe"] = str(probe.path)
+    if pooling is not None:
+        extra["pooling"] = pooling.model_dump()
     if decode_pooling is not None:
         extra["decode_pooling"] = decode_pooling.model_dump()
     if online is not None:
@@ -102,7 +112,8 @@ class VLLMEngine(TokenSetup):
         self._load = load
 
     @classmethod
-    def create(cls, model: str, probe: Probe | None, online: OnlineConfig, coe: bool | None = None, decode_pooling=None, **overrides: Any) -> "VLLMEngine":
+    def create(cls, model: str, probe: Probe | None, online: OnlineConfig, coe: bool | None = None, pooling=None, decode_pooling=None,
+               **overrides: Any) -> VLLMEngine:
         from transformers import AutoTokenizer
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -114,7 +125,7 @@ class VLLMEngine(TokenSetup):
             loads.append(_SchedulerLoad(vllm_config, engine_index))
             return loads[-1]
 
-        args = engine_args(model, probe, online, tokens, decode_pooling=decode_pooling, **overrides)
+        args = engine_args(model, probe, online, tokens, pooling=pooling, decode_pooling=decode_pooling, **overrides)
         llm = AsyncLLM.from_engine_args(args, stat_loggers=[factory])
         return cls(llm, tokenizer, probe, online, coe=coe, load=loads[0] if loads else None)
 

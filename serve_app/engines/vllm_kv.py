@@ -21,13 +21,14 @@ splits that view into K and V is in its code, not in its declared data:
   ``cpu_amx`` (ISA ``amx``: bf16 on a CPU with AMX tiles and block_size % 32 == 0): with ``p = 4 //
   element_size``, keys ``[block_size/16, head_dim/p, 16, p]`` (token tiles of 16, head_dim in pairs),
   values ``[head_dim/16, block_size/p, 16, p]``. Verified on this machine (x86, AVX512 + AMX) by
-  writing through vLLM's own ``cpu_attn_reshape_and_cache`` op for ISAs vec, vec16 and amx in fp32,
-  fp16 and bf16 (tests/test_vllm_kv.py); ``cpu`` also matched transformers' cache end to end (fp32).
+  writing through vLLM's own ``cpu_attn_reshape_and_cache`` op: vec and vec16 in fp32, fp16 and bf16,
+  amx in fp32 and bf16 (tests/test_vllm_kv.py); ``cpu`` also matches the HF engine's features end to end
+  through the connector (fp32, cosine >= 0.99).
   Not verified: the ``neon``/``vsx``/``vxe``/``rvv`` ISAs (``layout_for_backend`` probes them and
   raises if no reader here matches).
 - ``logical``: FLASH_ATTN (``flash_attn.py:1252``, ``:1443``), TRITON_ATTN (``triton_attn.py:627``,
-  ``:796``) and FLASHINFER (``flashinfer.py:2168``, ``:2661``) all take ``kv_cache.transpose(1,
-  2).split(head_size, dim=-1)``: K = ``[..., :head_dim]``, V = ``[..., head_dim:]`` of the logical
+  ``:796``) and FLASHINFER (``flashinfer.py:2661``; its forward splits its stride-order permutation
+  of the view on the same last dim, ``:2168``) all take ``kv_cache.transpose(1, 2).split(head_size, dim=-1)``: K = ``[..., :head_dim]``, V = ``[..., head_dim:]`` of the logical
   view, whatever its strides. The readers index the logical view, so they hold for every stride order
   vLLM can pick; tested on CPU tensors allocated by vLLM's own ``allocate_kv_cache`` for every
   ``KVCacheLayout``, written through that split view. Not verified on a GPU (this task had none),
@@ -38,7 +39,8 @@ splits that view into K and V is in its code, not in its declared data:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
