@@ -68,11 +68,12 @@ class CoePath:
         return f"CoePath(points={len(self)}, span={self.span})"
 
 
-def step_summary(prev: torch.Tensor, point: torch.Tensor, first: torch.Tensor) -> tuple[float, float, float, float]:
-    """One new point of a ``CoePath``: (step norm, step angle) from ``prev`` and the span from ``first``
-    (float64, the formulas ``coe_features`` uses)."""
+def step_summary(prev: torch.Tensor, point: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """New points of ``CoePath``s, one per row (``[N, D]`` each, or ``[D]``): per row (step norm, step
+    angle) from ``prev`` and the span (norm, angle) from ``first`` → float64 ``[N, 4]`` (the formulas
+    ``coe_features`` uses)."""
     p, q, f = (t.to(torch.float64) for t in (prev, point, first))
-    return (float((q - p).norm()), float(torch.arccos(_cos(q, p))), float((q - f).norm()), float(torch.arccos(_cos(q, f))))
+    return torch.stack([(q - p).norm(dim=-1), torch.arccos(_cos(q, p)), (q - f).norm(dim=-1), torch.arccos(_cos(q, f))], -1)
 
 
 def coe_features(trajectory: torch.Tensor | CoePath) -> tuple[torch.Tensor, torch.Tensor]:

@@ -283,6 +283,8 @@ class KVFeatureConnector(KVConnectorBase_V1):
         self._coe: tuple[list[Live], torch.Tensor, torch.Tensor] | None = None
         self._coe_sum: torch.Tensor | None = None
         self._tail: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self._groups: dict[int, tuple[list[Live], torch.Tensor, torch.Tensor]] = {}
+        self._group_kv: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._kv: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._step_results: dict[str, dict] = {}
 
@@ -305,8 +307,9 @@ class KVFeatureConnector(KVConnectorBase_V1):
         for req_id in connector_metadata.finished:
             for key in [k for k, live in _ENGINE.live.items() if live.req_id == req_id]:
                 _ENGINE.live.pop(key, None)
-        self._plan, self._tail, self._kv = [], {}, {}
+        self._plan, self._tail, self._kv, self._groups, self._group_kv = [], {}, {}, {}, {}
         coe_lives, coe_pos = [], []
+        tails: dict[int, list[tuple[Live, list[int], list[int]]]] = {}
         for st in connector_metadata.steps:
             live = _ENGINE.get(st.key, st.opts or {})
             if st.opts is not None:
@@ -332,7 +335,11 @@ class KVFeatureConnector(KVConnectorBase_V1):
                 self._tail[live.key] = (*self._positions(live, range(live.prompt_len)), live.prompt_len)
             elif live.check_due() or live.record_due():
                 s = min(self.decode_pooling.last_tokens, live.tokens)
-                self._tail[live.key] = (*self._positions(live, range(live.tokens - s, live.tokens)), s)
+                slots = [self._slot(live, p) for p in range(live.tokens - s, live.tokens)]
+                tails.setdefault(s, []).append((live, [b for b, _ in slots], [o for _, o in slots]))
+        for s, group in tails.items():  # the due checks of a step: one read per layer, one pooling, one probe call
+            self._groups[s] = ([lv for lv, _, _ in group], torch.tensor([b for _, bl, _ in group for b in bl]),
+                               torch.tensor([o for _, _, ol in group for o in ol]))
         self._coe = None
         if coe_pos:
             blocks, offsets = zip(*(self._slot(lv, p) for lv, p in zip(coe_lives, coe_pos)))
@@ -371,10 +378,13 @@ class KVFeatureConnector(KVConnectorBase_V1):
             k, v = self.slots(kv_layer, blocks.to(kv_layer.device), offsets.to(kv_layer.device))
             point = torch.cat([k.flatten(1), v.flatten(1)], -1).to(torch.float32)
             self._coe_sum = point if self._coe_sum is None else self._coe_sum + point
+        if layer in self.decode_layers:
+            for s, (lives, blocks, offsets) in self._groups.items():
+                k, v = self.slots(kv_layer, blocks.to(kv_layer.device), offsets.to(kv_layer.device))  # [R*s, H, D]
+                shape = (len(lives), s, *k.shape[1:])
+                self._group_kv.setdefault(s, {})[layer] = (k.reshape(shape).transpose(1, 2), v.reshape(shape).transpose(1, 2))
         for key, (blocks, offsets, _) in self._tail.items():
-            live = _ENGINE.live[key]
-            wanted = self.prompt_layers if (live.opts.get("prompt") and not live.prompt_done) else self.decode_layers
-            if layer in wanted:
+            if layer in self.prompt_layers:
                 k, v = self.slots(kv_layer, blocks.to(kv_layer.device), offsets.to(kv_layer.device))
                 self._kv.setdefault(key, {})[layer] = (k.permute(1, 0, 2).unsqueeze(0), v.permute(1, 0, 2).unsqueeze(0))
 
@@ -385,11 +395,14 @@ class KVFeatureConnector(KVConnectorBase_V1):
         if self._coe is not None and self._coe_sum is not None:
             lives, _, _ = self._coe
             points = (self._coe_sum / self.num_layers).cpu()
-            for live, point in zip(lives, points):
+            once = len({id(lv) for lv in lives}) == len(lives) and all(lv.first is not None for lv in lives)
+            if once:  # the usual decode step: one new point per reply, summarised in one batch
+                sums = step_summary(torch.stack([lv.prev for lv in lives]), points, torch.stack([lv.first for lv in lives])).tolist()
+            for j, (live, point) in enumerate(zip(lives, points)):
                 if live.first is None:
                     live.first = live.prev = point
                     continue
-                sn, sa, en, ea = step_summary(live.prev, point, live.first)
+                sn, sa, en, ea = sums[j] if once else step_summary(live.prev, point, live.first).tolist()
                 coe = live.result.setdefault("coe", {"steps": [], "span": [0.0, 0.0]})
                 coe["steps"].append([sn, sa])
                 coe["span"] = [en, ea]
@@ -399,18 +412,24 @@ class KVFeatureConnector(KVConnectorBase_V1):
             order = sorted(layers)
             keys = [layers[i][0].cpu() for i in order]
             values = [layers[i][1].cpu() for i in order]
-            mask = torch.ones(1, keys[0].shape[2])
-            if live.opts.get("prompt") and not live.prompt_done:
-                live.prompt_done = True
-                live.result["kv"] = pool_kv(keys, values, mask, self.pooling)[0].tolist()
-                live.result["embedding"] = kv_embedding(keys, values, mask)[0].tolist()
-                continue
-            feat = pool_kv(keys, values, mask, self.decode_pooling)
-            if live.record_due():
-                live.result.setdefault("recorded", []).append([live.seen, feat[0].tolist()])
-            if live.check_due():
-                live.decide(float(_ENGINE.probe.decode_difficulty(feat)[0]))
-        self._kv, self._tail = {}, {}
+            mask = torch.ones(1, keys[0].shape[2])  # prompt features, per request (their lengths differ)
+            live.prompt_done = True
+            live.result["kv"] = pool_kv(keys, values, mask, self.pooling)[0].tolist()
+            live.result["embedding"] = kv_embedding(keys, values, mask)[0].tolist()
+        for s, layers in self._group_kv.items():
+            lives = self._groups[s][0]
+            order = sorted(layers)
+            keys = [layers[i][0].cpu() for i in order]
+            values = [layers[i][1].cpu() for i in order]
+            feats = pool_kv(keys, values, torch.ones(len(lives), s), self.decode_pooling)
+            due = [j for j, lv in enumerate(lives) if lv.check_due()]
+            scores = _ENGINE.probe.decode_difficulty(feats[due]).tolist() if due else []
+            for j, live in enumerate(lives):
+                if live.record_due():
+                    live.result.setdefault("recorded", []).append([live.seen, feats[j].tolist()])
+            for j, d in zip(due, scores):
+                lives[j].decide(float(d))
+        self._kv, self._tail, self._groups, self._group_kv = {}, {}, {}, {}
         for live, _ in self._plan:
             if live.result:
                 self._step_results[live.key] = live.result
