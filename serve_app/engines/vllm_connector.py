@@ -60,7 +60,7 @@ from serve_app.core.kv_features import (
     pool_kv,
 )
 from serve_app.core.policy import OnlineConfig, switch_decision
-from serve_app.engines.vllm_kv import SLOTS, layout_for_backend, token_slots
+from serve_app.engines.vllm_kv import SLOTS, layout_for_backend, read_slots, token_slots
 
 log = logging.getLogger(__name__)
 
@@ -375,17 +375,17 @@ class KVFeatureConnector(KVConnectorBase_V1):
         layer = int(match.group(1))
         if self._coe is not None:
             _, blocks, offsets = self._coe
-            k, v = self.slots(kv_layer, blocks.to(kv_layer.device), offsets.to(kv_layer.device))
+            k, v = read_slots(self.slots, kv_layer, blocks.to(kv_layer.device), offsets.to(kv_layer.device))
             point = torch.cat([k.flatten(1), v.flatten(1)], -1).to(torch.float32)
             self._coe_sum = point if self._coe_sum is None else self._coe_sum + point
         if layer in self.decode_layers:
             for s, (lives, blocks, offsets) in self._groups.items():
-                k, v = self.slots(kv_layer, blocks.to(kv_layer.device), offsets.to(kv_layer.device))  # [R*s, H, D]
+                k, v = read_slots(self.slots, kv_layer, blocks.to(kv_layer.device), offsets.to(kv_layer.device))  # [R*s, H, D]
                 shape = (len(lives), s, *k.shape[1:])
                 self._group_kv.setdefault(s, {})[layer] = (k.reshape(shape).transpose(1, 2), v.reshape(shape).transpose(1, 2))
         for key, (blocks, offsets, _) in self._tail.items():
             if layer in self.prompt_layers:
-                k, v = self.slots(kv_layer, blocks.to(kv_layer.device), offsets.to(kv_layer.device))
+                k, v = read_slots(self.slots, kv_layer, blocks.to(kv_layer.device), offsets.to(kv_layer.device))
                 self._kv.setdefault(key, {})[layer] = (k.permute(1, 0, 2).unsqueeze(0), v.permute(1, 0, 2).unsqueeze(0))
 
     def wait_for_save(self) -> None:

@@ -90,11 +90,10 @@ def slots_cpu(kv_layer: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tenso
     num_blocks, heads, block_size, two_d = kv_layer.shape
     head_dim = two_d // 2
     area = kv_layer.reshape(num_blocks, heads, 2, block_size * head_dim)
-    n = blocks.shape[0]
-    k_area = area[blocks, :, 0].view(n, heads, head_dim, block_size)
-    v_area = area[blocks, :, 1].view(n, heads, block_size, head_dim)
-    idx = torch.arange(n)
-    return k_area[idx, :, :, offsets], v_area[idx, :, offsets, :]
+    # element gather: no block is copied whole (keys at d * block_size + offset, values at offset * head_dim + d)
+    b, h = blocks.view(-1, 1, 1), torch.arange(heads, device=blocks.device).view(1, -1, 1)
+    d, off = torch.arange(head_dim, device=blocks.device).view(1, 1, -1), offsets.view(-1, 1, 1)
+    return area[b, h, 0, d * block_size + off], area[b, h, 1, off * head_dim + d]
 
 
 def slots_logical(kv_layer: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,3 +232,12 @@ def layout_for_backend(backend: Any, *, dtype: torch.dtype, block_size: int, hea
         return "logical"
     raise ValueError(f"{name}: how this backend splits its cache into K and V has not been checked here "
                      f"(checked: CPU_ATTN and {', '.join(LOGICAL_SPLIT)})")
+
+
+def read_slots(reader, kv_layer: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reader`` (a ``SLOTS`` entry) applied to only the blocks the slots use: those blocks are
+    copied out first (``kv_layer[unique blocks]``), so a layer cache that is a strided view into
+    vLLM's one buffer is never reshaped (copied) whole. Same result as ``reader(kv_layer, blocks, offsets)``."""
+    unique, inverse = torch.unique(blocks, return_inverse=True)
+    return reader(kv_layer[unique], inverse, offsets)
+
