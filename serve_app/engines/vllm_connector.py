@@ -266,7 +266,6 @@ class KVFeatureConnector(KVConnectorBase_V1):
                 raise ValueError(f"the kvswitch KV connector needs scheduler_cls={SCHEDULER!r} (vLLM hands a finishing request's "
                                  f"kv_transfer_params out before its last step's results otherwise); got {sched!r}")
             self._tracked: dict[str, tuple[str, dict]] = {}  # req_id -> (key, opts)
-            self._blocks: dict[str, int] = {}  # req_id -> blocks sent so far
             self._results: dict[str, dict] = {}
             self._finished: list[str] = []
             return
@@ -287,6 +286,7 @@ class KVFeatureConnector(KVConnectorBase_V1):
         self._group_kv: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._kv: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._step_results: dict[str, dict] = {}
+        self._keys: dict[str, str] = {}  # vLLM request id -> reply key
 
     # ------------------------------------------------------------------------------ worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -305,8 +305,7 @@ class KVFeatureConnector(KVConnectorBase_V1):
         """Plan this step: which positions of which layers each tracked reply needs."""
         super().bind_connector_metadata(connector_metadata)
         for req_id in connector_metadata.finished:
-            for key in [k for k, live in _ENGINE.live.items() if live.req_id == req_id]:
-                _ENGINE.live.pop(key, None)
+            _ENGINE.live.pop(self._keys.pop(req_id, None), None)
         self._plan, self._tail, self._kv, self._groups, self._group_kv = [], {}, {}, {}, {}
         coe_lives, coe_pos = [], []
         tails: dict[int, list[tuple[Live, list[int], list[int]]]] = {}
@@ -314,6 +313,7 @@ class KVFeatureConnector(KVConnectorBase_V1):
             live = _ENGINE.get(st.key, st.opts or {})
             if st.opts is not None:
                 live.req_id, live.prompt_len = st.req_id, st.prompt_len
+                self._keys[st.req_id] = st.key
             if st.new_blocks is not None:
                 live.blocks = list(st.new_blocks) if st.replace_blocks else live.blocks + list(st.new_blocks)
             live.tokens = st.tokens
@@ -459,7 +459,6 @@ class KVFeatureConnector(KVConnectorBase_V1):
             key = str(opts.get("key") or new.req_id)
             self._tracked[new.req_id] = (key, opts)
             blocks = list(new.block_ids[0])
-            self._blocks[new.req_id] = len(blocks)
             tokens = new.num_computed_tokens + scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
             meta.steps.append(_Step(key, new.req_id, tokens, blocks, True, opts, len(new.prompt_token_ids or [])))
         cached = scheduler_output.scheduled_cached_reqs
@@ -483,7 +482,6 @@ class KVFeatureConnector(KVConnectorBase_V1):
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
         tracked = self._tracked.pop(request.request_id, None)
-        self._blocks.pop(request.request_id, None)
         if tracked is None:
             return False, None  # a plain generation request
         self._finished.append(request.request_id)

@@ -56,34 +56,6 @@ def token_slots(block_ids: Sequence[int], num_tokens: int, block_size: int) -> t
     return blocks, pos % block_size
 
 
-def gather_cpu(kv_layer: torch.Tensor, block_ids: Sequence[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values ``[1, kv_heads, num_tokens, head_dim]`` of one request from a CPU_ATTN
-    layer cache ``[num_blocks, kv_heads, block_size, 2 * head_dim]``."""
-    if kv_layer.dim() != 4 or kv_layer.shape[-1] % 2:
-        raise ValueError(f"expected a CPU_ATTN cache [num_blocks, kv_heads, block_size, 2*head_dim], got {tuple(kv_layer.shape)}")
-    num_blocks, heads, block_size, two_d = kv_layer.shape
-    head_dim = two_d // 2
-    blocks, offsets = token_slots(block_ids, num_tokens, block_size)
-    area = kv_layer.reshape(num_blocks, heads, 2, block_size * head_dim)
-    k_area = area[blocks, :, 0].view(num_tokens, heads, head_dim, block_size)  # per token: its block's [D, bs] keys
-    v_area = area[blocks, :, 1].view(num_tokens, heads, block_size, head_dim)
-    idx = torch.arange(num_tokens)
-    keys = k_area[idx, :, :, offsets]  # [n, H, D]
-    values = v_area[idx, :, offsets, :]  # [n, H, D]
-    return keys.permute(1, 0, 2).unsqueeze(0), values.permute(1, 0, 2).unsqueeze(0)
-
-
-def gather_logical(kv_layer: torch.Tensor, block_ids: Sequence[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values ``[1, kv_heads, num_tokens, head_dim]`` from a logical ``[num_blocks, kv_heads,
-    block_size, 2 * head_dim]`` layer cache (FLASH_ATTN)."""
-    if kv_layer.dim() != 4 or kv_layer.shape[-1] % 2:
-        raise ValueError(f"expected a layer cache [num_blocks, kv_heads, block_size, 2*head_dim], got {tuple(kv_layer.shape)}")
-    head_dim = kv_layer.shape[-1] // 2
-    blocks, offsets = token_slots(block_ids, num_tokens, kv_layer.shape[2])
-    rows = kv_layer[blocks, :, offsets]  # [n, H, 2D]
-    return rows[..., :head_dim].permute(1, 0, 2).unsqueeze(0), rows[..., head_dim:].permute(1, 0, 2).unsqueeze(0)
-
-
 def slots_cpu(kv_layer: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values ``[N, kv_heads, head_dim]`` at N cache slots ``(blocks[i], offsets[i])`` of a
     CPU_ATTN layer cache (any N, any order: a decode step reads one slot per request)."""
@@ -130,15 +102,26 @@ def slots_cpu_amx(kv_layer: torch.Tensor, blocks: torch.Tensor, offsets: torch.T
     return keys, values
 
 
-def gather_cpu_amx(kv_layer: torch.Tensor, block_ids: Sequence[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values ``[1, kv_heads, num_tokens, head_dim]`` of one request from a CPU_ATTN layer
-    cache that its ``amx`` ISA wrote."""
-    if kv_layer.dim() != 4:
-        raise ValueError(f"expected a CPU_ATTN cache [num_blocks, kv_heads, block_size, 2*head_dim], got {tuple(kv_layer.shape)}")
-    keys, values = slots_cpu_amx(kv_layer, *token_slots(block_ids, num_tokens, kv_layer.shape[2]))
-    return keys.permute(1, 0, 2).unsqueeze(0), values.permute(1, 0, 2).unsqueeze(0)
+def _check_layer(kv_layer: torch.Tensor) -> None:
+    if kv_layer.dim() != 4 or kv_layer.shape[-1] % 2:
+        raise ValueError(f"expected a layer cache [num_blocks, kv_heads, block_size, 2*head_dim], got {tuple(kv_layer.shape)}")
 
 
+def _whole(reader):
+    """A ``SLOTS`` reader as a whole-request gather: ``(kv_layer, block_ids, num_tokens) -> (keys,
+    values)``, each ``[1, kv_heads, num_tokens, head_dim]`` (transformers' layout)."""
+
+    def gather(kv_layer: torch.Tensor, block_ids: Sequence[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_layer(kv_layer)
+        keys, values = reader(kv_layer, *token_slots(block_ids, num_tokens, kv_layer.shape[2]))
+        return keys.permute(1, 0, 2).unsqueeze(0), values.permute(1, 0, 2).unsqueeze(0)
+
+    gather.__name__ = gather.__qualname__ = reader.__name__.replace("slots_", "gather_")
+    gather.__doc__ = f"Keys and values ``[1, kv_heads, num_tokens, head_dim]`` of one request, read with ``{reader.__name__}``."
+    return gather
+
+
+gather_cpu, gather_cpu_amx, gather_logical = _whole(slots_cpu), _whole(slots_cpu_amx), _whole(slots_logical)
 GATHER = {"cpu": gather_cpu, "cpu_amx": gather_cpu_amx, "logical": gather_logical}
 """Per layout: ``(kv_layer, block_ids, num_tokens) -> (keys, values)``, each ``[1, kv_heads, num_tokens, head_dim]``."""
 SLOTS = {"cpu": slots_cpu, "cpu_amx": slots_cpu_amx, "logical": slots_logical}
