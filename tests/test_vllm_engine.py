@@ -17,8 +17,8 @@ from serve_app.core.probe import Probe
 from serve_app.core.task import generate_problems
 from serve_app.engines.base import GenRequest
 from serve_app.engines.hf import HFEngine
-from serve_app.engines.vllm_connector import live_replies
 from serve_app.engines.vllm_engine import VLLMEngine, engine_args
+from serve_app.engines.vllm_live import live_replies
 
 SMALL = {"gpu_memory_utilization": 0.2, "kv_cache_memory_bytes": 256 << 20, "max_model_len": 1024}
 

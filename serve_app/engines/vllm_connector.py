@@ -9,10 +9,9 @@ vLLM 0.32's own extension points. No extra request, no restart, no file.
   layers when an online check or a calibration record is due. Per step and request the work does not
   grow with the reply's length. Results go back to the scheduler side as vLLM's worker metadata
   (``build_connector_worker_meta``) and out with the request's final output in ``kv_transfer_params``.
-- ``SwitchLogitsProcessor`` (a custom v1 ``LogitsProcessor``, same worker process). It follows every
-  tracked reply's tokens (``update_state``) and forces the switch text into the *same running
-  request* (``apply``) when the one shared ``switch_decision`` fires, or the close-think text when
-  ``max_thinking`` is reached.
+- ``SwitchLogitsProcessor`` (``serve_app.engines.vllm_live``, same worker process). It follows every
+  tracked reply's tokens and forces the switch text into the *same running request* when the one
+  shared ``switch_decision`` fires, or the close-think text when ``max_thinking`` is reached.
 - ``KVSwitchScheduler`` (vLLM's ``Scheduler``, one change). vLLM frees a request that finishes in a
   step, and hands out its ``kv_transfer_params``, before it passes that step's worker metadata to
   the connector; this scheduler passes it first, so a reply's last step is part of its results.
@@ -37,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,8 +47,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
-from vllm.v1.sample.logits_processor.interface import MoveDirectionality
 
 from serve_app.core.confidence import step_summary
 from serve_app.core.kv_features import (
@@ -59,139 +55,14 @@ from serve_app.core.kv_features import (
     kv_embedding,
     pool_kv,
 )
-from serve_app.core.policy import OnlineConfig, switch_decision
+from serve_app.core.policy import OnlineConfig
 from serve_app.engines.vllm_kv import SLOTS, layout_for_backend, read_slots, token_slots
+from serve_app.engines.vllm_live import ENGINE, Live, request_options
 
 log = logging.getLogger(__name__)
 
 SCHEDULER = "serve_app.engines.vllm_connector.KVSwitchScheduler"
-LOGITS_PROCESSOR = "serve_app.engines.vllm_connector:SwitchLogitsProcessor"
 _LAYER = re.compile(r"layers\.(\d+)\.")
-
-
-def request_options(params) -> dict | None:
-    """The kvswitch options of a request's ``SamplingParams`` (None: a plain request)."""
-    extra = getattr(params, "extra_args", None) or {}
-    opts = (extra.get("kv_transfer_params") or {}).get("kvswitch")
-    if opts == "prompt":
-        return {"prompt": True}
-    return opts if isinstance(opts, dict) else None
-
-
-# ------------------------------------------------------------------------------ worker state
-
-
-@dataclass(eq=False)
-class Live:
-    """One tracked reply in the worker process: the same bookkeeping as the HF engine's decode
-    ``Row`` (serve_app.engines.decode), shared by the connector and the logits processor."""
-
-    key: str
-    opts: dict
-    mode: str = "fast"
-    since: int = 0
-    streak: int = 0
-    switches: int = 0
-    in_thought: bool = False
-    think: int = 0
-    forced: deque = field(default_factory=deque)
-    emitted: deque = field(default_factory=deque)
-    """Forced tokens sampled but not yet seen in the output."""
-    out: list | None = None
-    seen: int = 0
-    # paged-cache bookkeeping (connector)
-    req_id: str = ""
-    blocks: list = field(default_factory=list)
-    prompt_len: int = 0
-    tokens: int = 0
-    """Positions in the cache after this step."""
-    done_pos: int = -1
-    first: torch.Tensor | None = None
-    prev: torch.Tensor | None = None
-    prompt_done: bool = False
-    result: dict = field(default_factory=dict)
-    """What this step adds to the reply's results (sent and cleared every step)."""
-
-    @classmethod
-    def make(cls, key: str, opts: dict) -> Live:
-        mode = opts.get("mode") or "fast"
-        already = int(opts.get("already") or 0)
-        every = max(int(_ENGINE.online.every if _ENGINE.online else 1), 1)
-        return cls(key, opts, mode=mode, since=already % every, in_thought=mode == "slow", think=already if mode == "slow" else 0)
-
-    def observe(self) -> None:
-        """Account the output tokens vLLM appended since the last step (before this step's forward)."""
-        out = self.out
-        if out is None:
-            return
-        close = _ENGINE.close_ids
-        while self.seen < len(out):
-            tok = out[self.seen]
-            self.seen += 1
-            self.since += 1
-            if self.emitted and self.emitted[0] == tok:
-                self.emitted.popleft()
-                continue  # a forced token: counted, not a thought token
-            if self.in_thought:
-                self.think += 1
-                if close and out[max(self.seen - len(close), 0):self.seen] == close:
-                    self.in_thought = False
-
-    def check_due(self) -> bool:
-        o = _ENGINE.online
-        return bool(self.opts.get("online")) and o is not None and _ENGINE.probe is not None and self.switches < o.max_switches \
-            and not self.forced and self.since >= o.every and self.seen > 0
-
-    def record_due(self) -> bool:
-        every = self.opts.get("record")
-        return bool(every) and not self.forced and self.seen > 0 and self.seen % int(every) == 0
-
-    def decide(self, d: float) -> None:
-        """One online check, as ``DecodeBatch._online_checks``."""
-        o = _ENGINE.online
-        self.since = 0
-        self.result.setdefault("checks", []).append([self.seen, d])
-        target, self.streak = switch_decision(self.mode, d, self.streak, o)
-        if target is not None:
-            self.result["switched_at"] = self.seen
-            self.switches += 1
-            self.mode, self.in_thought, self.think = target, target == "slow", 0
-            self.forced.extend(_ENGINE.switch_ids[target])
-            self.result["end_mode"] = self.mode
-
-    def next_forced(self) -> int | None:
-        """The token this reply must take now: a queued switch or thinking-cap token, else None."""
-        cap = self.opts.get("max_thinking")
-        if cap is not None and not self.forced and self.in_thought and self.think >= int(cap):
-            self.forced.extend(_ENGINE.switch_ids["fast"])
-            self.mode, self.in_thought = "fast", False
-            self.switches = max(self.switches, _ENGINE.online.max_switches if _ENGINE.online else 1)
-            self.result["capped"], self.result["end_mode"] = True, "fast"
-        if not self.forced:
-            return None
-        tok = self.forced.popleft()
-        self.emitted.append(tok)
-        return tok
-
-
-class _EngineState:
-    """Worker-process settings and live replies (one engine per worker process)."""
-
-    def __init__(self):
-        self.live: dict[str, Live] = {}
-        self.online: OnlineConfig | None = None
-        self.probe = None
-        self.switch_ids: dict[str, list[int]] = {}
-        self.close_ids: list[int] = []
-
-    def get(self, key: str, opts: dict) -> Live:
-        live = self.live.get(key)
-        if live is None:
-            live = self.live[key] = Live.make(key, opts)
-        return live
-
-
-_ENGINE = _EngineState()
 
 
 # ---------------------------------------------------------------------------- metadata types
@@ -271,13 +142,13 @@ class KVFeatureConnector(KVConnectorBase_V1):
             return
         # worker side
         self.slots = None  # the reader of this engine's cache layout: register_kv_caches asks vLLM's backend
-        _ENGINE.online = OnlineConfig(**extra["online"]) if extra.get("online") else None
-        _ENGINE.switch_ids = {m: list(ids) for m, ids in (extra.get("switch_ids") or {}).items()}
-        _ENGINE.close_ids = list(extra.get("close_ids") or [])
+        ENGINE.online = OnlineConfig(**extra["online"]) if extra.get("online") else None
+        ENGINE.switch_ids = {m: list(ids) for m, ids in (extra.get("switch_ids") or {}).items()}
+        ENGINE.close_ids = list(extra.get("close_ids") or [])
         if extra.get("probe"):
             from serve_app.core.probe import Probe
 
-            _ENGINE.probe = Probe.load(extra["probe"])
+            ENGINE.probe = Probe.load(extra["probe"])
         self._plan: list[tuple[Live, _Step]] = []
         self._coe: tuple[list[Live], torch.Tensor, torch.Tensor] | None = None
         self._coe_sum: torch.Tensor | None = None
@@ -305,12 +176,12 @@ class KVFeatureConnector(KVConnectorBase_V1):
         """Plan this step: which positions of which layers each tracked reply needs."""
         super().bind_connector_metadata(connector_metadata)
         for req_id in connector_metadata.finished:
-            _ENGINE.live.pop(self._keys.pop(req_id, None), None)
+            ENGINE.live.pop(self._keys.pop(req_id, None), None)
         self._plan, self._tail, self._kv, self._groups, self._group_kv = [], {}, {}, {}, {}
         coe_lives, coe_pos = [], []
         tails: dict[int, list[tuple[Live, list[int], list[int]]]] = {}
         for st in connector_metadata.steps:
-            live = _ENGINE.get(st.key, st.opts or {})
+            live = ENGINE.get(st.key, st.opts or {})
             if st.opts is not None:
                 live.req_id, live.prompt_len = st.req_id, st.prompt_len
                 self._keys[st.req_id] = st.key
@@ -408,7 +279,7 @@ class KVFeatureConnector(KVConnectorBase_V1):
                 coe["span"] = [en, ea]
                 live.prev = point
         for key, layers in self._kv.items():
-            live = _ENGINE.live[key]
+            live = ENGINE.live[key]
             order = sorted(layers)
             keys = [layers[i][0].cpu() for i in order]
             values = [layers[i][1].cpu() for i in order]
@@ -423,7 +294,7 @@ class KVFeatureConnector(KVConnectorBase_V1):
             values = [layers[i][1].cpu() for i in order]
             feats = pool_kv(keys, values, torch.ones(len(lives), s), self.decode_pooling)
             due = [j for j, lv in enumerate(lives) if lv.check_due()]
-            scores = _ENGINE.probe.decode_difficulty(feats[due]).tolist() if due else []
+            scores = ENGINE.probe.decode_difficulty(feats[due]).tolist() if due else []
             for j, live in enumerate(lives):
                 if live.record_due():
                     live.result.setdefault("recorded", []).append([live.seen, feats[j].tolist()])
@@ -498,58 +369,3 @@ class KVSwitchScheduler(Scheduler):
             self.connector.take_worker_meta(kv_out.kv_connector_worker_meta)
             kv_out.kv_connector_worker_meta = None
         return super().update_from_output(scheduler_output, model_runner_output)
-
-
-# ------------------------------------------------------------------------- the logits processor
-
-
-class SwitchLogitsProcessor(LogitsProcessor):
-    """Forces a reply's switch (or thinking-cap) tokens into its running request."""
-
-    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
-        self.rows: dict[int, Live] = {}
-
-    @classmethod
-    def validate_params(cls, sampling_params) -> None:
-        opts = request_options(sampling_params)
-        if opts and (opts.get("online") or opts.get("record") or opts.get("max_thinking") is not None) and not opts.get("key"):
-            raise ValueError("kvswitch: online switching and max_thinking need a unique 'key' in the request's kvswitch options")
-
-    def is_argmax_invariant(self) -> bool:
-        return False
-
-    def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if batch_update is not None:
-            for index in batch_update.removed:
-                live = self.rows.pop(index, None)
-                if live is not None and not live.req_id:  # not the connector's: nothing else will drop it
-                    _ENGINE.live.pop(live.key, None)
-            for index, params, _, output_ids in batch_update.added:
-                opts = request_options(params)
-                if opts and opts.get("key") and (opts.get("online") or opts.get("record") or opts.get("max_thinking") is not None):
-                    live = _ENGINE.get(str(opts["key"]), opts)
-                    live.out = output_ids
-                    self.rows[index] = live
-                else:
-                    self.rows.pop(index, None)
-            for a, b, how in batch_update.moved:
-                ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
-                if ra is not None:
-                    self.rows[b] = ra
-                if rb is not None and how == MoveDirectionality.SWAP:
-                    self.rows[a] = rb
-        for live in self.rows.values():
-            live.observe()
-
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        for index, live in self.rows.items():
-            tok = live.next_forced()
-            if tok is not None:
-                logits[index] = float("-inf")
-                logits[index, tok] = 0.0
-        return logits
-
-
-def live_replies(worker=None) -> int:
-    """Replies the worker process still tracks (``AsyncLLM.collective_rpc(live_replies)``; tests)."""
-    return len(_ENGINE.live)

@@ -47,7 +47,8 @@ def engine_args(model: str, probe: Probe | None, online: OnlineConfig | None = N
     from vllm.config import KVTransferConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    from serve_app.engines.vllm_connector import LOGITS_PROCESSOR, SCHEDULER
+    from serve_app.engines.vllm_connector import SCHEDULER
+    from serve_app.engines.vllm_live import LOGITS_PROCESSOR
 
     extra: dict[str, Any] = {}
     if probe is not None:
