@@ -141,3 +141,79 @@ def test_check_references_names_the_row_the_grader_cannot_use():
     with pytest.raises(ValueError, match=r"data\.jsonl: row 2: reference answer 'Paris' is not a choice letter"):
         check_references(rows, CHOICE, "data.jsonl: ")
     check_references(rows, EXACT)
+
+
+# ------------------------------------------------- the grader wherever answers are read (no model loaded)
+
+
+def _reply(content: str):
+    from serve_app.serving.messages import Final, Reply
+
+    return Reply("", content, Final("stop", 1, 1, 0, "fast", "fast", None, None, None))
+
+
+def test_select_vote_counts_the_answers_the_configured_grader_reads():
+    from serve_app.serving.responses import rank_choices
+
+    outs = [_reply(c) for c in ("\\boxed{3}", "\\boxed{0.5}", "\\boxed{\\frac{1}{2}}")]
+    _, _, by_math = rank_choices(outs, [{} for _ in outs], "vote", seed=0, grader=MATH)
+    assert by_math["chosen_sample"] == 1 and by_math["scores"] == [1.0, 2.0, 2.0]
+    _, _, by_default = rank_choices(outs, [{} for _ in outs], "vote", seed=0)  # number: 3, 5 and 2 all differ
+    assert by_default["chosen_sample"] == 0 and by_default["scores"] == [1.0, 1.0, 1.0]
+
+
+def test_the_service_config_takes_a_grader_by_name():
+    from pydantic import ValidationError
+
+    from serve_app.config import AppConfig
+
+    assert AppConfig().grader is None  # build_app settles it from the probe
+    assert AppConfig(grader="math").grader == "math"
+    with pytest.raises(ValidationError, match="grader"):
+        AppConfig(grader="regex")
+
+
+def _probe_file(path, calibration: dict):
+    import torch
+
+    from serve_app.core.kv_features import PoolingConfig
+    from serve_app.core.policy import OnlineConfig
+    from serve_app.core.probe import FORMAT, LabelConfig
+
+    torch.save({"format": FORMAT, "pooling": PoolingConfig().model_dump(), "labels": LabelConfig().model_dump(),
+                "thresholds": OnlineConfig().model_dump(), "model_fingerprint": "0" * 64, "heads": {}, "calibration": calibration}, path)
+    return path
+
+
+def test_offline_tools_grade_like_the_probe_was_calibrated(tmp_path, model_dir):
+    from serve_app.core.probe import Probe
+    from serve_app.offline.common import grader_name
+
+    assert Probe.load(model_dir / "probe.pt").grader == "number"  # calibrated before graders were recorded
+    math_probe = _probe_file(tmp_path / "math.pt", {"grader": "math"})
+    assert Probe.load(math_probe).grader == "math"
+    assert grader_name(None, math_probe) == "math"
+    assert grader_name("exact", math_probe) == "exact"
+    assert grader_name(None, tmp_path / "missing.pt") == "number"
+    with pytest.raises(ValueError, match="unknown grader 'regex'"):
+        grader_name(None, _probe_file(tmp_path / "bad.pt", {"grader": "regex"}))
+
+
+def test_setup_refuses_references_the_grader_cannot_use_before_loading_a_model(tmp_path):
+    from serve_app.offline.common import setup
+
+    data = tmp_path / "capitals.json"
+    data.write_text('[{"prompt": "Capital of France?", "target": "Paris"}]')
+    with pytest.raises(ValueError, match=r"capitals\.json: row 0: reference answer 'Paris' is not an integer"):
+        setup(tmp_path / "no-model", data, grader="number")
+    with pytest.raises(FileNotFoundError):  # past the check: the model is what is missing
+        setup(tmp_path / "no-model", data, grader="exact")
+
+
+def test_load_test_client_grades_with_the_grader_it_is_given():
+    from loadtests.client import grade
+
+    assert grade("</think>\n\n-11", "-11") and not grade("</think>\n\n11", "-11")
+    assert grade("It is Paris.", "paris")  # number, today's rule: a non-integer reference by containment
+    assert not grade("\\boxed{\\frac12}", "0.5") and grade("\\boxed{\\frac12}", "0.5", "math")
+    assert grade("The answer is (C)", "c", "choice") and not grade("The answer is (C)", "D", "choice")
