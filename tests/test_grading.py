@@ -217,3 +217,17 @@ def test_load_test_client_grades_with_the_grader_it_is_given():
     assert grade("It is Paris.", "paris")  # number, today's rule: a non-integer reference by containment
     assert not grade("\\boxed{\\frac12}", "0.5") and grade("\\boxed{\\frac12}", "0.5", "math")
     assert grade("The answer is (C)", "c", "choice") and not grade("The answer is (C)", "D", "choice")
+
+
+def test_the_service_grades_like_its_probe_unless_told_otherwise(tmp_path, model_dir):
+    import torch
+
+    from serve_app.app import _with_probe
+    from serve_app.config import AppConfig
+
+    data = torch.load(model_dir / "probe.pt", map_location="cpu", weights_only=True)
+    data["calibration"]["grader"] = "math"
+    torch.save(data, tmp_path / "math.pt")
+    assert _with_probe(AppConfig(probe=str(tmp_path / "math.pt")))[0].grader == "math"
+    assert _with_probe(AppConfig(probe=str(tmp_path / "math.pt"), grader="exact"))[0].grader == "exact"
+    assert _with_probe(AppConfig())[0].grader == "number"  # the shipped probe records none
