@@ -32,7 +32,12 @@ from functools import lru_cache
 from typing import Any, Literal
 
 from serve_app.core.datasets import last_boxed
-from serve_app.core.task import THINK_CLOSE, extract_answer, is_correct, reference_answer
+from serve_app.core.task import (
+    THINK_CLOSE,
+    extract_answer,
+    is_correct,
+    reference_answer,
+)
 
 GraderName = Literal["number", "math", "choice", "exact"]
 DEFAULT_GRADER: GraderName = "number"
@@ -108,7 +113,7 @@ def _canonical(expr: Any) -> str:
             expr = expr.rhs
         if getattr(expr, "is_number", False):
             expr = sympy.nsimplify(expr.doit())
-    except Exception:  # noqa: BLE001 - sympy raises many kinds; the plain form is a fine vote key
+    except Exception:  # noqa: BLE001, S110 - sympy raises many kinds; the plain form is a fine vote key
         pass
     return str(expr)
 
@@ -144,10 +149,10 @@ class MathGrader(Grader):
 
 _LETTER = r"(?:\(([A-Ja-j])\)|([A-J])(?![A-Za-z0-9])|([a-j])(?=\s*(?:[.,;:!?)*_]|$)))"
 """A choice letter: ``(c)`` / ``(C)``, a capital ``C``, or a lower-case ``c`` only where no word follows."""
-_ANCHORED_RE = re.compile(r"(?i:answer)(?:\s+(?i:is))?\s*[:：]?\s*[*_]*\s*" + _LETTER, re.M)
+_ANCHORED_RE = re.compile(r"(?i:answer)(?:\s+(?i:is))?\s*[:：]?\s*[*_]*\s*" + _LETTER, re.MULTILINE)
 _LAST_LINE_RE = re.compile(r"[*_\s]*(?:\(([A-Ja-j])\)|([A-J])(?:[.:)](?:\s|$)|[*_\s]*$))")
 _STANDALONE_RE = re.compile(r"(?<![A-Za-z0-9'’])([A-J])(?![A-Za-z0-9'’])")
-_REFERENCE_LETTER_RE = re.compile(r"\(?([A-Ja-j])\)?(?:[.):]\s*.*)?", re.S)
+_REFERENCE_LETTER_RE = re.compile(r"\(?([A-Ja-j])\)?(?:[.):]\s*.*)?", re.DOTALL)
 _TEXT_WRAP_RE = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}")
 
 
@@ -187,7 +192,7 @@ class ChoiceGrader(Grader):
         return m.group(1).upper()
 
 
-_ANSWER_PREFIX_RE = re.compile(r"^(?:the\s+)?(?:final\s+)?answer(?:\s+is)?\s*[:：]?\s*", re.I)
+_ANSWER_PREFIX_RE = re.compile(r"^(?:the\s+)?(?:final\s+)?answer(?:\s+is)?\s*[:：]?\s*", re.IGNORECASE)
 
 
 class ExactGrader(Grader):
