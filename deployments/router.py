@@ -26,6 +26,7 @@ from transformers import AutoTokenizer
 from deployments.metrics import RouterMetrics
 from deployments.router_loads import RouterLoads
 from serve_app.config import AppConfig
+from serve_app.core.grading import get_grader
 from serve_app.core.prompts import encode_messages, mode_prefix_ids
 from serve_app.serving.api import api_keys, check_exposure, create_app
 from serve_app.serving.errors import APIError, generation_failed, overloaded, replica_failed, timed_out
@@ -69,6 +70,7 @@ class Router:
                  board: DeploymentHandle | None = None):
         self.cfg, self.tau, self.context = cfg, tau, context_length
         self.prefill, self.pools = prefill, {"fast": fast, "slow": slow}
+        self.grader = get_grader(cfg.grader)  # reads the answers `select: vote` counts
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
         self.prefix_len = {m: len(ids) for m, ids in mode_prefix_ids(self.tokenizer).items()}
         self.metrics = RouterMetrics()
@@ -325,7 +327,7 @@ class Router:
         infos = [info(o.final, plan) for o in outs]
         selection = None
         if body.kvswitch.select is not None and len(outs) > 1:
-            outs, infos, selection = rank_choices(outs, infos, body.kvswitch.select, seed=body.seed or 0)
+            outs, infos, selection = rank_choices(outs, infos, body.kvswitch.select, seed=body.seed or 0, grader=self.grader)
         build = chat_body if kind == "chat" else completion_body
         out = build(plan.request_id, now(), self.cfg.model_name, outs, infos)
         if selection is not None:

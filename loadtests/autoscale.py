@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from serve_app.core.task import read_jsonl
+from serve_app.core.datasets import read_dataset
 
 DEFAULT_CONFIGS = ["loadtests/serve_configs/autoscale-requests.yaml", "loadtests/serve_configs/autoscale-tokens.yaml"]
 
@@ -27,7 +27,7 @@ DEFAULT_CONFIGS = ["loadtests/serve_configs/autoscale-requests.yaml", "loadtests
 def load_questions(path: str | Path, n: int, seed: int = 0) -> list[str]:
     """``n`` questions of ``path`` drawn without replacement (seeded): the data files are ordered by
     operator count, so their first lines are all one-operator questions."""
-    questions = [row["question"] for row in read_jsonl(path)]
+    questions = [row["question"] for row in read_dataset(path)]
     if len(questions) < n:
         raise ValueError(f"{path} has {len(questions)} questions; --requests asks for {n}")
     return random.Random(seed).sample(questions, n)
@@ -145,7 +145,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench-autoscale", help="time for the slow pool to reach 2 replicas under an easy-heavy burst: "
                                                "request-count vs predicted-tokens autoscaling, side by side")
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="comma list of serve configs to deploy in turn")
-    p.add_argument("--dataset", default="data/dev-mix70-600-seed5050.jsonl", help="JSONL with 'question' and 'answer' per line (the data sets' format)")
+    p.add_argument("--dataset", default="data/dev-mix70-600-seed5050.jsonl", help="JSONL, JSON or Parquet with a question per row (docs/data.md)")
     p.add_argument("--requests", type=int, default=48, help="requests in the burst, drawn from --dataset")
     p.add_argument("--seed", type=int, default=0, help="seed of the draw")
     p.add_argument("--ramp", type=float, default=0.0, help="spread the requests evenly over this many seconds (0: all at once)")

@@ -31,10 +31,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
-from loadtests.client import discover_model, request_body, send, send_plain
+from loadtests.client import add_data_arguments, discover_model, request_body, send, send_plain
 from loadtests.runner import auth_headers, machine
 from loadtests.stats import RequestRecord
-from serve_app.core.task import read_jsonl
+from serve_app.core.datasets import read_dataset
+from serve_app.core.grading import GraderName
 
 
 class ChaosConfig(BaseModel):
@@ -43,7 +44,10 @@ class ChaosConfig(BaseModel):
     url: str = Field("http://127.0.0.1:8000", description="base URL of the service (no /v1)")
     app: str = Field("kvswitch", description="Serve application name (serve_config.yaml's applications[].name)")
     model: str | None = None
-    dataset: str = Field(..., description="JSONL with 'question' and 'answer' per line")
+    dataset: str = Field(..., description="JSONL, JSON or Parquet with a question and an answer per row (docs/data.md)")
+    question_field: str | None = Field(None, description="the data set's question column (None = detected)")
+    answer_field: str | None = Field(None, description="the data set's answer column (None = detected)")
+    grader: GraderName = Field("number", description="how replies are graded (loadtests.client.grade)")
     num_requests: int = Field(300, ge=1)
     concurrency: int = Field(16, ge=1)
     mode: str = Field("auto", description="auto, fast or slow")
@@ -156,7 +160,7 @@ async def run_chaos(cfg: ChaosConfig, progress: bool = True) -> dict:
     """Drive the service at ``cfg.concurrency`` and kill the configured replicas on schedule (after
     an unfaulted baseline run of the same requests). Needs a Ray driver connected to the service's
     cluster (``ray.init(address=...)``)."""
-    rows = list(read_jsonl(cfg.dataset))
+    rows = read_dataset(cfg.dataset, cfg.question_field, cfg.answer_field)
     if not rows:
         raise ValueError(f"{cfg.dataset} has no questions")
     baseline = None
@@ -211,9 +215,9 @@ async def _drive(cfg: ChaosConfig, rows: list[dict], progress: bool, label: str)
                 if not cfg.stream:
                     body["stream"] = False
                     body.pop("stream_options")
-                    await send_plain(client, cfg.url, body, rec, cfg.timeout)
+                    await send_plain(client, cfg.url, body, rec, cfg.timeout, cfg.grader)
                 else:
-                    await send(client, cfg.url, body, rec, cfg.timeout)
+                    await send(client, cfg.url, body, rec, cfg.timeout, cfg.grader)
                 records.append(rec)
                 bar.update()
                 fire_due()
@@ -258,7 +262,8 @@ def add_parser(sub) -> None:
                        description="Run on a machine of the service's Ray cluster (it connects with ray.init(address=...)).")
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--app", default="kvswitch", help="Serve application name")
-    p.add_argument("--dataset", required=True, help="JSONL with 'question' and 'answer' per line")
+    p.add_argument("--dataset", required=True, help="JSONL, JSON or Parquet with a question and an answer per row (docs/data.md)")
+    add_data_arguments(p)
     p.add_argument("--num-requests", type=int, default=300)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--mode", default="auto", choices=["auto", "fast", "slow"])
@@ -297,7 +302,8 @@ def _cli(args) -> int:
     cfg = ChaosConfig(url=args.url, app=args.app, dataset=args.dataset, num_requests=args.num_requests, concurrency=args.concurrency,
                       mode=args.mode, stream=not args.no_stream, kill=[k for k in args.kill.split(",") if k],
                       kill_at=[float(x) for x in args.kill_at.split(",")] if args.kill_at else None, timeout=args.timeout,
-                      baseline=not args.no_baseline, seed=args.seed, out=args.out)
+                      baseline=not args.no_baseline, seed=args.seed, out=args.out,
+                      **{k: getattr(args, k) for k in ("question_field", "answer_field", "grader") if getattr(args, k) is not None})
     ray.init(address=args.ray_address, log_to_driver=False)
     try:
         check_cluster(cfg)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from loadtests.client import add_data_arguments
+
 
 def _floats(text: str) -> list[float]:
     try:
@@ -29,7 +31,8 @@ def add_parser(sub) -> None:
     p.add_argument("--scenario", help="a loadtests/scenarios/*.yaml file (LoadConfig fields)")
     p.add_argument("--url", help="base URL of the service (default http://127.0.0.1:8000, or the launched config's)")
     p.add_argument("--model", help="model id (default: the first one GET /v1/models lists)")
-    p.add_argument("--dataset", help="JSONL with 'question' and 'answer' per line")
+    p.add_argument("--dataset", help="JSONL, JSON or Parquet with a question and an answer per row (docs/data.md)")
+    add_data_arguments(p)
     p.add_argument("--shuffle-seed", dest="shuffle_seed", type=int, help="shuffle the questions with this seed")
     p.add_argument("--pattern", choices=["poisson", "closed"], help="arrival pattern (implied by --rate / --concurrency)")
     p.add_argument("--rate", type=float, help="open loop: mean requests per second")
@@ -55,7 +58,7 @@ def add_parser(sub) -> None:
 def config_from_args(args: argparse.Namespace):
     from loadtests.runner import LoadConfig, load_scenario
 
-    fields = ("pattern", "url", "model", "dataset", "shuffle_seed", "rate", "burstiness", "concurrency", "sweep", "num_requests", "duration",
+    fields = ("pattern", "url", "model", "dataset", "question_field", "answer_field", "grader", "shuffle_seed", "rate", "burstiness", "concurrency", "sweep", "num_requests", "duration",
               "warmup", "modes", "repeats", "max_tokens", "temperature", "timeout", "slo", "seed", "out")
     given = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
     if args.rate is not None and args.concurrency is not None:

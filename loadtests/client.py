@@ -16,6 +16,7 @@ import time
 import httpx
 
 from loadtests.stats import RequestRecord
+from serve_app.core.grading import GRADERS, get_grader
 from serve_app.core.task import extract_answer
 
 MODES = ("auto", "fast", "slow")
@@ -33,15 +34,26 @@ def request_body(model: str, question: str, mode: str, max_tokens: int | None, t
     return body
 
 
-def grade(content: str, answer: str) -> bool:
-    """Integer answers (the arithmetic task) by the task's grader: the last integer after the
-    last ``</think>``; other answers by case-insensitive containment in the reply's answer part."""
+def grade(content: str, answer: str, grader: str = "number") -> bool:
+    """With the ``number`` grader (the default): integer answers (the arithmetic task) by the
+    task's rule, the last integer after the last ``</think>``; other answers by case-insensitive
+    containment in the reply's answer part. Any other grader of ``serve_app.core.grading``
+    (``math``, ``choice``, ``exact``) grades by its own ``correct``."""
+    if grader != "number":
+        return get_grader(grader).correct(content, answer)
     try:
         reference = int(str(answer).strip())
     except ValueError:
         text = content.rsplit("</think>", 1)[-1]
         return str(answer).strip().lower() in text.lower()
     return extract_answer(content) == reference
+
+
+def add_data_arguments(p) -> None:
+    """``--question-field``, ``--answer-field`` and ``--grader`` of the load-test commands."""
+    p.add_argument("--question-field", dest="question_field", help="the data set's question column (default: detected, docs/data.md)")
+    p.add_argument("--answer-field", dest="answer_field", help="the data set's answer column (default: detected, docs/data.md)")
+    p.add_argument("--grader", choices=list(GRADERS), help="how replies are graded (default number: see loadtests.client.grade)")
 
 
 def _error_message(body: bytes) -> str:
@@ -70,9 +82,10 @@ def _fail(rec: RequestRecord, status: str, body: bytes) -> RequestRecord:
     return rec
 
 
-async def send(client: httpx.AsyncClient, url: str, body: dict, rec: RequestRecord, timeout: float) -> RequestRecord:
-    """POST ``body`` (streamed) to ``{url}/v1/chat/completions`` and fill ``rec`` in place.
-    Never raises for a failed request: the failure is the record's ``status``."""
+async def send(client: httpx.AsyncClient, url: str, body: dict, rec: RequestRecord, timeout: float, grader: str = "number") -> RequestRecord:
+    """POST ``body`` (streamed) to ``{url}/v1/chat/completions`` and fill ``rec`` in place, the
+    reply graded by ``grader`` (``grade``). Never raises for a failed request: the failure is the
+    record's ``status``."""
     start = time.perf_counter()
     content, reasoning_chunks = [], 0
     done = False
@@ -128,7 +141,7 @@ async def send(client: httpx.AsyncClient, url: str, body: dict, rec: RequestReco
     if rec.completion_tokens is None:  # no usage from the server: one token per text-bearing chunk
         rec.completion_tokens = len(rec.chunk_times)
         rec.reasoning_tokens = reasoning_chunks or None
-    rec.correct = grade(rec.content, rec.answer)
+    rec.correct = grade(rec.content, rec.answer, grader)
     return rec
 
 
@@ -142,7 +155,8 @@ def _transport_failure(rec: RequestRecord, exc: BaseException, timeout: float) -
     return rec
 
 
-async def send_plain(client: httpx.AsyncClient, url: str, body: dict, rec: RequestRecord, timeout: float) -> RequestRecord:
+async def send_plain(client: httpx.AsyncClient, url: str, body: dict, rec: RequestRecord, timeout: float,
+                     grader: str = "number") -> RequestRecord:
     """A non-streamed ``body`` (``stream: false``), recorded like ``send`` records a streamed one
     (no TTFT or chunk times). Never raises for a failed request."""
     start = time.perf_counter()
@@ -164,7 +178,7 @@ async def send_plain(client: httpx.AsyncClient, url: str, body: dict, rec: Reque
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         rec.status, rec.error = "bad_response", f"{type(exc).__name__}: {exc}"[:300]
         return rec
-    rec.correct = grade(rec.content, rec.answer)
+    rec.correct = grade(rec.content, rec.answer, grader)
     return rec
 
 

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from loadtests.client import discover_model, request_body, send
 from loadtests.stats import RequestRecord, headline, parse_slo, ratios, summarize, tokens_saved, window
-from serve_app.core.task import read_jsonl
+from serve_app.core.datasets import read_dataset
+from serve_app.core.grading import GraderName
 from serve_app.reports import machine
 
 
@@ -37,7 +38,10 @@ class LoadConfig(BaseModel):
     description: str | None = None
     url: str = Field("http://127.0.0.1:8000", description="base URL of the service (no /v1)")
     model: str | None = Field(None, description="model id; None = the first one GET /v1/models lists")
-    dataset: str = Field(..., description="JSONL with 'question' and 'answer' per line")
+    dataset: str = Field(..., description="JSONL, JSON or Parquet with a question and an answer per row (docs/data.md)")
+    question_field: str | None = Field(None, description="the data set's question column (None = detected)")
+    answer_field: str | None = Field(None, description="the data set's answer column (None = detected)")
+    grader: GraderName = Field("number", description="how replies are graded (loadtests.client.grade)")
     shuffle_seed: int | None = Field(None, description="shuffle the questions with this seed (None = file order)")
     pattern: Literal["poisson", "closed"] = "closed"
     rate: float | None = Field(None, gt=0, description="open loop: mean arrivals per second")
@@ -101,7 +105,7 @@ def load_scenario(path: str | Path, **overrides) -> LoadConfig:
 
 
 def load_questions(cfg: LoadConfig) -> list[dict]:
-    rows = list(read_jsonl(cfg.dataset))
+    rows = read_dataset(cfg.dataset, cfg.question_field, cfg.answer_field)
     if not rows:
         raise ValueError(f"{cfg.dataset} holds no questions")
     if cfg.shuffle_seed is not None:
@@ -132,7 +136,7 @@ class _Run:
     async def _one(self, rec: RequestRecord, t0: float) -> RequestRecord:
         rec.sent_at = time.perf_counter() - t0
         body = request_body(self.model, rec.question, self.mode, self.cfg.max_tokens, self.cfg.temperature)
-        return await send(self.client, self.cfg.url, body, rec, self.cfg.timeout)
+        return await send(self.client, self.cfg.url, body, rec, self.cfg.timeout, self.cfg.grader)
 
     async def warm(self) -> None:
         n = self.cfg.warmup

@@ -11,14 +11,19 @@ from ray.serve.config import RequestRouterConfig
 from transformers import AutoConfig
 
 from serve_app.config import AppConfig
+from serve_app.core.grading import get_grader
 from serve_app.core.probe import Probe
 from serve_app.engines.load import routing_limits
 
 
-def _tau_and_context(cfg: AppConfig) -> tuple[float, int]:
+def _with_probe(cfg: AppConfig) -> tuple[AppConfig, float, int]:
+    """The config with its grader settled (the probe's recorded one unless given), the routing
+    threshold and the context length."""
     model_config = AutoConfig.from_pretrained(cfg.model, local_files_only=True)
     probe = Probe.load(cfg.probe, model_config)  # refuses a probe calibrated on another model, before any replica starts
-    return routing_limits(cfg, probe, model_config)
+    if cfg.grader is None:
+        cfg = cfg.model_copy(update={"grader": get_grader(probe.grader).name})  # an unknown name is refused here
+    return cfg, *routing_limits(cfg, probe, model_config)
 
 
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
@@ -29,7 +34,7 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     from deployments.router import Router
 
     cfg = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
-    tau, context = _tau_and_context(cfg)
+    cfg, tau, context = _with_probe(cfg)
     # the board sits where the routers are pinned (their resources / labels), reserving no CPU
     pin = {k: v for k, v in cfg.router.options()["ray_actor_options"].items() if k not in ("num_cpus", "num_gpus")}
     board = LoadBoard.options(name="load_board", ray_actor_options={"num_cpus": 0, **pin}).bind(cfg.load_view_stale_s)

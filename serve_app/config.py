@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from serve_app.core.grading import GraderName
 from serve_app.core.policy import PolicyConfig
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "arith-qwen3-tiny"
@@ -179,6 +180,8 @@ class AppConfig(_Strict):
     """The id clients send as ``model`` and ``/v1/models`` lists."""
     probe: str | None = None
     """Calibrated probe checkpoint; default ``<model>/probe.pt``."""
+    grader: GraderName | None = Field(None, description="how `select: vote` reads a reply's final answer (number, math, choice, "
+                                                       "exact; serve_app.core.grading); default: the probe's recorded grader")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per replica")
     context_length: int | None = Field(None, ge=1, description="prompt + max_tokens limit; default the model's max positions")
     max_n: int = Field(8, ge=1, description="most choices per request")

@@ -110,6 +110,7 @@ def test_calibrate_end_to_end_on_a_small_set(model_dir, tmp_path):
     probe = Probe.load(cfg.out, AutoConfig.from_pretrained(model_dir, local_files_only=True))
     assert probe.labels.short_tokens >= 4 and "median slow tokens" in probe.data["label_rule"]
     assert probe.data["calibration"]["dataset"] == str(data)
+    assert probe.data["calibration"]["grader"] == "number" == probe.grader  # eval and serving default to it
     val_q = set(probe.data["calibration"]["val_questions"])
     assert 0 < len(val_q) < 40
 

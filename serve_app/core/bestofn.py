@@ -44,8 +44,8 @@ def select(
 ) -> tuple[int, list[float]]:
     """Index of the chosen sample and one score per sample (what ``rule`` ranked by).
 
-    ``answers`` are graded final answers (``serve_app.core.task.extract_answer`` of each reply; None when
-    a reply has none); ``confidences`` the KV-CoE confidence of each reply (None / NaN: none).
+    ``answers`` are graded final answers (a grader's ``extract`` of each reply, ``serve_app.core.grading``;
+    None when a reply has none); ``confidences`` the KV-CoE confidence of each reply (None / NaN: none).
     Ties go to the lowest index.
     """
     if len(answers) != len(confidences):

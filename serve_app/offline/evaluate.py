@@ -41,8 +41,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve_app.core.confidence import coe_scores, entropy_score, kv_confidence, maxprob, perplexity_score
 from serve_app.core.quant import KVQuantConfig
-from serve_app.core.task import extract_answer, is_correct, num_operators
-from serve_app.offline.common import EngineKind, Experiment, setup
+from serve_app.core.grading import Grader, GraderName, get_grader
+from serve_app.core.task import num_operators
+from serve_app.offline.common import EngineKind, Experiment, grader_name, setup
 from serve_app.offline.generate import MAX_NEW_TOKENS
 from serve_app.offline.metrics import auroc, coe_table, format_coe_table
 from serve_app.offline.probe_train import random_features
@@ -90,6 +91,11 @@ class EvalConfig(BaseModel):
     """The model's dtype on the engine."""
     vllm_args: dict = {}
     """``AsyncEngineArgs`` overrides for the vLLM engine (e.g. ``max_model_len``)."""
+    grader: GraderName | None = None
+    """How replies are graded (``serve_app.core.grading``); None: the probe's recorded grader, else ``number``."""
+    question_field: str | None = None
+    answer_field: str | None = None
+    """The data set's question / answer columns (default: detected, ``serve_app.core.datasets``)."""
 
     @field_validator("policies")
     @classmethod
@@ -119,13 +125,14 @@ def oracle_efficiency(t_slow: float, t_policy: float, t_oracle: float) -> float 
     return None if gap <= 0 else (t_slow - t_policy) / gap
 
 
-def _record(row: dict, res, confidence=None) -> dict:
+def _record(row: dict, res, confidence=None, grader: Grader | None = None) -> dict:
+    grader = grader or get_grader()
     rec = {
         "question": row["question"],
         "answer": str(row["answer"]),
         "operators": num_operators(row["question"]),
-        "predicted": extract_answer(res.reply),
-        "correct": is_correct(res.reply, row["answer"]),
+        "predicted": grader.extract(res.reply),
+        "correct": grader.correct(res.reply, row["answer"]),
         "tokens": res.tokens,
         "finished": res.finished,
         "route": res.start_mode,
@@ -165,7 +172,9 @@ def run_eval(cfg: EvalConfig) -> dict:
             raise ValueError("hidden-oneshot routes on hidden states, which the vLLM engine does not keep: drop it or use --engine hf")
         if cfg.kv_quant is not None:
             raise ValueError("simulated KV quantization (--kv-quant) runs on the HF engine only: drop --engine vllm or --kv-quant")
-    with setup(cfg.model, cfg.dataset, cfg.limit, engine=cfg.engine, vllm_args=cfg.vllm_args, dtype=cfg.dtype) as exp:
+    cfg = cfg.model_copy(update={"grader": grader_name(cfg.grader, cfg.probe_path())})
+    with setup(cfg.model, cfg.dataset, cfg.limit, engine=cfg.engine, vllm_args=cfg.vllm_args, dtype=cfg.dtype,
+               grader=cfg.grader, question_field=cfg.question_field, answer_field=cfg.answer_field) as exp:
         return _run_eval(cfg, exp)
 
 
@@ -181,6 +190,7 @@ def _run_eval(cfg: EvalConfig, exp: Experiment) -> dict:
     if probe is not None:
         online = probe.online_config({"tau": cfg.tau, "delta": cfg.delta, "every": cfg.every, "confirm": cfg.confirm})
     confidence = probe.confidence if probe is not None else None
+    grader = get_grader(cfg.grader)
 
     report: dict = {
         "model": cfg.model,
@@ -193,6 +203,7 @@ def _run_eval(cfg: EvalConfig, exp: Experiment) -> dict:
         "dtype": cfg.dtype,
         "max_new_tokens": cfg.max_new_tokens,
         "max_thinking_tokens": cfg.max_thinking_tokens,
+        "grader": cfg.grader,
         "policies": {},
     }
     if cfg.engine == "vllm":
@@ -204,7 +215,7 @@ def _run_eval(cfg: EvalConfig, exp: Experiment) -> dict:
     def engine_run(policy: str) -> None:
         started = time.time()
         raw[policy] = _engine_run(exp, cfg, policy, probe, online)
-        runs[policy] = [_record(row, r, confidence) for row, r in zip(rows, raw[policy])]
+        runs[policy] = [_record(row, r, confidence, grader) for row, r in zip(rows, raw[policy])]
         walls[policy] = round(time.time() - started, 2)
 
     for policy in ("fast", "slow"):

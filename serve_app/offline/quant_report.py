@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from serve_app.core.confidence import kv_confidence
 from serve_app.core.quant import FULL_PRECISION, parse_kv_quant
-from serve_app.core.task import is_correct
-from serve_app.offline.common import setup
+from serve_app.core.grading import GraderName, get_grader
+from serve_app.offline.common import grader_name, setup
 from serve_app.offline.generate import MAX_NEW_TOKENS
 from serve_app.offline.metrics import auroc
 
@@ -45,6 +45,10 @@ class QuantReportConfig(BaseModel):
     batch_size: int = Field(64, ge=1)
     max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1)
     limit: int | None = Field(None, ge=1)
+    grader: GraderName | None = None
+    """How replies are graded; None: the first probe's recorded grader, else ``number``."""
+    question_field: str | None = None
+    answer_field: str | None = None
 
     def probe_paths(self) -> list[Path]:
         return [Path(p) for p in self.probes] or [Path(self.model) / "probe.pt"]
@@ -55,17 +59,20 @@ def _auroc_or_none(scores: list[float | None], ok: list[bool]) -> float:
 
 
 def run_quant_report(cfg: QuantReportConfig) -> dict:
-    exp = setup(cfg.model, cfg.dataset, cfg.limit)
+    cfg = cfg.model_copy(update={"grader": grader_name(cfg.grader, cfg.probe_paths()[0])})
+    grader = get_grader(cfg.grader)
+    exp = setup(cfg.model, cfg.dataset, cfg.limit, grader=cfg.grader, question_field=cfg.question_field, answer_field=cfg.answer_field)
     engine, rows, prompt_ids = exp.engine, exp.rows, exp.prompt_ids
     probes = {str(p): exp.probe(p) for p in cfg.probe_paths()}
     settings = cfg.settings if any(s.strip().lower() == "fp" for s in cfg.settings) else ["fp", *cfg.settings]
-    report: dict = {"model": cfg.model, "dataset": cfg.dataset, "n_questions": len(rows), "probes": list(probes), "settings": []}
+    report: dict = {"model": cfg.model, "dataset": cfg.dataset, "n_questions": len(rows), "probes": list(probes),
+                    "grader": cfg.grader, "settings": []}
 
     for spec in settings:
         quant = parse_kv_quant(spec)
         started = time.time()
         fast = exp.run(exp.requests(mode="fast", max_new_tokens=cfg.max_new_tokens), cfg.batch_size, desc=f"{spec} fast", kv_quant=quant)
-        fast_ok = [is_correct(r.reply, row["answer"]) for r, row in zip(fast, rows)]
+        fast_ok = [grader.correct(r.reply, row["answer"]) for r, row in zip(fast, rows)]
         entry: dict = {
             "setting": "fp" if quant is None else quant.name,
             "kv_quant": None if quant is None else quant.model_dump(),
@@ -79,7 +86,7 @@ def run_quant_report(cfg: QuantReportConfig) -> dict:
             difficulty = probe.predict("kv", feats).tolist()
             routed = exp.run(exp.requests(online=True, max_new_tokens=cfg.max_new_tokens), cfg.batch_size, desc=f"{spec} kv-online",
                              probe=probe, online=probe.online_config(), kv_quant=quant)
-            routed_ok = [is_correct(r.reply, row["answer"]) for r, row in zip(routed, rows)]
+            routed_ok = [grader.correct(r.reply, row["answer"]) for r, row in zip(routed, rows)]
             entry["probes"][name] = {
                 "probe_auroc": auroc([-d for d in difficulty], fast_ok),
                 "routed": {

