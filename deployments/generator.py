@@ -17,7 +17,7 @@ from ray import serve
 from deployments.metrics import GeneratorMetrics, add
 from deployments.reporting import LoadReporter
 from serve_app.config import AppConfig
-from serve_app.core.confidence import kv_confidence
+from serve_app.core.kv_coe import kv_confidence
 from serve_app.engines.base import GenerationError, GenRequest
 from serve_app.engines.load import make_engine
 from serve_app.engines.reply import ReplyStream
@@ -113,7 +113,7 @@ class Generator:
             start, end = self.pool, result.end_mode
             switched_at = None if result.switched_at is None else req.already + result.switched_at
             capped = result.thinking_capped
-            confidence = await self._off_loop(kv_confidence, eng.probe.confidence, result.end_mode, result.kv_trajectory)
+            confidence = await self._off_loop(kv_confidence, eng.probe.confidence, result.end_mode, result)
         else:  # a stop string ended the reply early (or a resumed reply had nothing left to generate)
             finish = "stop" if reply.stopped or req.max_new_tokens > 0 or job.resume[-1][-1:] == (eng.eos_id,) else "length"
             start, end, switched_at, confidence, capped = self.pool, self.pool, None, None, False

@@ -61,8 +61,21 @@ def test_probe_auroc_per_feature_kind_and_routes(report):
 def test_coe_table_for_both_modes(report):
     for mode in ("fast", "slow"):
         table = report["coe"][mode]["table"]
-        assert {"kv_coe_r", "kv_coe_c", "hidden_coe_r", "hidden_coe_c", "maxprob", "perplexity", "entropy"} <= set(table)
+        # every KV-CoE variant (token and layer axis, K / V / [K; V], all / thought / answer tokens) beside the baselines
+        assert {"kv_token_kv_all_r", "kv_layer_kv_all_r", "kv_layer_k_answer_c", "kv_token_v_all_c", "hidden_coe_r", "hidden_coe_c",
+                "maxprob", "perplexity", "entropy"} <= set(table)
         assert all({"auroc", "aupr", "fpr95"} <= set(row) for row in table.values())
+        # with the direction learned when the probe was fitted, never on this set
+        for name, row in table.items():
+            if "sign" in row:
+                assert row["sign"] in (1, -1)
+                if row["auroc"] is None:  # one class in this mode (NaN is written as null)
+                    assert row["auroc_directed"] is None
+                else:
+                    assert row["auroc_directed"] == pytest.approx(row["auroc"] if row["sign"] == 1 else 1 - row["auroc"])
+        assert any("sign" in row for row in table.values())
+        scores = report["coe"][mode]["scores"]
+        assert len(scores["kv_layer_kv_all_r"]) == report["coe"][mode]["n"]
     conf = [r["confidence"] for r in report["policies"]["slow"]["records"]]
     assert all(0.0 <= c <= 1.0 for c in conf)
 

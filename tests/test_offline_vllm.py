@@ -79,8 +79,9 @@ def test_eval_on_vllm_reports_the_columns_it_can(model_dir, data, tmp_path):
     assert "kv" in report["probe_auroc"] and "hidden" not in report["probe_auroc"]
     for mode in ("fast", "slow"):
         cols = report["coe"][mode]["table"]
-        assert {"kv_coe_r", "kv_coe_c", "kv_confidence"} <= set(cols)
-        assert not {"maxprob", "perplexity", "entropy", "hidden_coe_r"} & set(cols)  # left out, not faked
+        assert {"kv_token_kv_all_r", "kv_token_kv_all_c", "kv_layer_kv_all_r", "kv_layer_v_thought_c", "kv_confidence"} <= set(cols)
+        # left out, not faked: no token probabilities or hidden states on vLLM, and a running CoE path has no token subsets
+        assert not {"maxprob", "perplexity", "entropy", "hidden_coe_r", "kv_token_k_all_r", "kv_token_kv_answer_r"} & set(cols)
     assert "maxprob" in report["unavailable"]["coe"]
     slow = report["policies"]["slow"]["records"]
     assert all(0 <= r["confidence"] <= 1 and r["difficulty"] is not None for r in slow)

@@ -7,11 +7,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 vllm = pytest.importorskip("vllm")
 
 
-from serve_app.core.confidence import coe_scores, kv_confidence
+from serve_app.core.confidence import coe_scores
+from serve_app.core.kv_coe import SERVABLE, kv_confidence, result_variant_score
 from serve_app.core.policy import OnlineConfig
 from serve_app.core.probe import Probe
 from serve_app.core.task import generate_problems
@@ -84,8 +86,13 @@ def test_vllm_and_hf_agree_in_both_modes_and_online(engines):
             assert len(g.kv_trajectory) == r.kv_trajectory.shape[0]
             for k, v in coe_scores(r.kv_trajectory).items():
                 assert coe_scores(g.kv_trajectory)[k] == pytest.approx(v, abs=1e-4)
-            assert kv_confidence(probe.confidence, g.end_mode, g.kv_trajectory) == pytest.approx(
-                kv_confidence(probe.confidence, r.end_mode, r.kv_trajectory), abs=1e-3)
+            assert kv_confidence(probe.confidence, g.end_mode, g) == pytest.approx(
+                kv_confidence(probe.confidence, r.end_mode, r), abs=1e-3)
+            # layer-axis KV-CoE: the same per-layer sums, split into thought and answer alike
+            assert g.kv_counts == r.kv_counts
+            torch.testing.assert_close(g.kv_layer_sums, r.kv_layer_sums, rtol=1e-4, atol=1e-2)
+            for name in SERVABLE:
+                assert result_variant_score(name, g) == pytest.approx(result_variant_score(name, r), abs=1e-4, nan_ok=True), name
     assert sum(g.switched_at is not None for g in got["slow-online"]) >= 50  # the probe does switch
     assert all(g.switched_at is None and not g.checks for g in got["slow"])
 

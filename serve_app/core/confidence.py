@@ -193,12 +193,3 @@ class ConfidenceCalibration(BaseModel):
     def from_dict(cls, data: dict[str, object]) -> ConfidenceCalibration:
         """Inverse of ``to_dict`` (``model_validate``)."""
         return cls.model_validate(data)
-
-
-def kv_confidence(calibrations: dict[str, ConfidenceCalibration] | None, mode: str, trajectory: torch.Tensor | CoePath | None) -> float | None:
-    """Calibrated P(correct) of a reply that ended in ``mode``, from its KV trajectory
-    (the probe's per-mode KV-CoE mapping); None when the probe has none for that mode."""
-    cal = (calibrations or {}).get(mode)
-    if cal is None or trajectory is None:
-        return None
-    return float(cal.confidence(coe_scores(trajectory)[cal.score.removeprefix("kv_")]))

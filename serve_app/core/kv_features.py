@@ -164,11 +164,21 @@ def kv_coe_points(keys_at: Sequence[torch.Tensor], values_at: Sequence[torch.Ten
     return torch.cat([torch.stack([t.flatten(1).to(torch.float32) for t in part], 0).mean(0) for part in (keys_at, values_at)], -1)
 
 
+def token_kv_layers(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer K and V of a ``[batch, kv_heads, seq, head_dim]`` cache at one position per row,
+    heads flattened: float32 ``[batch, layers, kv_heads * head_dim]`` each. Their layer-means,
+    concatenated, are ``kv_coe_points`` (the token-axis KV-CoE point); their sums over generated
+    tokens feed the layer-axis variants (``serve_app.core.kv_coe``)."""
+    idx = positions.view(-1, 1, 1, 1)
+    at = lambda part: torch.stack([t.gather(2, idx.expand(t.shape[0], t.shape[1], 1, t.shape[3])).squeeze(2).flatten(1).to(torch.float32)
+                                   for t in part], 1)  # noqa: E731
+    return at(keys), at(values)
+
+
 def token_kv_vectors(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
     """KV-CoE point per row of a ``[batch, kv_heads, seq, head_dim]`` cache at one position per row.
 
     ``positions`` is ``[batch]`` (long); returns ``[batch, 2 * kv_heads * head_dim]``.
     """
-    idx = positions.view(-1, 1, 1, 1)
-    at = lambda part: [t.gather(2, idx.expand(t.shape[0], t.shape[1], 1, t.shape[3])).squeeze(2) for t in part]  # noqa: E731
-    return kv_coe_points(at(keys), at(values))
+    k, v = token_kv_layers(keys, values, positions)
+    return torch.cat([k.mean(1), v.mean(1)], -1)

@@ -15,6 +15,7 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -30,6 +31,10 @@ class TaskConfig(BaseModel):
     min_operators: int = Field(1, ge=1)
     max_operators: int = Field(6, ge=1)
     max_operand: int = Field(99, ge=1)
+    operands: Literal["uniform", "digits"] = "uniform"
+    """``uniform``: operands uniform in 0..max_operand; ``digits``: the digit length uniform over
+    1..len(max_operand), then the operand uniform among numbers of that length up to max_operand
+    (with 99: half single-digit, half two-digit operands)."""
 
     @model_validator(mode="after")
     def _check_range(self) -> TaskConfig:
@@ -78,10 +83,18 @@ def parse_question(question: str) -> Problem | None:
     return Problem(tuple(int(t) for t in tokens[0::2]), tuple(tokens[1::2]))
 
 
-def sample_problem(rng: random.Random, num_operators: int, max_operand: int = 99) -> Problem:
-    operands = tuple(rng.randint(0, max_operand) for _ in range(num_operators + 1))
+def _operand_by_digits(rng: random.Random, max_operand: int) -> int:
+    digits = rng.randint(1, len(str(max_operand)))
+    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), min(10**digits - 1, max_operand))
+
+
+def sample_problem(rng: random.Random, num_operators: int, max_operand: int = 99, operands: str = "uniform") -> Problem:
+    if operands == "digits":
+        values = tuple(_operand_by_digits(rng, max_operand) for _ in range(num_operators + 1))
+    else:
+        values = tuple(rng.randint(0, max_operand) for _ in range(num_operators + 1))
     ops = tuple(rng.choice("+-") for _ in range(num_operators))
-    return Problem(operands, ops)
+    return Problem(values, ops)
 
 
 def iter_problems(seed: int, config: TaskConfig | None = None) -> Iterator[Problem]:
@@ -89,7 +102,7 @@ def iter_problems(seed: int, config: TaskConfig | None = None) -> Iterator[Probl
     config = config or TaskConfig()
     rng = random.Random(seed)
     while True:
-        yield sample_problem(rng, rng.randint(config.min_operators, config.max_operators), config.max_operand)
+        yield sample_problem(rng, rng.randint(config.min_operators, config.max_operators), config.max_operand, config.operands)
 
 
 def generate_problems(
@@ -183,12 +196,13 @@ def generate_mix(
     max_operand: int = 99,
     exclude: Collection[str] = (),
     drop_excluded: bool = False,
+    operands: str = "uniform",
 ) -> list[Problem]:
     """``n`` problems split over ``groups`` by ``mix_counts``, group after group in the given order.
     Group i (from 1) is ``generate_problems(count_i, seed * 10 + i, its range, exclude, drop_excluded)``."""
     out: list[Problem] = []
     for i, (group, count) in enumerate(zip(groups, mix_counts(n, groups)), 1):
-        config = TaskConfig(min_operators=group.min_operators, max_operators=group.max_operators, max_operand=max_operand)
+        config = TaskConfig(min_operators=group.min_operators, max_operators=group.max_operators, max_operand=max_operand, operands=operands)
         out += generate_problems(count, seed * 10 + i, config, exclude, drop_excluded)
     return out
 

@@ -92,7 +92,15 @@ class GenResult:
     embedding: torch.Tensor | None = None
     hidden_feature: torch.Tensor | None = None
     kv_trajectory: torch.Tensor | None = None
-    """[T+1, 2*kv_heads*head_dim]: last prompt position, then every fed generated token."""
+    """[T+1, 2*kv_heads*head_dim]: last prompt position, then every fed generated token (on vLLM a
+    ``CoePath``, its running summary)."""
+    kv_thought: list[bool] | None = None
+    """Per generated trajectory point: inside an open thought (the token-axis thought/answer variants)."""
+    kv_layer_sums: torch.Tensor | None = None
+    """float64 [2 (thought, answer), 2 (K, V), layers, kv_heads*head_dim]: per-layer K and V summed over
+    the generated tokens (the layer-axis KV-CoE variants, serve_app.core.kv_coe)."""
+    kv_counts: tuple[int, int] | None = None
+    """Generated tokens in the thought and in the answer (the divisors of ``kv_layer_sums``)."""
     hidden_trajectory: torch.Tensor | None = None
     """[layers+1, hidden]: hidden state per layer averaged over the generated tokens."""
     token_max_probs: list[float] = field(default_factory=list)

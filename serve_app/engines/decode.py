@@ -11,7 +11,7 @@ from typing import Literal, Sequence
 import torch
 
 from serve_app.core.confidence import token_stats
-from serve_app.core.kv_features import PoolingConfig, cache_kv, kv_embedding, pool_hidden, pool_kv, token_kv_vectors
+from serve_app.core.kv_features import PoolingConfig, cache_kv, kv_embedding, pool_hidden, pool_kv, token_kv_layers, token_kv_vectors
 from serve_app.core.policy import Mode, OnlineConfig, switch_decision
 from serve_app.core.quant import KVQuantConfig, quantize_cache
 from serve_app.engines.base import SAMPLING_EPS, DifficultyScorer, GenRequest, GenResult, TokenSetup
@@ -37,6 +37,11 @@ class Row:
     checks: list = field(default_factory=list)
     recorded: list = field(default_factory=list)
     traj: list = field(default_factory=list)
+    traj_thought: list = field(default_factory=list)
+    """Per generated trajectory point: fed inside an open thought."""
+    layer_sums: torch.Tensor | None = None
+    """float64 [2 (thought, answer), 2 (K, V), layers, D]: sums over generated tokens (serve_app.core.kv_coe)."""
+    layer_counts: list = field(default_factory=lambda: [0, 0])
     hidden_sum: torch.Tensor | None = None
     hidden_n: int = 0
     max_probs: list = field(default_factory=list)
@@ -231,12 +236,20 @@ class DecodeBatch:
         self.logits = out.logits[:, -1, :]
         keys, values = cache_kv(self.cache)
         newest = torch.full((len(rows),), self.mask.shape[1] - 1, dtype=torch.long)
-        vecs = token_kv_vectors(keys, values, newest)
+        k_at, v_at = token_kv_layers(keys, values, newest)
+        vecs = torch.cat([k_at.mean(1), v_at.mean(1)], -1)
+        per_layer = torch.stack([k_at, v_at], 1).to(torch.float64)  # [B, 2, L, D]
         for b, row in enumerate(rows):
             row.next_pos += 1
             if not fed_counted[b]:
                 continue  # mode-prefix tokens belong to the prompt, not to the trajectory
             row.traj.append(vecs[b])
+            row.traj_thought.append(row.in_thought)
+            if row.layer_sums is None:
+                row.layer_sums = torch.zeros(2, *per_layer.shape[1:], dtype=torch.float64)
+            where = 0 if row.in_thought else 1
+            row.layer_sums[where] += per_layer[b]
+            row.layer_counts[where] += 1
             if self.collect_hidden:
                 h = torch.stack([hs[b, -1] for hs in out.hidden_states]).float()
                 row.hidden_sum = h if row.hidden_sum is None else row.hidden_sum + h

@@ -109,6 +109,10 @@ def merge_result(into: dict, new: dict) -> None:
             coe = into.setdefault("coe", {"steps": [], "span": [0.0, 0.0]})
             coe["steps"].extend(value["steps"])
             coe["span"] = value["span"]
+            if "layer_sums" in value:  # per-layer K/V sums over generated tokens (layer-axis KV-CoE)
+                sums = coe.setdefault("layer_sums", torch.zeros_like(value["layer_sums"]))
+                sums += value["layer_sums"]
+                coe["counts"] = [a + b for a, b in zip(coe.get("counts", [0, 0]), value["counts"])]
         else:
             into[name] = value
 
@@ -152,6 +156,8 @@ class KVFeatureConnector(KVConnectorBase_V1):
         self._plan: list[tuple[Live, _Step]] = []
         self._coe: tuple[list[Live], torch.Tensor, torch.Tensor] | None = None
         self._coe_sum: torch.Tensor | None = None
+        self._coe_layers: list[torch.Tensor] = []
+        """This step's KV-CoE points per layer ([N, 2D] each, layer order), for the layer-axis sums."""
         self._tail: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._groups: dict[int, tuple[list[Live], torch.Tensor, torch.Tensor]] = {}
         self._group_kv: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -215,7 +221,7 @@ class KVFeatureConnector(KVConnectorBase_V1):
         if coe_pos:
             blocks, offsets = zip(*(self._slot(lv, p) for lv, p in zip(coe_lives, coe_pos)))
             self._coe = (coe_lives, torch.tensor(blocks), torch.tensor(offsets))
-            self._coe_sum = None
+            self._coe_sum, self._coe_layers = None, []
 
     def _slot(self, live: Live, pos: int) -> tuple[int, int]:
         bs = self._block_size
@@ -249,6 +255,7 @@ class KVFeatureConnector(KVConnectorBase_V1):
             k, v = read_slots(self.slots, kv_layer, blocks.to(kv_layer.device), offsets.to(kv_layer.device))
             point = torch.cat([k.flatten(1), v.flatten(1)], -1).to(torch.float32)
             self._coe_sum = point if self._coe_sum is None else self._coe_sum + point
+            self._coe_layers.append(point)
         if layer in self.decode_layers:
             for s, (lives, blocks, offsets) in self._groups.items():
                 k, v = read_slots(self.slots, kv_layer, blocks.to(kv_layer.device), offsets.to(kv_layer.device))  # [R*s, H, D]
@@ -266,6 +273,8 @@ class KVFeatureConnector(KVConnectorBase_V1):
         if self._coe is not None and self._coe_sum is not None:
             lives, _, _ = self._coe
             points = (self._coe_sum / self.num_layers).cpu()
+            per_layer = torch.stack(self._coe_layers, 1).cpu().to(torch.float64)  # [N, L, 2D]
+            per_layer = torch.stack(per_layer.chunk(2, -1), 1)  # [N, 2 (K, V), L, D]
             once = len({id(lv) for lv in lives}) == len(lives) and all(lv.first is not None for lv in lives)
             if once:  # the usual decode step: one new point per reply, summarised in one batch
                 sums = step_summary(torch.stack([lv.prev for lv in lives]), points, torch.stack([lv.first for lv in lives])).tolist()
@@ -277,6 +286,11 @@ class KVFeatureConnector(KVConnectorBase_V1):
                 coe = live.result.setdefault("coe", {"steps": [], "span": [0.0, 0.0]})
                 coe["steps"].append([sn, sa])
                 coe["span"] = [en, ea]
+                where = 0 if live.in_thought else 1  # as the HF engine: thought = fed inside an open thought
+                layer_sums = coe.setdefault("layer_sums", torch.zeros(2, *per_layer.shape[1:], dtype=torch.float64))
+                layer_sums[where] += per_layer[j]
+                counts = coe.setdefault("counts", [0, 0])
+                counts[where] += 1
                 live.prev = point
         for key, layers in self._kv.items():
             live = ENGINE.live[key]
@@ -305,7 +319,7 @@ class KVFeatureConnector(KVConnectorBase_V1):
             if live.result:
                 self._step_results[live.key] = live.result
                 live.result = {}
-        self._plan, self._coe, self._coe_sum = [], None, None
+        self._plan, self._coe, self._coe_sum, self._coe_layers = [], None, None, []
 
     def build_connector_worker_meta(self) -> ResultMeta | None:
         if not self._step_results:
@@ -356,8 +370,11 @@ class KVFeatureConnector(KVConnectorBase_V1):
         if tracked is None:
             return False, None  # a plain generation request
         self._finished.append(request.request_id)
-        res = self._results.pop(tracked[0], None)
-        return False, {"kvswitch": res or {}}
+        res = self._results.pop(tracked[0], None) or {}
+        coe = res.get("coe")
+        if coe is not None and "layer_sums" in coe:  # plain lists: kv_transfer_params leave the engine core serialized
+            coe["layer_sums"] = coe["layer_sums"].tolist()
+        return False, {"kvswitch": res}
 
 
 class KVSwitchScheduler(Scheduler):

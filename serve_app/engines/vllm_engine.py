@@ -211,6 +211,9 @@ class VLLMEngine(TokenSetup):
         if self.coe and out:
             coe = res.get("coe") or {"steps": [], "span": [0.0, 0.0]}
             result.kv_trajectory = CoePath(coe["steps"], coe["span"])
+            if "layer_sums" in coe:
+                result.kv_layer_sums = torch.tensor(coe["layer_sums"], dtype=torch.float64)
+                result.kv_counts = (int(coe["counts"][0]), int(coe["counts"][1]))
         result.recorded = [(int(t), torch.tensor(f)) for t, f in res.get("recorded", [])]
         return result
 

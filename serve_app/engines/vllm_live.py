@@ -173,7 +173,9 @@ class SwitchLogitsProcessor(LogitsProcessor):
                     ENGINE.live.pop(live.key, None)
             for index, params, _, output_ids in batch_update.added:
                 opts = request_options(params)
-                if opts and opts.get("key") and (opts.get("online") or opts.get("record") or opts.get("max_thinking") is not None):
+                # KV-CoE (coe_start) is followed too: its layer sums split the tokens into thought and answer
+                if opts and opts.get("key") and (opts.get("online") or opts.get("record") or opts.get("max_thinking") is not None
+                                                 or opts.get("coe_start") is not None):
                     live = ENGINE.get(str(opts["key"]), opts)
                     live.out = output_ids
                     self.rows[index] = live

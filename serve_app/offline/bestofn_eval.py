@@ -17,9 +17,10 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve_app.core.bestofn import RULES, best_of_n_curve, sign_test_p
-from serve_app.core.confidence import coe_scores, kv_confidence, maxprob
-from serve_app.core.quant import KVQuantConfig
+from serve_app.core.confidence import coe_scores, maxprob
 from serve_app.core.grading import Grader, GraderName, get_grader
+from serve_app.core.kv_coe import kv_confidence
+from serve_app.core.quant import KVQuantConfig
 from serve_app.core.task import num_operators
 from serve_app.engines.base import GenRequest
 from serve_app.offline.common import grader_name, setup
@@ -75,7 +76,7 @@ class BestOfNConfig(BaseModel):
 
 
 def _sample_record(res, answer_ref: str, confidence, grader: Grader) -> dict:
-    conf = kv_confidence(confidence, res.end_mode, res.kv_trajectory)
+    conf = kv_confidence(confidence, res.end_mode, res)
     return {
         "answer": grader.extract(res.reply),
         "correct": grader.correct(res.reply, answer_ref),

@@ -27,18 +27,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from serve_app.core.confidence import coe_scores
+from serve_app.core.grading import GraderName, get_grader
+from serve_app.core.kv_coe import DEFAULT_VARIANT, SERVABLE, parse_variant
 from serve_app.core.kv_features import PoolingConfig
 from serve_app.core.policy import OnlineConfig
-from serve_app.core.probe import FORMAT, LabelConfig, Probe, difficulty_label, model_fingerprint
+from serve_app.core.probe import (
+    FORMAT,
+    LabelConfig,
+    Probe,
+    difficulty_label,
+    model_fingerprint,
+)
 from serve_app.core.quant import KVQuantConfig
-from serve_app.core.grading import GraderName, get_grader
 from serve_app.engines.base import GenRequest
+from serve_app.offline.coe_eval import learn_directions, score_columns
 from serve_app.offline.common import EngineKind, Experiment, setup
 from serve_app.offline.metrics import auroc, fit_confidence
-from serve_app.offline.probe_train import TrainProbeConfig, head_record, random_features, train_regressor
+from serve_app.offline.probe_train import (
+    TrainProbeConfig,
+    head_record,
+    random_features,
+    train_regressor,
+)
 
 FEATURE_KINDS = ("kv", "hidden", "minilm", "random")
 VLLM_FEATURE_KINDS = ("kv", "minilm", "random")
@@ -58,6 +70,17 @@ class CalibrateConfig(BaseModel):
     """None: scale ``short_tokens`` to the model (median slow reply / 8; ~128 on real reasoning models)."""
     online: OnlineConfig = OnlineConfig()
     features: list[str] | None = None
+    coe_variant: str = DEFAULT_VARIANT
+    """The KV-CoE variant of the served confidence (its CoE-R or CoE-C, whichever separates better on
+    the train split); ``kvswitch fit-coe`` re-chooses it on a dev set."""
+
+    @field_validator("coe_variant")
+    @classmethod
+    def _servable(cls, v: str) -> str:
+        name = parse_variant(v) and v
+        if name not in SERVABLE and v not in ("kv_coe_r", "kv_coe_c"):
+            raise ValueError(f"coe_variant {v!r} cannot be served; choose one of {', '.join(SERVABLE)}")
+        return v
     """Heads to train; None: every kind the engine can feed (``FEATURE_KINDS``; on vLLM ``VLLM_FEATURE_KINDS``)."""
     val_fraction: float = Field(0.25, gt=0, lt=1)
     split_seed: int = 0
@@ -197,6 +220,7 @@ def _calibrate(cfg: CalibrateConfig, exp: Experiment, features: list[str], start
         "dtype": cfg.dtype,
         "grader": cfg.grader,
     })
+    confidence, coe = _confidence({"fast": (fast, fast_ok), "slow": (slow, slow_ok)}, train_idx, cfg.coe_variant)
     data = {
         "format": FORMAT,
         "model_name": Path(cfg.model).name,
@@ -207,7 +231,8 @@ def _calibrate(cfg: CalibrateConfig, exp: Experiment, features: list[str], start
         "label_rule": "short_tokens = ceil(median slow tokens / 8)" if cfg.labels is None else "given",
         "thresholds": cfg.online.model_dump(),
         "heads": heads,
-        "confidence": _confidence({"fast": (fast, fast_ok), "slow": (slow, slow_ok)}, train_idx),
+        "confidence": confidence,
+        "coe": coe,
         "calibration": {
             "dataset": cfg.dataset,
             "split_seed": cfg.split_seed,
@@ -267,17 +292,21 @@ def _decode_head(exp: Experiment, cfg: CalibrateConfig, slow: list, train_idx: l
     return head_record(reg, "kv-decode", metrics)
 
 
-def _confidence(replies: dict[str, tuple[list, list[bool]]], train_idx: list[int]) -> dict[str, dict]:
-    """6. KV-CoE confidence per mode, fitted on the train split only: the CoE variant (R or C) that
-    separates right from wrong best, Platt-scaled."""
-    confidence = {}
+def _confidence(replies: dict[str, tuple[list, list[bool]]], train_idx: list[int], variant: str) -> tuple[dict[str, dict], dict]:
+    """6. KV-CoE confidence per mode, fitted on the train split only: of ``variant``'s CoE-R and CoE-C
+    the one that separates right from wrong best, its direction and Platt scale. Also the direction
+    of every KV-CoE variant on the train split (``probe.data["coe"]``; ``kvswitch fit-coe`` re-chooses
+    the variant on a dev set with more errors)."""
+    confidence, directions = {}, {}
+    stem = parse_variant(variant)
+    pair = [f"kv_{stem[0]}_{stem[1]}_{stem[2]}_{s}" for s in ("r", "c")]
     for mode, (res, ok) in replies.items():
-        scores = [coe_scores(r.kv_trajectory) for r in res]
-        best = max(("coe_r", "coe_c"), key=lambda s: abs(auroc([scores[i][s] for i in train_idx], [ok[i] for i in train_idx]) - 0.5)
-                   if len({ok[i] for i in train_idx}) > 1 else 0.0)
-        cal = fit_confidence([scores[i][best] for i in train_idx], [ok[i] for i in train_idx], f"kv_{best}")
-        confidence[mode] = cal.to_dict()
-    return confidence
+        cols = score_columns([res[i] for i in train_idx], token_scores=False)
+        y = [ok[i] for i in train_idx]
+        best = max(pair, key=lambda n: abs(auroc(cols[n], y) - 0.5) if len(set(y)) > 1 else float(n == pair[0]))
+        confidence[mode] = fit_confidence(cols[best], y, best).to_dict()
+        directions[mode] = learn_directions(cols, y)
+    return confidence, {"variant": {m: c["score"] for m, c in confidence.items()}, "directions": directions}
 
 
 def print_calibration(report: dict) -> None:

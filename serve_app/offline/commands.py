@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from serve_app.config import DEFAULT_MODEL
+from serve_app.offline.coe_cli import add_fit_coe
 from serve_app.offline.gen_data import add_gen_data
 from serve_app.offline.options import (
     KV_QUANT_HELP,
@@ -20,6 +21,7 @@ from serve_app.offline.options import (
     split,
 )
 from serve_app.reports import write_json
+
 
 def _cmd_train_model(args: argparse.Namespace) -> int:
     from serve_app.offline.train import TrainConfig, train
@@ -121,7 +123,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     decode = None
     if args.decode_last_tokens is not None:
         decode = PoolingConfig(**{**pooling, "last_tokens": args.decode_last_tokens})
-    extra = {**given(args, "limit", "max_new_tokens"), **engine_options(args), **data_options(args)}
+    extra = {**given(args, "limit", "max_new_tokens", "coe_variant"), **engine_options(args), **data_options(args)}
     if args.features is not None:
         extra["features"] = split(args.features)
     if args.kv_quant:
@@ -317,6 +319,7 @@ def add_calibrate(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, help="generation cap per reply (default 768)")
     p.add_argument("--limit", type=int)
     p.add_argument("--kv-quant", dest="kv_quant", help="calibrate on quantized KV (HF engine only): " + KV_QUANT_HELP)
+    p.add_argument("--coe-variant", dest="coe_variant", help="KV-CoE variant of the served confidence (default kv_token_kv_all_r; see fit-coe)")
     add_engine_options(p)
     add_data_options(p, "number; recorded in the probe, which eval and serving then grade with")
     p.set_defaults(func=_cmd_calibrate)
@@ -378,5 +381,5 @@ def add_demo(sub) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
-COMMANDS = (add_gen_data, add_train_model, add_eval, add_calibrate, add_quant_report, add_bench_overhead, add_bench_handoff, add_bench_engines, add_demo)
+COMMANDS = (add_gen_data, add_train_model, add_eval, add_calibrate, add_fit_coe, add_quant_report, add_bench_overhead, add_bench_handoff, add_bench_engines, add_demo)
 """Every offline command's parser builder, in ``kvswitch --help`` order."""

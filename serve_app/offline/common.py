@@ -20,12 +20,12 @@ from typing import Any, Literal, Self
 import torch
 from tqdm import tqdm
 
+from serve_app.core.datasets import read_dataset
+from serve_app.core.grading import check_references, get_grader
 from serve_app.core.kv_features import PoolingConfig
 from serve_app.core.policy import OnlineConfig
 from serve_app.core.probe import Probe
 from serve_app.core.prompts import ModePrompts, encode_messages
-from serve_app.core.datasets import read_dataset
-from serve_app.core.grading import check_references, get_grader
 from serve_app.engines.base import GenRequest, GenResult, TokenSetup
 from serve_app.engines.hf import HFEngine
 from serve_app.engines.load import load_model

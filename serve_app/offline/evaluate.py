@@ -39,13 +39,14 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from serve_app.core.confidence import coe_scores, entropy_score, kv_confidence, maxprob, perplexity_score
-from serve_app.core.quant import KVQuantConfig
 from serve_app.core.grading import Grader, GraderName, get_grader
+from serve_app.core.kv_coe import kv_confidence
+from serve_app.core.quant import KVQuantConfig
 from serve_app.core.task import num_operators
+from serve_app.offline.coe_eval import coe_entry, probe_directions
 from serve_app.offline.common import EngineKind, Experiment, grader_name, setup
 from serve_app.offline.generate import MAX_NEW_TOKENS
-from serve_app.offline.metrics import auroc, coe_table, format_coe_table
+from serve_app.offline.metrics import auroc, format_coe_table
 from serve_app.offline.probe_train import random_features
 
 ENGINE_POLICIES = ("fast", "slow", "kv-oneshot", "kv-online", "hidden-oneshot")
@@ -141,7 +142,7 @@ def _record(row: dict, res, confidence=None, grader: Grader | None = None) -> di
         "switched_at": res.switched_at,
         "output": res.text,
     }
-    conf = kv_confidence(confidence, res.end_mode, res.kv_trajectory)
+    conf = kv_confidence(confidence, res.end_mode, res)
     if conf is not None:
         rec["confidence"] = round(conf, 4)
     return rec
@@ -243,8 +244,10 @@ def _run_eval(cfg: EvalConfig, exp: Experiment) -> dict:
         entry["records"] = runs[policy]
         report["policies"][policy] = entry
     if cfg.coe:
-        report["coe"] = {mode: _coe_entry(raw[mode], [r["correct"] for r in runs[mode]], (confidence or {}).get(mode),
-                                          token_scores=cfg.engine == "hf") for mode in ("fast", "slow")}
+        directions = probe_directions(probe)
+        report["coe"] = {mode: coe_entry(raw[mode], [r["correct"] for r in runs[mode]], (confidence or {}).get(mode),
+                                         directions.get(mode), token_scores=cfg.engine == "hf") for mode in ("fast", "slow")}
+        report["coe_variant"] = {m: c.score for m, c in (confidence or {}).items()}
     return report
 
 
@@ -318,28 +321,6 @@ def _policy_entry(policy: str, records: list[dict], t_slow: float | None, t_orac
     if "confidence" in records[0]:
         entry["mean_confidence"] = sum(r.get("confidence", 0.0) for r in records) / len(records)
     return entry
-
-
-def _coe_entry(res: list, ok: list[bool], cal, token_scores: bool = True) -> dict:
-    """The CoE table of one mode: KV- and hidden-state CoE, token baselines, calibrated confidence.
-    ``token_scores=False`` (the vLLM engine): KV columns only, no hidden CoE and no token baselines."""
-    kv_s = [coe_scores(r.kv_trajectory) for r in res]
-    cols = {
-        "kv_coe_r": [s["coe_r"] for s in kv_s],
-        "kv_coe_c": [s["coe_c"] for s in kv_s],
-    }
-    if token_scores:
-        hid_s = [coe_scores(r.hidden_trajectory) if r.hidden_trajectory is not None else {"coe_r": 0.0, "coe_c": 0.0} for r in res]
-        cols.update({
-            "hidden_coe_r": [s["coe_r"] for s in hid_s],
-            "hidden_coe_c": [s["coe_c"] for s in hid_s],
-            "maxprob": [maxprob(r.token_max_probs) for r in res],
-            "perplexity": [perplexity_score(r.token_logprobs) for r in res],
-            "entropy": [entropy_score(r.token_entropies) for r in res],
-        })
-    if cal is not None:
-        cols["kv_confidence"] = [float(cal.confidence(s[cal.score.removeprefix("kv_")])) for s in kv_s]
-    return {"n": len(ok), "n_correct": int(sum(ok)), "table": coe_table(cols, ok)}
 
 
 def print_report(report: dict) -> None:

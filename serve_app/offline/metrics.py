@@ -74,13 +74,17 @@ def coe_table(rows: dict[str, ArrayLike], correct: Sequence[bool]) -> dict[str, 
 
 
 def format_coe_table(table: dict[str, dict[str, float | int]]) -> str:
-    """Plain-text table with columns score, AUROC, AUPR, FPR95, n."""
+    """Plain-text table with columns score, AUROC, AUPR, FPR95, n, and the AUROC with a learned
+    direction (``auroc_directed``, ``sign``) where a row has one."""
     width = max([len("score"), *(len(k) for k in table)])
-    lines = [f"{'score':<{width}}  {'AUROC':>6}  {'AUPR':>6}  {'FPR95':>6}  {'n':>6}"]
+    directed = any("auroc_directed" in m for m in table.values())
+    head = f"{'score':<{width}}  {'AUROC':>6}  {'AUPR':>6}  {'FPR95':>6}  {'n':>6}"
+    lines = [head + ("  dir AUROC  sign" if directed else "")]
     for name, m in table.items():
-        lines.append(
-            f"{name:<{width}}  {m['auroc']:>6.3f}  {m['aupr']:>6.3f}  {m['fpr95']:>6.3f}  {int(m['n']):>6d}"
-        )
+        line = f"{name:<{width}}  {m['auroc']:>6.3f}  {m['aupr']:>6.3f}  {m['fpr95']:>6.3f}  {int(m['n']):>6d}"
+        if "auroc_directed" in m:
+            line += f"  {m['auroc_directed']:>9.3f}  {m['sign']:>+4d}"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -22,9 +22,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from serve_app.core.confidence import kv_confidence
-from serve_app.core.quant import FULL_PRECISION, parse_kv_quant
 from serve_app.core.grading import GraderName, get_grader
+from serve_app.core.kv_coe import kv_confidence
+from serve_app.core.quant import FULL_PRECISION, parse_kv_quant
 from serve_app.offline.common import grader_name, setup
 from serve_app.offline.generate import MAX_NEW_TOKENS
 from serve_app.offline.metrics import auroc
@@ -96,8 +96,8 @@ def run_quant_report(cfg: QuantReportConfig) -> dict:
                     "fast_fraction": sum(r.start_mode == "fast" for r in routed) / len(rows),
                     "switches": sum(r.switched_at is not None for r in routed),
                 },
-                "kv_coe_auroc_fast": _auroc_or_none([kv_confidence(probe.confidence, r.end_mode, r.kv_trajectory) for r in fast], fast_ok),
-                "kv_coe_auroc_routed": _auroc_or_none([kv_confidence(probe.confidence, r.end_mode, r.kv_trajectory) for r in routed], routed_ok),
+                "kv_coe_auroc_fast": _auroc_or_none([kv_confidence(probe.confidence, r.end_mode, r) for r in fast], fast_ok),
+                "kv_coe_auroc_routed": _auroc_or_none([kv_confidence(probe.confidence, r.end_mode, r) for r in routed], routed_ok),
             }
         entry["wall_s"] = round(time.time() - started, 1)
         report["settings"].append(entry)
