@@ -79,7 +79,7 @@ def test_eval_on_vllm_reports_the_columns_it_can(model_dir, data, tmp_path):
     assert "kv" in report["probe_auroc"] and "hidden" not in report["probe_auroc"]
     for mode in ("fast", "slow"):
         cols = report["coe"][mode]["table"]
-        assert {"kv_token_kv_all_r", "kv_token_kv_all_c", "kv_layer_kv_all_r", "kv_layer_v_thought_c", "kv_confidence"} <= set(cols)
+        assert {"kv_token_kv_all_r", "kv_token_kv_all_c", "kv_layer_kv_all_r", "kv_layer_v_answer_c", "kv_confidence"} <= set(cols)
         # left out, not faked: no token probabilities or hidden states on vLLM, and a running CoE path has no token subsets
         assert not {"maxprob", "perplexity", "entropy", "hidden_coe_r", "kv_token_k_all_r", "kv_token_kv_answer_r"} & set(cols)
     assert "maxprob" in report["unavailable"]["coe"]
