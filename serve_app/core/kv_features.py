@@ -157,17 +157,10 @@ def cache_kv(cache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return [layer.keys for layer in layers], [layer.values for layer in layers]
 
 
-def kv_coe_points(keys_at: Sequence[torch.Tensor], values_at: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The KV-CoE point formula (docs/method.md §6), the one both engines use: the layer-average of
-    the flattened ``[K_t; V_t]``. ``keys_at`` / ``values_at``: per layer ``[N, kv_heads, head_dim]``
-    at N token positions; returns float32 ``[N, 2 * kv_heads * head_dim]``."""
-    return torch.cat([torch.stack([t.flatten(1).to(torch.float32) for t in part], 0).mean(0) for part in (keys_at, values_at)], -1)
-
-
 def token_kv_layers(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-layer K and V of a ``[batch, kv_heads, seq, head_dim]`` cache at one position per row,
     heads flattened: float32 ``[batch, layers, kv_heads * head_dim]`` each. Their layer-means,
-    concatenated, are ``kv_coe_points`` (the token-axis KV-CoE point); their sums over generated
+    concatenated, are the token-axis KV-CoE point (``token_kv_vectors``); their sums over generated
     tokens feed the layer-axis variants (``serve_app.core.kv_coe``)."""
     idx = positions.view(-1, 1, 1, 1)
     at = lambda part: torch.stack([t.gather(2, idx.expand(t.shape[0], t.shape[1], 1, t.shape[3])).squeeze(2).flatten(1).to(torch.float32)

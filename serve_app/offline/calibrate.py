@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve_app.core.grading import GraderName, get_grader
-from serve_app.core.kv_coe import DEFAULT_VARIANT, SERVABLE, parse_variant
+from serve_app.core.kv_coe import DEFAULT_VARIANT, LEGACY, SERVABLE, parse_variant
 from serve_app.core.kv_features import PoolingConfig
 from serve_app.core.policy import OnlineConfig
 from serve_app.core.probe import (
@@ -70,18 +70,10 @@ class CalibrateConfig(BaseModel):
     """None: scale ``short_tokens`` to the model (median slow reply / 8; ~128 on real reasoning models)."""
     online: OnlineConfig = OnlineConfig()
     features: list[str] | None = None
+    """Heads to train; None: every kind the engine can feed (``FEATURE_KINDS``; on vLLM ``VLLM_FEATURE_KINDS``)."""
     coe_variant: str = DEFAULT_VARIANT
     """The KV-CoE variant of the served confidence (its CoE-R or CoE-C, whichever separates better on
     the train split); ``kvswitch fit-coe`` re-chooses it on a dev set."""
-
-    @field_validator("coe_variant")
-    @classmethod
-    def _servable(cls, v: str) -> str:
-        name = parse_variant(v) and v
-        if name not in SERVABLE and v not in ("kv_coe_r", "kv_coe_c"):
-            raise ValueError(f"coe_variant {v!r} cannot be served; choose one of {', '.join(SERVABLE)}")
-        return v
-    """Heads to train; None: every kind the engine can feed (``FEATURE_KINDS``; on vLLM ``VLLM_FEATURE_KINDS``)."""
     val_fraction: float = Field(0.25, gt=0, lt=1)
     split_seed: int = 0
     decode_head: bool = True
@@ -105,6 +97,13 @@ class CalibrateConfig(BaseModel):
     question_field: str | None = None
     answer_field: str | None = None
     """The data set's question / answer columns (default: detected, ``serve_app.core.datasets``)."""
+
+    @field_validator("coe_variant")
+    @classmethod
+    def _servable(cls, v: str) -> str:
+        if LEGACY.get(v, v) not in SERVABLE:
+            raise ValueError(f"coe_variant {v!r} cannot be served; choose one of {', '.join(SERVABLE)}")
+        return v
 
     def feature_kinds(self) -> list[str]:
         """The heads to train, checked against what the engine can feed."""
