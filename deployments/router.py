@@ -27,7 +27,7 @@ from deployments.metrics import RouterMetrics
 from deployments.router_loads import RouterLoads
 from serve_app.config import AppConfig
 from serve_app.core.grading import get_grader
-from serve_app.core.prompts import encode_messages, mode_prefix_ids
+from serve_app.core.prompts import encode_messages, mode_prefix_ids, resolve_prompts
 from serve_app.serving.api import api_keys, check_exposure, create_app
 from serve_app.serving.errors import APIError, generation_failed, overloaded, replica_failed, timed_out
 from serve_app.serving.lease import LeasedStreamingResponse
@@ -72,7 +72,8 @@ class Router:
         self.prefill, self.pools = prefill, {"fast": fast, "slow": slow}
         self.grader = get_grader(cfg.grader)  # reads the answers `select: vote` counts
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
-        self.prefix_len = {m: len(ids) for m, ids in mode_prefix_ids(self.tokenizer).items()}
+        self.prompts = resolve_prompts(self.tokenizer, cfg.think_tags)  # the pools' own (same template, same tags)
+        self.prefix_len = {m: len(ids) for m, ids in mode_prefix_ids(self.tokenizer, self.prompts).items()}
         self.metrics = RouterMetrics()
         self.loads = RouterLoads(cfg, tau, board, serve.get_replica_context().replica_id.unique_id, self.metrics)
         guard = app.state.guard
@@ -80,11 +81,13 @@ class Router:
         guard.set_keys(api_keys(cfg))
         guard.on_error = lambda status: self.metrics.errors.inc(tags={"status": str(status)})
         check_exposure(cfg, guard.auth_enabled, _serve_http_host())
+        logger.info("kvswitch router: %s; fast prefix %r", "no thinking switch in the chat template (fast = a prefilled empty thought)"
+                    if self.prompts.always_thinks else "the chat template's thinking switch", self.prompts.fast_prefix)
         logger.info("kvswitch router: API keys %s", f"required ({len(guard.key_digests)} configured)" if guard.auth_enabled else "off")
 
     # -------------------------------------------------------------------------------- planning
     def _prompt_ids(self, messages: list[dict]) -> list[int]:
-        return encode_messages(self.tokenizer, messages)
+        return encode_messages(self.tokenizer, messages, self.prompts)
 
     async def _plan(self, body: SamplingRequest, messages: list[dict], kind: str) -> Plan:
         """Admit the request, ask the prefill pool for the difficulty unless the mode is forced, and plan."""

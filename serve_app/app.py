@@ -8,19 +8,25 @@ from typing import Any
 
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoTokenizer
 
 from serve_app.config import AppConfig
 from serve_app.core.grading import get_grader
 from serve_app.core.probe import Probe
+from serve_app.core.prompts import resolve_prompts
 from serve_app.engines.load import routing_limits
 
 
 def _with_probe(cfg: AppConfig) -> tuple[AppConfig, float, int]:
     """The config with its grader settled (the probe's recorded one unless given), the routing
-    threshold and the context length."""
+    threshold and the context length. Refuses, before any replica starts, a probe calibrated on
+    another model and a chat template that cannot give both modes with ``think_tags``."""
     model_config = AutoConfig.from_pretrained(cfg.model, local_files_only=True)
-    probe = Probe.load(cfg.probe, model_config)  # refuses a probe calibrated on another model, before any replica starts
+    probe = Probe.load(cfg.probe, model_config)
+    try:
+        resolve_prompts(AutoTokenizer.from_pretrained(cfg.model, local_files_only=True), cfg.think_tags)
+    except ValueError as e:
+        raise ValueError(f"{cfg.model}: {e}") from None
     if cfg.grader is None:
         cfg = cfg.model_copy(update={"grader": get_grader(probe.grader).name})  # an unknown name is refused here
     return cfg, *routing_limits(cfg, probe, model_config)

@@ -23,10 +23,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     args.command_line = shlex.join(["kvswitch", *argv])
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValidationError as e:  # a setting out of range or unknown: say which, not a traceback
+        lines = [f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}" for err in e.errors()]
+        parser.exit(2, f"kvswitch {args.command}: error: " + "; ".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from serve_app.core.grading import GraderName
 from serve_app.core.policy import PolicyConfig
+from serve_app.core.prompts import ThinkTags
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "arith-qwen3-tiny"
 
@@ -183,6 +184,10 @@ class AppConfig(_Strict):
     grader: GraderName | None = Field(None, description="how `select: vote` reads a reply's final answer (number, math, choice, "
                                                        "exact; serve_app.core.grading); default: the probe's recorded grader")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per replica")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="the model's dtype on every pool's engine; auto: the checkpoint's own (a pool's vllm.dtype overrides it)")
+    think_tags: ThinkTags = Field(default_factory=ThinkTags, description="the tags the model thinks between; the mode prompts "
+                                                                         "come from its chat template (docs/models.md)")
     context_length: int | None = Field(None, ge=1, description="prompt + max_tokens limit; default the model's max positions")
     max_n: int = Field(8, ge=1, description="most choices per request")
     default_mode: Literal["auto", "fast", "slow"] = "auto"

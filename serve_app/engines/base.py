@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from serve_app.core.kv_features import PoolingConfig
 from serve_app.core.policy import Mode
-from serve_app.core.prompts import ModePrompts, mode_prefix_ids, switch_ids
+from serve_app.core.prompts import ModePrompts, ThinkTags, mode_prefix_ids, resolve_prompts, switch_ids
 
 SAMPLING_EPS = 1e-5
 """Temperatures below this sample greedily (vLLM's ``_SAMPLING_EPS``)."""
@@ -122,10 +122,31 @@ class EngineStats(BaseModel):
     """Predicted tokens still to generate for all of them."""
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""A model's dtype on an engine: ``auto`` is the checkpoint's own (its config's ``dtype``)."""
+
+
+def checkpoint_dtype(model_config, dtype: str = "auto") -> str:
+    """``dtype`` with ``auto`` resolved to the checkpoint's dtype name (``float32`` when its config
+    records none, as transformers loads it). vLLM's own ``auto`` would run a float32 checkpoint in
+    half precision: kvswitch passes the resolved name to both engines."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if dtype != "auto":
+        return dtype
+    got = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None) or torch.float32
+    name = str(got).removeprefix("torch.")
+    return name if name in DTYPES else "float32"
+
+
 class TokenSetup:
     """The token ids every engine derives from its tokenizer and mode prompts (one place for both engines)."""
 
-    def __init__(self, tokenizer, prompts: ModePrompts = ModePrompts()):
+    def __init__(self, tokenizer, prompts: ModePrompts | ThinkTags | None = None):
+        """``prompts``: the mode prompts, or the think tags to derive them from the tokenizer's chat
+        template with (``resolve_prompts``; None: the default tags)."""
+        if not isinstance(prompts, ModePrompts):
+            prompts = resolve_prompts(tokenizer, prompts or ThinkTags())
         self.tokenizer, self.prompts = tokenizer, prompts
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id

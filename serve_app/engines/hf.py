@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from serve_app.core.kv_features import PoolingConfig, cache_kv, kv_embedding, pool_hidden, pool_kv
-from serve_app.core.prompts import ModePrompts, encode_messages
+from serve_app.core.prompts import ModePrompts, ThinkTags, encode_messages
 from serve_app.core.quant import KVQuantConfig, quantize_cache
 from serve_app.engines.base import SAMPLING_EPS, GenRequest, GenResult, TokenSetup
 from serve_app.engines.decode import DecodeBatch, Row, position_seed
@@ -27,7 +27,7 @@ __all__ = ["DecodeBatch", "HFEngine", "Row", "position_seed"]
 class HFEngine(TokenSetup):
     """Batched greedy / sampled decoding with per-row modes and online switching on one live cache."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: ModePrompts = ModePrompts()):
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: ModePrompts | ThinkTags | None = None):
         super().__init__(tokenizer, prompts)
         self.model = model
 

@@ -10,16 +10,18 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from serve_app.config import AppConfig
 from serve_app.core.policy import OnlineConfig
 from serve_app.core.probe import Probe
-from serve_app.engines.base import Engine
+from serve_app.engines.base import Engine, checkpoint_dtype
 
 
-def load_model(path: str | Path):
-    """Model and tokenizer from a local directory (never the hub), eval mode."""
+def load_model(path: str | Path, dtype: str = "auto"):
+    """Model and tokenizer from a local directory (never the hub), eval mode, in ``dtype``
+    (``checkpoint_dtype``; default the checkpoint's)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no model at {path}: expected a directory with config.json (train one with `kvswitch train-model`)")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    name = checkpoint_dtype(AutoConfig.from_pretrained(path, local_files_only=True), dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=getattr(torch, name))
     model.eval()
     return model, tokenizer
 
@@ -44,11 +46,13 @@ def make_engine(cfg: AppConfig, pool: str) -> Engine:
     if pc.engine == "vllm":
         from serve_app.engines.vllm_engine import VLLMEngine
 
-        probe = Probe.load(cfg.probe, AutoConfig.from_pretrained(cfg.model, local_files_only=True))
-        return VLLMEngine.create(cfg.model, probe, online_config(cfg, probe), **pc.vllm)
+        config = AutoConfig.from_pretrained(cfg.model, local_files_only=True)
+        probe = Probe.load(cfg.probe, config)
+        overrides = {"dtype": checkpoint_dtype(config, cfg.dtype), **pc.vllm}  # a pool's vllm.dtype wins
+        return VLLMEngine.create(cfg.model, probe, online_config(cfg, probe), prompts=cfg.think_tags, **overrides)
     from serve_app.engines.batcher import ContinuousBatcher
     from serve_app.engines.hf import HFEngine
 
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model, cfg.dtype)
     probe = Probe.load(cfg.probe, model.config)
-    return ContinuousBatcher(HFEngine(model, tokenizer), probe, online_config(cfg, probe), getattr(pc, "max_batch_size", 16))
+    return ContinuousBatcher(HFEngine(model, tokenizer, cfg.think_tags), probe, online_config(cfg, probe), getattr(pc, "max_batch_size", 16))

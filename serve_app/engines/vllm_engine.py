@@ -25,13 +25,14 @@ import torch
 from serve_app.core.confidence import CoePath
 from serve_app.core.policy import OnlineConfig
 from serve_app.core.probe import Probe
-from serve_app.core.prompts import ModePrompts
+from serve_app.core.prompts import ModePrompts, ThinkTags
 from serve_app.engines.base import (
     SAMPLING_EPS,
     EngineStats,
     GenRequest,
     GenResult,
     TokenSetup,
+    checkpoint_dtype,
 )
 
 CONNECTOR = {"kv_connector": "KVFeatureConnector", "kv_connector_module_path": "serve_app.engines.vllm_connector", "kv_role": "kv_both"}
@@ -44,6 +45,7 @@ def engine_args(model: str, probe: Probe | None, online: OnlineConfig | None = N
     switch tokens), the switch logits processor and the scheduler that hands results out in time.
     ``probe`` None (calibration): features and records only, no switching; ``pooling`` /
     ``decode_pooling`` then say how (they override the probe's when given)."""
+    from transformers import AutoConfig
     from vllm.config import KVTransferConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -70,7 +72,8 @@ def engine_args(model: str, probe: Probe | None, online: OnlineConfig | None = N
     par = {k: overrides.get(k, 1) for k in ("tensor_parallel_size", "pipeline_parallel_size")}
     if max(par.values()) > 1:
         raise ValueError(f"kvswitch reads every head of every layer in one worker: {par} is not supported; scale with replicas")
-    opts = {"model": model, "dtype": "float32", "enable_prefix_caching": True, "enforce_eager": True, "async_scheduling": False,
+    dtype = checkpoint_dtype(AutoConfig.from_pretrained(model, local_files_only=True))  # vLLM's "auto" would halve a float32 one
+    opts = {"model": model, "dtype": dtype, "enable_prefix_caching": True, "enforce_eager": True, "async_scheduling": False,
             "scheduler_cls": SCHEDULER, "logits_processors": [LOGITS_PROCESSOR],
             "kv_transfer_config": KVTransferConfig(**CONNECTOR, kv_connector_extra_config=extra), **overrides}
     return AsyncEngineArgs(**opts)
@@ -101,7 +104,7 @@ class VLLMEngine(TokenSetup):
     """The vLLM ``Engine`` of a pool: ``AsyncLLM`` batches and schedules; kvswitch's connector, logits
     processor and scheduler inside it add modes, online switching and KV features."""
 
-    def __init__(self, llm, tokenizer, probe: Probe | None, online: OnlineConfig, prompts: ModePrompts = ModePrompts(), coe: bool | None = None,
+    def __init__(self, llm, tokenizer, probe: Probe | None, online: OnlineConfig, prompts: ModePrompts | ThinkTags | None = None, coe: bool | None = None,
                  load: _SchedulerLoad | None = None):
         super().__init__(tokenizer, prompts)
         self.llm, self.probe, self.online = llm, probe, online
@@ -114,12 +117,14 @@ class VLLMEngine(TokenSetup):
 
     @classmethod
     def create(cls, model: str, probe: Probe | None, online: OnlineConfig, coe: bool | None = None, pooling=None, decode_pooling=None,
-               **overrides: Any) -> VLLMEngine:
+               prompts: ModePrompts | ThinkTags | None = None, **overrides: Any) -> VLLMEngine:
+        """``prompts``: the mode prompts or the think tags (``TokenSetup``); ``overrides``:
+        ``AsyncEngineArgs`` over ``engine_args``'s (dtype default: the checkpoint's)."""
         from transformers import AutoTokenizer
         from vllm.v1.engine.async_llm import AsyncLLM
 
         tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
-        tokens = TokenSetup(tokenizer)
+        tokens = TokenSetup(tokenizer, prompts)
         loads: list[_SchedulerLoad] = []
 
         def factory(vllm_config, engine_index: int = 0):
@@ -128,7 +133,7 @@ class VLLMEngine(TokenSetup):
 
         args = engine_args(model, probe, online, tokens, pooling=pooling, decode_pooling=decode_pooling, **overrides)
         llm = AsyncLLM.from_engine_args(args, stat_loggers=[factory])
-        return cls(llm, tokenizer, probe, online, coe=coe, load=loads[0] if loads else None)
+        return cls(llm, tokenizer, probe, online, tokens.prompts, coe=coe, load=loads[0] if loads else None)
 
     def _rid(self) -> str:
         return f"kvs-{next(self._ids)}-{uuid.uuid4().hex[:8]}"

@@ -24,6 +24,7 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -40,8 +41,9 @@ from serve_app.core.probe import (
     difficulty_label,
     model_fingerprint,
 )
+from serve_app.core.prompts import ThinkTags
 from serve_app.core.quant import KVQuantConfig
-from serve_app.engines.base import GenRequest
+from serve_app.engines.base import GenRequest, checkpoint_dtype
 from serve_app.offline.coe_eval import learn_directions, score_columns
 from serve_app.offline.common import EngineKind, Experiment, setup
 from serve_app.offline.metrics import auroc, fit_confidence
@@ -88,8 +90,10 @@ class CalibrateConfig(BaseModel):
     """Cap on the slow replies' thinking tokens (``GenRequest.max_thinking_tokens``); None: only ``max_new_tokens``."""
     engine: EngineKind = "hf"
     """``hf`` or ``vllm`` (prompt features, generation, records and forced closes all on that engine)."""
-    dtype: str = "float32"
-    """The model's dtype on the engine."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The model's dtype on the engine (``auto``: the checkpoint's)."""
+    think_tags: ThinkTags = ThinkTags()
+    """The tags the mode prompts are derived from the chat template with (``resolve_prompts``)."""
     vllm_args: dict = {}
     """``AsyncEngineArgs`` overrides for the vLLM engine (e.g. ``max_model_len``)."""
     grader: GraderName = "number"
@@ -168,7 +172,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     if cfg.engine == "vllm" and cfg.kv_quant is not None:
         raise ValueError("calibrating on simulated KV quantization (--kv-quant) needs the HF engine: drop --engine vllm or --kv-quant")
     # the check below says what calibration needs
-    with setup(cfg.model, cfg.dataset, cfg.limit, min_rows=0, engine=cfg.engine, vllm_args=cfg.vllm_args, dtype=cfg.dtype,
+    with setup(cfg.model, cfg.dataset, cfg.limit, min_rows=0, engine=cfg.engine, vllm_args=cfg.vllm_args, dtype=cfg.dtype, think_tags=cfg.think_tags,
                grader=cfg.grader, question_field=cfg.question_field, answer_field=cfg.answer_field) as exp:
         return _calibrate(cfg, exp, features, started)
 
@@ -216,7 +220,7 @@ def _calibrate(cfg: CalibrateConfig, exp: Experiment, features: list[str], start
         "label_counts": {str(v): int((y == v).sum()) for v in sorted(set(y.tolist()))},
         "seconds": round(time.time() - started, 1),
         "engine": cfg.engine,
-        "dtype": cfg.dtype,
+        "dtype": checkpoint_dtype(exp.model_config, cfg.dtype),
         "grader": cfg.grader,
     })
     confidence, coe = _confidence({"fast": (fast, fast_ok), "slow": (slow, slow_ok)}, train_idx, cfg.coe_variant)
@@ -240,7 +244,7 @@ def _calibrate(cfg: CalibrateConfig, exp: Experiment, features: list[str], start
             "train_probe": cfg.train.model_dump(),
             "kv_quant": None if cfg.kv_quant is None else cfg.kv_quant.name,
             "engine": cfg.engine,
-            "dtype": cfg.dtype,
+            "dtype": checkpoint_dtype(exp.model_config, cfg.dtype),
             "max_new_tokens": cfg.max_new_tokens,
             "max_thinking_tokens": cfg.max_thinking_tokens,
             "grader": cfg.grader,

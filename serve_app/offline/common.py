@@ -25,10 +25,10 @@ from serve_app.core.grading import check_references, get_grader
 from serve_app.core.kv_features import PoolingConfig
 from serve_app.core.policy import OnlineConfig
 from serve_app.core.probe import Probe
-from serve_app.core.prompts import ModePrompts, encode_messages
+from serve_app.core.prompts import ThinkTags, encode_messages
 from serve_app.engines.base import GenRequest, GenResult, TokenSetup
 from serve_app.engines.hf import HFEngine
-from serve_app.engines.load import load_model
+from serve_app.engines.load import checkpoint_dtype, load_model
 
 EngineKind = Literal["hf", "vllm"]
 ENGINES = ("hf", "vllm")
@@ -179,7 +179,7 @@ class Experiment:
 
         async def create():  # vLLM's AsyncLLM must start inside a running loop
             return VLLMEngine.create(self.model_path, settings.get("probe"), online, coe=True, pooling=settings.get("pooling"),
-                                     decode_pooling=settings.get("decode_pooling"), **self.vllm_args)
+                                     decode_pooling=settings.get("decode_pooling"), prompts=self.tokens.prompts, **self.vllm_args)
 
         self.engine = self._call(create())
         self._vllm_settings = settings
@@ -272,14 +272,15 @@ def grader_name(given: str | None, probe_path: str | Path | None = None) -> str:
 
 
 def setup(model: str | Path, dataset: str | Path, limit: int | None = None, min_rows: int = 1, engine: EngineKind = "hf",
-          vllm_args: dict[str, Any] | None = None, dtype: str = "float32", grader: str | None = None,
-          question_field: str | None = None, answer_field: str | None = None) -> Experiment:
+          vllm_args: dict[str, Any] | None = None, dtype: str = "auto", grader: str | None = None,
+          question_field: str | None = None, answer_field: str | None = None, think_tags: ThinkTags | None = None) -> Experiment:
     """Load the model (never from the hub) and the first ``limit`` rows of ``dataset`` (at least
     ``min_rows``; any format ``read_dataset`` reads, ``question_field`` / ``answer_field`` naming its
     columns). ``grader``: refuse, before loading the model, reference answers it cannot grade.
     ``engine="vllm"``: tokenizer and config only; the vLLM engine (``vllm_args``:
     ``AsyncEngineArgs`` overrides over ``VLLM_DEFAULTS``) starts on first use. ``dtype``: the
-    model's dtype on either engine."""
+    model's dtype on either engine (``auto``: the checkpoint's). ``think_tags``: the tags the mode
+    prompts are derived from the chat template with (``resolve_prompts``; default ``<think>``)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     rows = read_dataset(dataset, question_field, answer_field, limit=limit)
@@ -289,10 +290,8 @@ def setup(model: str | Path, dataset: str | Path, limit: int | None = None, min_
     if grader is not None:
         check_references(rows, get_grader(grader), f"{dataset}: ")
     if engine == "hf":
-        m, tokenizer = load_model(model)
-        if dtype != "float32":
-            m = m.to(getattr(torch, dtype))
-        hf = HFEngine(m, tokenizer)
+        m, tokenizer = load_model(model, dtype)
+        hf = HFEngine(m, tokenizer, think_tags)
         return Experiment(m, tokenizer, hf, rows, [hf.encode_prompt(r["question"]) for r in rows], model_path=str(model))
     from transformers import AutoConfig, AutoTokenizer
 
@@ -300,6 +299,8 @@ def setup(model: str | Path, dataset: str | Path, limit: int | None = None, min_
         raise FileNotFoundError(f"no model at {model}: expected a directory with config.json (train one with `kvswitch train-model`)")
     tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
     config = AutoConfig.from_pretrained(model, local_files_only=True)
-    prompts = [encode_messages(tokenizer, [{"role": "user", "content": r["question"]}], ModePrompts()) for r in rows]
-    args = {**VLLM_DEFAULTS, "dtype": dtype, **(vllm_args or {})}
-    return Experiment(None, tokenizer, None, rows, prompts, engine_kind="vllm", model_config=config, model_path=str(model), vllm_args=args)
+    tokens = TokenSetup(tokenizer, think_tags)
+    prompts = [encode_messages(tokenizer, [{"role": "user", "content": r["question"]}], tokens.prompts) for r in rows]
+    args = {**VLLM_DEFAULTS, "dtype": checkpoint_dtype(config, dtype), **(vllm_args or {})}
+    return Experiment(None, tokenizer, None, rows, prompts, engine_kind="vllm", model_config=config, model_path=str(model), vllm_args=args,
+                      _tokens=tokens)

@@ -35,14 +35,17 @@ import random
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve_app.core.grading import Grader, GraderName, get_grader
 from serve_app.core.kv_coe import kv_confidence
+from serve_app.core.prompts import ThinkTags
 from serve_app.core.quant import KVQuantConfig
 from serve_app.core.task import num_operators
+from serve_app.engines.base import checkpoint_dtype
 from serve_app.offline.coe_eval import coe_entry, probe_directions
 from serve_app.offline.common import EngineKind, Experiment, grader_name, setup
 from serve_app.offline.generate import MAX_NEW_TOKENS
@@ -88,8 +91,10 @@ class EvalConfig(BaseModel):
     max_thinking_tokens: int | None = Field(None, ge=1)
     """Cap on thinking tokens per reply (``GenRequest.max_thinking_tokens``); None: only ``max_new_tokens``."""
     engine: EngineKind = "hf"
-    dtype: str = "float32"
-    """The model's dtype on the engine."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The model's dtype on the engine (``auto``: the checkpoint's)."""
+    think_tags: ThinkTags = ThinkTags()
+    """The tags the mode prompts are derived from the chat template with (``resolve_prompts``)."""
     vllm_args: dict = {}
     """``AsyncEngineArgs`` overrides for the vLLM engine (e.g. ``max_model_len``)."""
     grader: GraderName | None = None
@@ -174,7 +179,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         if cfg.kv_quant is not None:
             raise ValueError("simulated KV quantization (--kv-quant) runs on the HF engine only: drop --engine vllm or --kv-quant")
     cfg = cfg.model_copy(update={"grader": grader_name(cfg.grader, cfg.probe_path())})
-    with setup(cfg.model, cfg.dataset, cfg.limit, engine=cfg.engine, vllm_args=cfg.vllm_args, dtype=cfg.dtype,
+    with setup(cfg.model, cfg.dataset, cfg.limit, engine=cfg.engine, vllm_args=cfg.vllm_args, dtype=cfg.dtype, think_tags=cfg.think_tags,
                grader=cfg.grader, question_field=cfg.question_field, answer_field=cfg.answer_field) as exp:
         return _run_eval(cfg, exp)
 
@@ -201,7 +206,7 @@ def _run_eval(cfg: EvalConfig, exp: Experiment) -> dict:
         "online": online.model_dump() if online is not None else None,
         "kv_quant": None if cfg.kv_quant is None else cfg.kv_quant.name,
         "engine": cfg.engine,
-        "dtype": cfg.dtype,
+        "dtype": checkpoint_dtype(exp.model_config, cfg.dtype),
         "max_new_tokens": cfg.max_new_tokens,
         "max_thinking_tokens": cfg.max_thinking_tokens,
         "grader": cfg.grader,
@@ -326,7 +331,7 @@ def _policy_entry(policy: str, records: list[dict], t_slow: float | None, t_orac
 def print_report(report: dict) -> None:
     for name, pol in report["policies"].items():
         print(f"\npolicy {name}: accuracy {pol['accuracy']:.3f}  mean tokens {pol['mean_tokens']:.1f}  "
-              f"ended with <|im_end|> {pol['finished_fraction']:.3f}  (n={pol['n']})")
+              f"ended with EOS {pol['finished_fraction']:.3f}  (n={pol['n']})")
         print(f"{'operators':>9} {'n':>5} {'accuracy':>9} {'mean_tokens':>12}")
         for k, cell in pol["by_operators"].items():
             print(f"{k:>9} {cell['n']:>5} {cell['accuracy']:>9.3f} {cell['mean_tokens']:>12.1f}")

