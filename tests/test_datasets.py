@@ -10,16 +10,12 @@ import pytest
 
 from serve_app.core.datasets import last_boxed, read_dataset, reference_from_text
 from serve_app.core.grading import get_grader
-from serve_app.core.task import generate_problems, read_jsonl, write_jsonl
+from serve_app.core.task import generate_problems, problem_row, read_jsonl, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBLEMS = generate_problems(20, seed=19)
 QUESTIONS = [p.question for p in PROBLEMS]
 REFERENCES = [str(p.answer) for p in PROBLEMS]
-
-
-def _worked(p) -> str:
-    return " ".join(f"then {v}." for v in p.running_values())
 
 
 def _native(tmp: Path) -> Path:
@@ -28,14 +24,12 @@ def _native(tmp: Path) -> Path:
 
 
 def _gsm8k(tmp: Path) -> Path:
-    path = tmp / "gsm8k.jsonl"
-    path.write_text("".join(json.dumps({"question": p.question, "answer": f"{_worked(p)}\n#### {p.answer}"}) + "\n" for p in PROBLEMS))
-    return path
+    write_jsonl(PROBLEMS, tmp / "gsm8k.jsonl", style="gsm8k")
+    return tmp / "gsm8k.jsonl"
 
 
 def _math(tmp: Path) -> Path:
-    rows = [{"problem": p.question, "solution": f"{_worked(p)} So the result is $\\boxed{{{p.answer}}}$.", "level": "Level 1"}
-            for p in PROBLEMS]
+    rows = [{**problem_row(p, "math"), "level": "Level 1"} for p in PROBLEMS]
     path = tmp / "math.json"
     path.write_text(json.dumps({"data": rows}))
     return path

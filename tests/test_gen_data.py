@@ -235,3 +235,17 @@ def test_every_shipped_data_file_has_a_documented_command_that_reproduces_it_byt
         reproduced.add(out)
     shipped = {f"data/{p.name}" for p in (ROOT / "data").glob("*.jsonl")}
     assert shipped <= reproduced, f"no documented gen-data command for {sorted(shipped - reproduced)}"
+
+
+def test_styles_write_the_same_questions_and_answers_in_each_format(tmp_path):
+    from serve_app.core.datasets import read_dataset
+
+    rows = {}
+    for style in ("native", "gsm8k", "math"):
+        out = tmp_path / f"{style}.jsonl"
+        assert main(["gen-data", "--out", str(out), "--n", "30", "--seed", "5", "--style", style]) == 0
+        rows[style] = read_dataset(out)
+    assert "solution" in json.loads((tmp_path / "math.jsonl").read_text().splitlines()[0])
+    assert "\n#### " in json.loads((tmp_path / "gsm8k.jsonl").read_text().splitlines()[0])["answer"]
+    pairs = {style: [(r["question"], r["answer"]) for r in got] for style, got in rows.items()}
+    assert pairs["native"] == pairs["gsm8k"] == pairs["math"] and len(pairs["native"]) == 30

@@ -231,13 +231,30 @@ def num_operators(question: str) -> int:
     return problem.num_operators if problem else 0
 
 
-def write_jsonl(problems: Iterable[Problem], path: str | Path) -> int:
+STYLES = ("native", "gsm8k", "math")
+"""How ``write_jsonl`` writes a row: ``{"question", "answer"}``; GSM8K's worked answer ending in
+``#### N``; MATH's ``{"problem", "solution"}`` ending in ``\\boxed{N}`` (docs/data.md reads all three)."""
+
+
+def problem_row(p: Problem, style: str = "native") -> dict:
+    """One dataset row of ``p`` in ``style`` (``STYLES``)."""
+    worked = " ".join(f"then {v}." for v in p.running_values())
+    if style == "native":
+        return {"question": p.question, "answer": str(p.answer)}
+    if style == "gsm8k":
+        return {"question": p.question, "answer": f"{worked}\n#### {p.answer}"}
+    if style == "math":
+        return {"problem": p.question, "solution": f"{worked} So the result is $\\boxed{{{p.answer}}}$."}
+    raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+
+
+def write_jsonl(problems: Iterable[Problem], path: str | Path, style: str = "native") -> int:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
     with path.open("w") as f:
         for p in problems:
-            f.write(json.dumps({"question": p.question, "answer": str(p.answer)}) + "\n")
+            f.write(json.dumps(problem_row(p, style)) + "\n")
             count += 1
     return count
 

@@ -32,7 +32,7 @@ def _cmd_gen_data(args: argparse.Namespace) -> int:
         lo = 1 if args.min_operators is None else args.min_operators
         hi = 6 if args.max_operators is None else args.max_operators
         problems = generate_problems(args.n, args.seed, TaskConfig(min_operators=lo, max_operators=hi, operands=args.operands), exclude, args.drop_excluded)
-    n = write_jsonl(problems, args.out)
+    n = write_jsonl(problems, args.out, args.style)
     dropped = f" ({args.n - n} excluded questions dropped)" if n != args.n else ""
     print(f"wrote {n} questions to {args.out}{dropped}")
     return 0
@@ -92,6 +92,9 @@ def add_gen_data(sub) -> None:
     p.add_argument("--exclude", type=_question_file, nargs="+", action="extend", default=None, metavar="FILE",
                    help="JSONL datasets whose questions must not appear (e.g. keep a test set disjoint from the "
                         "calibration set); an excluded draw is replaced by the next one from the same stream")
+    p.add_argument("--style", choices=["native", "gsm8k", "math"], default="native",
+                   help="row format: native {question, answer} (default); gsm8k {question, answer: '... #### N'}; "
+                        "math {problem, solution: '... \\boxed{N}'} - the same questions whatever the style")
     p.add_argument("--drop-excluded", action="store_true",
                    help="with --exclude: leave excluded draws out instead of replacing them (fewer than --n questions)")
     p.set_defaults(func=_cmd_gen_data, gen_data_parser=p)
