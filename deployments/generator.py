@@ -33,7 +33,8 @@ class Generator:
         self.engine = make_engine(cfg, pool)
         self.online_enabled = cfg.online.enabled
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.reporter = LoadReporter(board, pool, self.replica, lambda: self.engine.stats().model_dump(), cfg.load_view_period_s)
+        self.reporter = LoadReporter(board, pool, self.replica, lambda: self.engine.stats().model_dump(), cfg.load_view_period_s,
+                                     cfg.load_view_stale_s / 3)
         self.reporter.ensure_started()
         self.metrics = GeneratorMetrics(pool)
         self.skip_ids = {self.engine.eos_id, self.engine.pad_id}

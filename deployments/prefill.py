@@ -22,7 +22,8 @@ class PrefillPool:
         self.engine = make_engine(cfg, "prefill")
         self.running = 0
         replica = serve.get_replica_context().replica_id.unique_id
-        self.reporter = LoadReporter(board, "prefill", replica, lambda: {"running": self.running}, cfg.load_view_period_s)
+        self.reporter = LoadReporter(board, "prefill", replica, lambda: {"running": self.running}, cfg.load_view_period_s,
+                                     cfg.load_view_stale_s / 3)
         self.reporter.ensure_started()
         self.probe = self.engine.probe
         self._score_batch.set_max_batch_size(cfg.prefill.max_batch_size)

@@ -1,4 +1,6 @@
-"""A replica's load, pushed to the ``LoadBoard`` every ``period`` seconds from its event loop."""
+"""A replica's load, pushed to the ``LoadBoard`` from its event loop: every ``period`` seconds while
+it changes, and at least every ``heartbeat`` seconds while it does not (an idle replica stays in the
+view without a call every ``period``; the board drops a replica silent for ``load_view_stale_s``)."""
 
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ logger = logging.getLogger("ray.serve")
 
 
 class LoadReporter:
-    def __init__(self, board: DeploymentHandle | None, pool: str, replica: str, stats: Callable[[], dict], period: float):
+    def __init__(self, board: DeploymentHandle | None, pool: str, replica: str, stats: Callable[[], dict], period: float,
+                 heartbeat: float | None = None):
         self.board, self.pool, self.replica, self.stats, self.period = board, pool, replica, stats, period
+        self.heartbeat = period if heartbeat is None else max(period, heartbeat)
         self.task: asyncio.Task | None = None
         self._warned = False
 
@@ -27,9 +31,14 @@ class LoadReporter:
             self.task = None
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last, last_at = None, -float("inf")
         while True:
+            stats = self.stats()
             try:
-                await asyncio.wait_for(self.board.report.remote(self.pool, self.replica, self.stats()), timeout=max(1.0, 5 * self.period))
+                if stats != last or loop.time() - last_at >= self.heartbeat:
+                    await asyncio.wait_for(self.board.report.remote(self.pool, self.replica, stats), timeout=max(1.0, 5 * self.period))
+                    last, last_at = stats, loop.time()
                 self._warned = False
             except asyncio.CancelledError:
                 raise

@@ -69,3 +69,39 @@ def test_silent_reporters_drop_out():
 def test_fast_saturation_and_prefill():
     assert saturation("fast", PoolLoad(running=64), POLICY) and not saturation("fast", PoolLoad(running=63), POLICY)
     assert not saturation("prefill", PoolLoad(running=10**6), POLICY)
+
+
+def test_an_idle_replica_reports_a_heartbeat_not_every_period():
+    """A pool replica reports every period while its load changes, and only every heartbeat while it
+    does not (no board call 10 times a second from every idle replica)."""
+    import asyncio
+
+    import pytest
+
+    pytest.importorskip("ray")
+    from deployments.reporting import LoadReporter
+
+    class Board:
+        def __init__(self):
+            self.calls = []
+            self.report = self
+
+        async def _call(self, pool, replica, stats):
+            self.calls.append(dict(stats))
+
+        def remote(self, *args):
+            return self._call(*args)
+
+    async def run(stats) -> list[dict]:
+        board = Board()
+        reporter = LoadReporter(board, "slow", "r1", stats, period=0.01, heartbeat=0.1)
+        reporter.ensure_started()
+        await asyncio.sleep(0.35)
+        reporter.task.cancel()
+        return board.calls
+
+    idle = asyncio.run(run(lambda: {"running": 0}))
+    assert 3 <= len(idle) <= 5 and all(c == {"running": 0} for c in idle)  # t = 0, 0.1, 0.2, 0.3
+    ticks = iter(range(10_000))
+    busy = asyncio.run(run(lambda: {"running": next(ticks)}))
+    assert len(busy) >= 15 and [c["running"] for c in busy] == sorted({c["running"] for c in busy})

@@ -77,11 +77,12 @@ def test_eval_rejects_unknown_policy(model_dir, tmp_path):
 def test_train_model_command_produces_a_loadable_model(tmp_path):
     out = tmp_path / "m"
     torch.manual_seed(0)
-    assert main(["train-model", "--out", str(out), "--steps", "2", "--tokens-per-batch", "512", "--monitor-every", "1000"]) == 0
+    assert main(["train-model", "--out", str(out), "--steps", "2", "--tokens-per-batch", "512", "--monitor-every", "1000", "--monitor-size", "1"]) == 0
     model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
     assert model.config.num_key_value_heads < model.config.num_attention_heads
     assert tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}], add_generation_prompt=True, enable_thinking=False, tokenize=False
     ).endswith("<think>\n\n</think>\n\n")
-    assert json.loads((out / "train_config.json").read_text())["steps"] == 2
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["steps"] == 2 and saved["monitor_size"] == 1

@@ -257,6 +257,7 @@ def add_train_model(sub) -> None:
     p.add_argument("--layers", type=int)
     p.add_argument("--hidden-size", dest="hidden_size", type=int)
     p.add_argument("--monitor-every", dest="monitor_every", type=int)
+    p.add_argument("--monitor-size", dest="monitor_size", type=int, help="questions per operator count and mode in the accuracy monitor (default 32)")
     p.add_argument("--min-lr", dest="min_lr", type=float)
     p.add_argument("--warmup-steps", dest="warmup_steps", type=int)
     p.add_argument("--slow-fraction", dest="slow_fraction", type=float)

@@ -58,6 +58,8 @@ class TrainConfig(BaseModel):
     bf16: bool = True
     threads: int = 2
     monitor_every: int = 1500
+    monitor_size: int = Field(32, ge=1)
+    """Questions per (operator count, mode) cell of the greedy accuracy monitor (1, 3 and 6 operators)."""
     task: TaskConfig = TaskConfig()
 
 
@@ -194,7 +196,7 @@ def train(cfg: TrainConfig, out: Path) -> dict:
             log["loss"].append([step, round(loss.item(), 4), round(elapsed, 1)])
             bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens_seen / elapsed:.0f}")
         if (step + 1) % cfg.monitor_every == 0 or step + 1 == cfg.steps:
-            report = monitor(model, tokenizer)
+            report = monitor(model, tokenizer, cfg.monitor_size)
             log["monitor"].append({"step": step + 1, "elapsed_s": round(time.time() - started, 1), **report})
             tqdm.write(f"step {step + 1}: {report}")
             save(model, tokenizer, cfg, log, out)
