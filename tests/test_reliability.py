@@ -49,11 +49,20 @@ def deploy(name: str, cfg: dict) -> str:
     return f"http://127.0.0.1:{PORT}/{name}"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def hostile(cluster):
-    base = deploy("hostile", {**BASE, "limits": LIMITS})
-    yield base
-    serve.delete("hostile")
+    """The shared app of the input tests (deployed once, on first use, again after ``alone``)."""
+    if "hostile" not in serve.status().applications:
+        return deploy("hostile", {**BASE, "limits": LIMITS})
+    return f"http://127.0.0.1:{PORT}/hostile"
+
+
+@pytest.fixture
+def alone(cluster):
+    """A test that deploys its own app runs without the shared one: on CI's two cores that app's
+    idle replicas would only slow the test down."""
+    for name in list(serve.status().applications):
+        serve.delete(name)
 
 
 def chat(q: str = EASY, **extra) -> dict:
@@ -274,7 +283,7 @@ def test_schemathesis_fuzz_finds_no_5xx_and_no_hang(hostile, tmp_path):
 # ---------------------------------------------------------------------------------------- faults
 
 
-def test_prefill_down_falls_back_to_the_default_mode_with_a_flag(cluster):
+def test_prefill_down_falls_back_to_the_default_mode_with_a_flag(alone):
     base = deploy("fallback", {**BASE, "fallback_mode": "slow", "limits": {"prefill_timeout_s": 2}})
     try:
         routed = post(base, chat()).json()["kvswitch"]
@@ -330,7 +339,7 @@ def _streamed_text(lines: list[str]) -> tuple[str, dict]:
     return text, infos[0]
 
 
-def test_a_dead_replica_is_retried_before_streaming_and_resumed_after(cluster):
+def test_a_dead_replica_is_retried_before_streaming_and_resumed_after(alone):
     """One slow replica: killed mid-generation of a non-streamed reply, the request is retried on its
     replacement (nothing had reached the client); killed after a stream has started, the stream goes
     on from the replacement (``resumed``) and ends with the unfaulted reply, greedy and seeded."""
@@ -361,7 +370,7 @@ def test_a_dead_replica_is_retried_before_streaming_and_resumed_after(cluster):
         serve.delete("faults")
 
 
-def test_a_stream_is_cut_with_an_error_event_when_resuming_is_off(cluster):
+def test_a_stream_is_cut_with_an_error_event_when_resuming_is_off(alone):
     base = deploy("cut", {**BASE, "resume_streams": False})
     try:
         status, lines = asyncio.run(_stream_killed_after(base, "cut", chat(HARD, kvswitch={"mode": "slow", "online": False}),
@@ -373,7 +382,7 @@ def test_a_stream_is_cut_with_an_error_event_when_resuming_is_off(cluster):
         serve.delete("cut")
 
 
-def test_chaos_150_requests_while_a_replica_of_every_pool_is_killed(cluster, tmp_path):
+def test_chaos_150_requests_while_a_replica_of_every_pool_is_killed(alone, tmp_path):
     """Sized for CI; `kvswitch chaos` runs the full 300 as a benchmark (README, results/chaos-serve-config.json)."""
     two = {**POOL, "num_replicas": 2}
     base = deploy("chaos", {**BASE, "fast": two, "slow": two, "limits": {"request_timeout_s": 120, "prefill_timeout_s": 3}})

@@ -15,9 +15,13 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from serve_app.app import build_app  # noqa: E402
+from serve_app.cli import main as kvswitch  # noqa: E402
+from serve_app.core.kv_coe import kv_confidence  # noqa: E402
 from serve_app.core.probe import Probe  # noqa: E402
 from serve_app.core.task import extract_answer, generate_problems, is_correct  # noqa: E402
+from serve_app.engines.base import GenRequest  # noqa: E402
 from serve_app.engines.hf import HFEngine  # noqa: E402
+from tests.own_model import build_r1_checkpoint  # noqa: E402
 
 PORT = int(os.environ.get("KVSWITCH_TEST_PORT", "18431"))
 METRICS_PORT = PORT + 1
@@ -41,10 +45,20 @@ def cluster():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def main_app(cluster):
-    serve.run(build_app(MAIN), name="main", route_prefix="/main")
+    """The shared app most tests drive (deployed once, on first use, again after ``alone``)."""
+    if "main" not in serve.status().applications:
+        serve.run(build_app(MAIN), name="main", route_prefix="/main")
     return f"http://127.0.0.1:{PORT}/main"
+
+
+@pytest.fixture
+def alone(cluster):
+    """A serve-level test deploys its own apps and runs without the shared one: on CI's two cores
+    its idle replicas would only slow the test down."""
+    for name in list(serve.status().applications):
+        serve.delete(name)
 
 
 def client(base: str) -> openai.OpenAI:
@@ -77,6 +91,20 @@ def test_chat_answers_and_routes_like_the_probe(main_app, local_probe):
     details = hard.usage.completion_tokens_details
     assert hard.model_extra["kvswitch"]["route"] == "slow" and details.reasoning_tokens > 0
     assert hard.choices[0].message.model_extra["reasoning_content"]
+
+
+def test_the_served_confidence_is_the_offline_kv_confidence_of_the_same_reply(main_app, local_probe):
+    """kvswitch.confidence is the probe's KV-CoE mapping on the variant it was fitted on, computed in
+    the pool from the reply it served: equal to kv_confidence of the same greedy reply made offline."""
+    engine, probe = local_probe
+    c = client(main_app)
+    for question, mode in ((EASY, "fast"), (HARD, "slow")):
+        r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
+                                      extra_body={"kvswitch": {"mode": mode, "online": False}})
+        ref = engine.generate([GenRequest(engine.encode_prompt(question), mode=mode)])[0]
+        assert r.usage.completion_tokens == ref.tokens and ref.end_mode == mode
+        want = kv_confidence(probe.confidence, mode, ref)
+        assert want is not None and r.model_extra["kvswitch"]["confidence"] == pytest.approx(want, abs=1e-4)
 
 
 def test_streaming_gives_the_same_reply_with_usage_and_done(main_app):
@@ -157,6 +185,38 @@ def test_embeddings_have_the_documented_dimension_and_are_deterministic(main_app
     assert torch.allclose(vecs.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert torch.allclose(vecs[1], torch.tensor(b.data[0].embedding), atol=1e-5)  # batch and padding invariant
     assert c.embeddings.create(model=MODEL, input=texts[1]).data[0].embedding == b.data[0].embedding
+
+
+@pytest.mark.skipif(os.environ.get("KVSWITCH_TEST_ENGINE") == "vllm", reason="the vLLM pass repeats the embedded model's tests; "
+                    "the R1-style checkpoint runs on the default (HF) engine")
+def test_an_r1_style_checkpoint_calibrates_and_serves_chat_stream_and_embeddings(cluster, tmp_path):
+    """A second model end to end (issue 19): its own BPE tokenizer, no thinking switch in its chat
+    template (fast = a prefilled empty thought), bfloat16 weights (dtype auto). Random weights: the
+    test checks mechanics, not answers."""
+    ckpt, name = build_r1_checkpoint(tmp_path / "ckpt"), "r1-tiny"
+    assert kvswitch(["calibrate", "--model", str(ckpt), "--dataset", "data/test-600-seed20261124.jsonl", "--limit", "20",
+                     "--max-new-tokens", "16", "--features", "kv", "--out", str(ckpt / "probe.pt")]) in (0, None)
+    serve.run(build_app({"model": str(ckpt), "model_name": name, **MAIN}), name="r1", route_prefix="/r1")
+    try:
+        c = client(f"http://127.0.0.1:{PORT}/r1")
+        assert [m.id for m in c.models.list().data] == [name]
+        msgs = [{"role": "user", "content": EASY}]
+        routed = c.chat.completions.create(model=name, messages=msgs, max_tokens=12)
+        kv = routed.model_extra["kvswitch"]
+        assert 0 < routed.usage.completion_tokens <= 12 and kv["route"] == kv["start_mode"] and 0.0 <= kv["difficulty"] <= 100.0
+        for mode in ("fast", "slow"):
+            forced = dict(model=name, messages=msgs, max_tokens=12, extra_body={"kvswitch": {"mode": mode, "online": False}})
+            whole = c.chat.completions.create(**forced)
+            assert whole.model_extra["kvswitch"]["start_mode"] == mode
+            chunks = list(c.chat.completions.create(**forced, stream=True, stream_options={"include_usage": True}))
+            text = lambda key: "".join((ch.choices[0].delta.model_extra or {}).get(key) or "" for ch in chunks if ch.choices)  # noqa: E731
+            assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == (whole.choices[0].message.content or "")
+            assert text("reasoning_content") == (whole.choices[0].message.model_extra.get("reasoning_content") or "")
+            assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+        vecs = torch.tensor([d.embedding for d in c.embeddings.create(model=name, input=[EASY, HARD]).data])
+        assert vecs.shape == (2, 32) and torch.allclose(vecs.norm(dim=-1), torch.ones(2), atol=1e-3)  # [K; V] of head_dim 16
+    finally:
+        serve.delete("r1")
 
 
 def _alone(local_probe, questions: list[str], mode=None) -> list[str]:
@@ -331,7 +391,7 @@ def test_loadtest_compare_against_the_running_service(main_app, tmp_path):
 
 
 @pytest.mark.serve_level
-def test_saturated_slow_pool_shifts_borderline_traffic_to_fast(cluster):
+def test_saturated_slow_pool_shifts_borderline_traffic_to_fast(alone):
     """Test config: every request above τ counts as borderline and the slow pool saturates at
     2 in-flight requests, so a burst of hard questions overflows to the fast pool."""
     cfg = {**MAIN, "policy": {"borderline_margin": 100, "slow_saturation_requests": 2}}
@@ -357,7 +417,7 @@ def test_saturated_slow_pool_shifts_borderline_traffic_to_fast(cluster):
 
 
 @pytest.mark.serve_level
-def test_a_pool_autoscales_from_one_to_two_replicas_under_load(cluster):
+def test_a_pool_autoscales_from_one_to_two_replicas_under_load(alone):
     slow = {**SMALL, "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
                                             "upscale_delay_s": 0.5, "look_back_period_s": 1, "metrics_interval_s": 0.25}}
     serve.run(build_app({**MAIN, "slow": slow}), name="scale", route_prefix="/scale")
@@ -395,7 +455,7 @@ def test_a_pool_autoscales_from_one_to_two_replicas_under_load(cluster):
 
 
 @pytest.mark.serve_level
-def test_pool_balances_replicas_and_sheds_load_with_503(cluster, local_probe):
+def test_pool_balances_replicas_and_sheds_load_with_503(alone, local_probe):
     """Two slow replicas behind PredictedTokensRouter share a burst; beyond running + queued
     capacity callers get 503 with Retry-After and a JSON body, and the service keeps serving."""
     # max_queued_requests counts requests still being assigned too, so a burst needs that headroom
@@ -433,7 +493,7 @@ def test_pool_balances_replicas_and_sheds_load_with_503(cluster, local_probe):
 
 
 @pytest.mark.serve_level
-def test_two_router_replicas_share_one_load_view(cluster):
+def test_two_router_replicas_share_one_load_view(alone):
     """64 long slow replies in flight through two router replicas: a replica whose own share is under
     48 still sees all 64 (the LoadBoard's shared view) and calls the slow pool saturated at 48 —
     alone it would not — as does the other replica (its verdict, via the board's ``decisions``),
