@@ -48,8 +48,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     kv_quant = parse_kv_quant(args.kv_quant) if args.kv_quant else None
     if args.best_of is not None:
-        if args.engine != "hf" or args.max_model_len is not None or args.max_thinking_tokens is not None or args.dtype != "float32":
-            raise SystemExit("--best-of runs on the HF engine in float32 only: drop --engine, --dtype, --max-model-len and --max-thinking-tokens")
+        if args.engine != "hf" or args.max_model_len is not None or args.max_thinking_tokens is not None or args.dtype != "auto" \
+                or args.think_tags is not None:
+            raise SystemExit("--best-of runs on the HF engine in the checkpoint's own dtype with the default think tags only: drop "
+                             "--engine, --dtype, --max-model-len, --max-thinking-tokens and --think-tags")
         return _best_of_n(args, kv_quant)
     from serve_app.offline.evaluate import (
         EvalConfig,
