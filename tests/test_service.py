@@ -515,7 +515,11 @@ def test_two_router_replicas_share_one_load_view(alone):
                 def agreed(st):  # a replica under 48 of its own, and every replica's last verdict: saturated
                     return st["router"]["inflight"]["slow"] < 48 and all(d["slow"] for d in st["router"]["decisions"].values())
 
-                while time.time() < deadline and not any(agreed(st) for st in statuses.values()):
+                def settled():  # every replica seen under 48 of its own has agreed (its latest status)
+                    alone = [st for st in statuses.values() if st["router"]["inflight"]["slow"] < 48]
+                    return bool(alone) and all(agreed(st) for st in alone)
+
+                while time.time() < deadline and not settled():
                     for r in await asyncio.gather(*(c.get(f"{base}/v1/kvswitch/status") for _ in range(16))):
                         st = r.json()
                         if st["router"]["decision_load"]["slow"]["running"] >= 60:
