@@ -20,8 +20,8 @@ def load_model(path: str | Path, dtype: str = "auto"):
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no model at {path}: expected a directory with config.json (train one with `kvswitch train-model`)")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    name = checkpoint_dtype(AutoConfig.from_pretrained(path, local_files_only=True), dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=getattr(torch, name))
+    checkpoint_dtype(None, dtype)  # refuses an unknown name before loading
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype="auto" if dtype == "auto" else getattr(torch, dtype))
     model.eval()
     return model, tokenizer
 

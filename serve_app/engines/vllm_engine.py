@@ -72,7 +72,8 @@ def engine_args(model: str, probe: Probe | None, online: OnlineConfig | None = N
     par = {k: overrides.get(k, 1) for k in ("tensor_parallel_size", "pipeline_parallel_size")}
     if max(par.values()) > 1:
         raise ValueError(f"kvswitch reads every head of every layer in one worker: {par} is not supported; scale with replicas")
-    dtype = checkpoint_dtype(AutoConfig.from_pretrained(model, local_files_only=True))  # vLLM's "auto" would halve a float32 one
+    # vLLM's "auto" would halve a float32 checkpoint: the checkpoint's own dtype unless the caller gave one
+    dtype = overrides.get("dtype") or checkpoint_dtype(AutoConfig.from_pretrained(model, local_files_only=True))
     opts = {"model": model, "dtype": dtype, "enable_prefix_caching": True, "enforce_eager": True, "async_scheduling": False,
             "scheduler_cls": SCHEDULER, "logits_processors": [LOGITS_PROCESSOR],
             "kv_transfer_config": KVTransferConfig(**CONNECTOR, kv_connector_extra_config=extra), **overrides}
