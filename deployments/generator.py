@@ -17,7 +17,8 @@ from ray import serve
 from deployments.metrics import GeneratorMetrics, add
 from deployments.reporting import LoadReporter
 from serve_app.config import AppConfig
-from serve_app.core.kv_coe import kv_confidence
+from serve_app.core.kv_coe import kv_confidence, result_variant_scores
+from serve_app.core.wire import finite_or_none, pack_f32
 from serve_app.engines.base import GenerationError, GenRequest
 from serve_app.engines.load import make_engine
 from serve_app.engines.reply import ReplyStream
@@ -122,6 +123,27 @@ class Generator:
                     completion_tokens=tokens, reasoning_tokens=reply.reasoning_tokens, start_mode=start, end_mode=end,
                     switched_at=switched_at, confidence=None if confidence is None else round(confidence, 4), replica=self.replica,
                     resumed=bool(job.resume), thinking_capped=capped)
+
+    async def admin_generate(self, req: GenRequest) -> dict:
+        """``/admin/v1/generate``: one reply of a token-level request in this pool's mode, with what
+        calibration needs from it (``kvswitch calibrate --url``): token ids, recorded decode features
+        and every KV-CoE variant's score. A failure ends with ``GenerationError``, as a reply does."""
+        self.reporter.ensure_started()
+        result = None
+        try:
+            async with aclosing(self.engine.stream(req)) as stream:
+                async for _, result in stream:
+                    pass
+        except Exception as exc:  # noqa: BLE001 — clients get the request id, the log gets the details
+            logger.exception("admin generation failed for request %s", req.request_id or "?")
+            raise GenerationError(req.request_id) from exc
+        add(self.metrics.tokens, result.tokens, self.metrics.tags)
+        scores = await self._off_loop(result_variant_scores, result)
+        return {"text": result.text, "reply": result.reply, "tokens": result.tokens, "finished": result.finished,
+                "start_mode": result.start_mode, "end_mode": result.end_mode, "switched_at": result.switched_at,
+                "thinking_capped": result.thinking_capped, "token_ids": list(result.token_ids),
+                "recorded": [[int(t), pack_f32(f)] for t, f in result.recorded], "coe_scores": finite_or_none(scores),
+                "replica": self.replica}
 
     async def generate(self, job: Job) -> Reply:
         """The whole reply at once."""

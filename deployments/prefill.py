@@ -13,6 +13,7 @@ from ray import serve
 
 from deployments.reporting import LoadReporter
 from serve_app.config import AppConfig
+from serve_app.core.wire import pack_f32
 from serve_app.engines.load import make_engine
 
 
@@ -50,5 +51,15 @@ class PrefillPool:
         self.running += 1
         try:
             return [f["embedding"].tolist() for f in await self.engine.features(prompts, embedding=True)]
+        finally:
+            self.running -= 1
+
+    async def features(self, prompts: list[list[int]]) -> list[str]:
+        """``/admin/v1/features``: the probe feature (``kv``, pooled with the served probe's pooling)
+        of each prompt, packed (``serve_app.core.wire``); one prefill for all."""
+        self.reporter.ensure_started()
+        self.running += 1
+        try:
+            return [pack_f32(f["kv"]) for f in await self.engine.features(prompts)]
         finally:
             self.running -= 1

@@ -18,17 +18,17 @@ from typing import AsyncIterator
 import numpy as np
 from fastapi.responses import JSONResponse
 from ray import serve
-from ray.exceptions import NodeDiedError, RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
 
+from deployments.admin import REPLICA_FAILURES, AdminRoutes, app
 from deployments.metrics import RouterMetrics
 from deployments.router_loads import RouterLoads
 from serve_app.config import AppConfig
 from serve_app.core.grading import get_grader
 from serve_app.core.prompts import encode_messages, mode_prefix_ids, resolve_prompts
-from serve_app.serving.api import api_keys, check_exposure, create_app
+from serve_app.serving.api import api_keys, check_exposure
 from serve_app.serving.errors import APIError, generation_failed, overloaded, replica_failed, timed_out
 from serve_app.serving.lease import LeasedStreamingResponse
 from serve_app.serving.messages import Delta, Final, Job, Reply
@@ -36,11 +36,7 @@ from serve_app.serving.plan import Plan, admit, check_target, jobs, max_prompt_t
 from serve_app.serving.responses import chat_body, chunk, completion_body, info, rank_choices, sse, usage
 from serve_app.serving.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingRequest, completion_id, now
 
-app = create_app()
 logger = logging.getLogger("ray.serve")
-
-REPLICA_FAILURES = (RayActorError, ReplicaUnavailableError, NodeDiedError)
-"""What a call raises when the replica (or its node) serving it died."""
 
 
 MAX_RESUMES = 2
@@ -65,7 +61,7 @@ def _serve_http_host() -> str | None:
 
 @serve.deployment
 @serve.ingress(app)
-class Router:
+class Router(AdminRoutes):
     def __init__(self, cfg: AppConfig, prefill: DeploymentHandle, fast: DeploymentHandle, slow: DeploymentHandle, tau: float, context_length: int,
                  board: DeploymentHandle | None = None):
         self.cfg, self.tau, self.context = cfg, tau, context_length
@@ -166,7 +162,7 @@ class Router:
             raise overloaded(exc) from exc
         except APIError:
             raise
-        except Exception as exc:  # noqa: BLE001 — the client gets the request id, the log the details
+        except Exception as exc:
             raise self._failed(plan, exc) from exc
         finally:
             for t in tasks:  # one choice failed or the client left: stop the others too

@@ -173,6 +173,16 @@ class AuthConfig(_Strict):
     allow_unauthenticated_remote: bool = False
 
 
+class AdminConfig(_Strict):
+    """Admin endpoints (``/admin/v1/...``) that let ``kvswitch calibrate --url`` and ``eval --url`` run
+    their generations on the service's pools: token-level generation in a forced mode with recorded
+    decode features and KV-CoE scores, and prompt features from the prefill pool. Off unless
+    enabled; when API keys are set they need a key like every other path."""
+
+    enabled: bool = False
+    max_prompts: int = Field(256, ge=1, description="most prompts per /admin/v1/features call")
+
+
 class AppConfig(_Strict):
     """The whole service. Relative paths resolve against the directory ``serve run`` starts in."""
 
@@ -201,6 +211,7 @@ class AppConfig(_Strict):
     sent (``kvswitch.resumed``); off: the stream ends with an SSE ``replica_failed`` error event."""
     limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
+    admin: AdminConfig = AdminConfig()
     online: OnlineOverride = OnlineOverride()
     policy: PolicyConfig = PolicyConfig()
     prefill: PrefillConfig = PrefillConfig()

@@ -110,7 +110,7 @@ def test_exposure_rule():
 
 
 def test_api_keys_401_without_or_with_a_wrong_key_200_with_either_key_health_open(cluster):
-    base = deploy("auth", {**BASE, "auth": {"api_keys": [KEY], "api_keys_env": KEYS_ENV}})
+    base = deploy("auth", {**BASE, "auth": {"api_keys": [KEY], "api_keys_env": KEYS_ENV}, "admin": {"enabled": True}})
     try:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}, {"Authorization": f"Bearer {KEY}x"},
                         {"Authorization": "Bearer"}):
@@ -121,6 +121,10 @@ def test_api_keys_401_without_or_with_a_wrong_key_200_with_either_key_health_ope
         assert_error(httpx.get(f"{base}/v1/models", timeout=30), 401)
         assert_error(httpx.post(f"{base}/v1/embeddings", json={"model": MODEL, "input": "x"}, timeout=30), 401)
         assert httpx.get(f"{base}/health", timeout=30).json() == {"status": "ok"}
+        assert_error(httpx.get(f"{base}/admin/v1/info", timeout=30), 401)  # the admin endpoints need a key too
+        assert_error(post(base, {"prompt_ids": [1], "mode": "fast", "max_new_tokens": 2}, path="/admin/v1/generate"), 401)
+        info = httpx.get(f"{base}/admin/v1/info", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
+        assert info["model_name"] == MODEL and info["engines"]["slow"]["engine"] == "hf"
         for key in (KEY, ENV_KEY):  # the configured key and the one from $KVSWITCH_TEST_API_KEYS
             c = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120)
             assert c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": EASY}]).choices[0].message.content == "5"
@@ -166,6 +170,12 @@ HOSTILE = [
 @pytest.mark.parametrize("name,body,raw,status", HOSTILE, ids=[h[0] for h in HOSTILE])
 def test_hostile_input_gets_a_json_4xx(hostile, name, body, raw, status):
     assert_error(post(hostile, body, raw=raw), status)
+
+
+def test_admin_endpoints_are_off_unless_configured(hostile):
+    for r in (httpx.get(f"{hostile}/admin/v1/info", timeout=30),
+              post(hostile, {"prompt_ids": [[1, 2]]}, path="/admin/v1/features")):
+        assert assert_error(r, 404)["code"] == "admin_disabled"
 
 
 def test_unicode_and_control_characters_are_served(hostile):

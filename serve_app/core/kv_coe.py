@@ -119,13 +119,17 @@ def all_variant_scores(trajectory, layer_sums=None, counts=None, thought=None) -
 
 def result_variant_score(name: str, result) -> float:
     """``variant_score`` of a ``GenResult`` (any object with ``kv_trajectory``, ``kv_layer_sums``,
-    ``kv_counts`` and ``kv_thought``)."""
+    ``kv_counts`` and ``kv_thought``), or its precomputed ``coe_scores``."""
+    if getattr(result, "coe_scores", None) is not None:
+        return result.coe_scores.get(LEGACY.get(name, name), math.nan)
     return variant_score(name, result.kv_trajectory, getattr(result, "kv_layer_sums", None), getattr(result, "kv_counts", None),
                          getattr(result, "kv_thought", None))
 
 
 def result_variant_scores(result) -> dict[str, float]:
-    """``all_variant_scores`` of a ``GenResult``."""
+    """``all_variant_scores`` of a ``GenResult`` (its precomputed ``coe_scores`` when it has them)."""
+    if getattr(result, "coe_scores", None) is not None:
+        return dict(result.coe_scores)
     return all_variant_scores(result.kv_trajectory, getattr(result, "kv_layer_sums", None), getattr(result, "kv_counts", None),
                               getattr(result, "kv_thought", None))
 

@@ -56,6 +56,10 @@ class GenRequest:
     """Tokens of this reply generated before this request (a reply resumed on another replica after
     its first one died; ``prompt_ids`` then end with them and ``add_prefix`` is False). Online checks
     and seeded sampling continue on the schedule of the first replica."""
+    record_every: int | None = None
+    """Calibration through a service (``kvswitch calibrate --url``): pool the last S cached positions
+    every this many counted tokens with the engine's decode pooling (``GenResult.recorded``), as a
+    batch-wide ``record`` does offline."""
 
 
 class GenerationError(RuntimeError):
@@ -109,6 +113,9 @@ class GenResult:
     token_ids: list[int] = field(default_factory=list)
     recorded: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     """(counted tokens so far, pooled feature of the last S cached positions), when recording."""
+    coe_scores: dict[str, float] | None = None
+    """Every KV-CoE variant's score, computed where the reply was generated (a reply fetched from a
+    service by ``kvswitch calibrate/eval --url`` carries these instead of its trajectory)."""
 
 
 class EngineStats(BaseModel):

@@ -106,6 +106,8 @@ class DecodeBatch:
             return []
         if probe is None and any(r.mode is None or r.online for r in requests):
             raise ValueError("requests without a forced mode, or with online switching, need a calibrated probe")
+        if probe is None and self.record is None and any(r.record_every for r in requests):
+            raise ValueError("recording (record_every) needs a probe: its decode pooling pools the records")
         need_hidden = self.collect_hidden or (self.prompt_feature == "hidden" and any(r.mode is None for r in requests))
         cache, mask, next_pos, out = eng.prefill([r.prompt_ids for r in requests], hidden=need_hidden)
         if self.kv_quant is not None:
@@ -256,8 +258,7 @@ class DecodeBatch:
                 row.hidden_n += 1
         if self.probe is not None:
             self._online_checks(keys, values)
-        if self.record is not None:
-            self._record(keys, values, *self.record)
+        self._records(keys, values)
         return done
 
     def _next_token(self, row: Row, sampled: int | None, stats: tuple | None) -> tuple[int, bool]:
@@ -341,10 +342,20 @@ class DecodeBatch:
                 row.forced.extend(self.engine.switch_ids[target])
                 row.forced_counted = True
 
-    def _record(self, keys, values, pooling: PoolingConfig, every: int) -> None:
-        """Calibration: pool the last S cached positions every ``every`` counted tokens."""
+    def _records(self, keys, values) -> None:
+        """Calibration records: the batch-wide ``record`` (offline), else each row's own
+        ``GenRequest.record_every`` (a service's pool, pooled with its probe's decode pooling)."""
+        if self.record is not None:
+            self._record(keys, values, *self.record)
+        elif any(row.req.record_every for row in self.rows):
+            self._record(keys, values, getattr(self.probe, "decode_pooling", self.probe.pooling), None)
+
+    def _record(self, keys, values, pooling: PoolingConfig, every: int | None) -> None:
+        """Calibration: pool the last S cached positions every ``every`` counted tokens (None: each
+        row's own ``GenRequest.record_every``; rows without one are not recorded)."""
         rows = self.rows
-        due = [b for b, row in enumerate(rows) if not row.forced and (row.generated + row.appended) % every == 0]
+        step = [every or row.req.record_every for row in rows]
+        due = [b for b, row in enumerate(rows) if step[b] and not row.forced and (row.generated + row.appended) % step[b] == 0]
         due = [b for b in due if not rows[b].recorded or rows[b].recorded[-1][0] != rows[b].generated + rows[b].appended]
         if not due:
             return

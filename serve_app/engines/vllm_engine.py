@@ -176,8 +176,8 @@ class VLLMEngine(TokenSetup):
             opts["coe_start"] = len(req.prompt_ids) - 1
         if req.max_thinking_tokens is not None:
             opts["max_thinking"] = req.max_thinking_tokens
-        if record:
-            opts["record"] = record
+        if record or req.record_every:
+            opts["record"] = record or req.record_every
         sampled = req.temperature >= SAMPLING_EPS
         return SamplingParams(temperature=req.temperature if sampled else 0.0, top_p=req.top_p if sampled else 1.0,
                               seed=req.seed if sampled else None, max_tokens=req.max_new_tokens, skip_special_tokens=False,

@@ -65,9 +65,11 @@ class CalibrateConfig(BaseModel):
     model: str
     dataset: str
     out: str
-    pooling: PoolingConfig = PoolingConfig()
+    pooling: PoolingConfig | None = None
+    """Pooling of the prompt feature; None: ``PoolingConfig()`` (with ``url``: the served probe's)."""
     decode_pooling: PoolingConfig | None = None
-    """Pooling of the last S cached positions for online re-scoring; None = ``pooling``."""
+    """Pooling of the last S cached positions for online re-scoring; None = ``pooling`` (with ``url``
+    and no ``pooling``: the served probe's decode pooling)."""
     labels: LabelConfig | None = None
     """None: scale ``short_tokens`` to the model (median slow reply / 8; ~128 on real reasoning models)."""
     online: OnlineConfig = OnlineConfig()
@@ -101,6 +103,11 @@ class CalibrateConfig(BaseModel):
     question_field: str | None = None
     answer_field: str | None = None
     """The data set's question / answer columns (default: detected, ``serve_app.core.datasets``)."""
+    url: str | None = None
+    """A running kvswitch service that generates instead of a local engine (``serve_app.offline.remote``);
+    ``model`` is then a local copy of the served checkpoint (tokenizer and config)."""
+    api_key: str | None = Field(None, repr=False)
+    """The service's API key (default ``$KVSWITCH_API_KEY``); never written to the probe or report."""
 
     @field_validator("coe_variant")
     @classmethod
@@ -111,11 +118,14 @@ class CalibrateConfig(BaseModel):
 
     def feature_kinds(self) -> list[str]:
         """The heads to train, checked against what the engine can feed."""
+        no_hidden = self.engine == "vllm" or self.url is not None
         if self.features is None:
-            return list(VLLM_FEATURE_KINDS if self.engine == "vllm" else FEATURE_KINDS)
+            return list(VLLM_FEATURE_KINDS if no_hidden else FEATURE_KINDS)
         unknown = set(self.features) - set(FEATURE_KINDS)
         if unknown or "kv" not in self.features:
             raise ValueError(f"features must include 'kv' and be among {FEATURE_KINDS}; got {self.features}")
+        if self.url is not None and "hidden" in self.features:
+            raise ValueError(f"a service returns no hidden-state features: drop 'hidden' from --features (e.g. {','.join(VLLM_FEATURE_KINDS)})")
         if self.engine == "vllm" and "hidden" in self.features:
             raise ValueError("the vLLM engine has no hidden-state features (vLLM keeps no hidden states): "
                              f"drop 'hidden' from --features (e.g. {','.join(VLLM_FEATURE_KINDS)}) or calibrate with --engine hf")
@@ -171,6 +181,19 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     features = cfg.feature_kinds()
     if cfg.engine == "vllm" and cfg.kv_quant is not None:
         raise ValueError("calibrating on simulated KV quantization (--kv-quant) needs the HF engine: drop --engine vllm or --kv-quant")
+    if cfg.url is not None:
+        if cfg.kv_quant is not None or cfg.engine != "hf" or cfg.dtype != "auto" or cfg.vllm_args:
+            raise ValueError("--url calibrates on the service's engines in the dtype its config sets: drop --kv-quant, --engine, "
+                             "--dtype and --max-model-len")
+        from serve_app.offline.remote import setup_remote
+
+        with setup_remote(cfg.url, cfg.model, cfg.dataset, cfg.limit, min_rows=0, grader=cfg.grader, question_field=cfg.question_field,
+                          answer_field=cfg.answer_field, think_tags=cfg.think_tags, api_key_=cfg.api_key) as exp:
+            if cfg.pooling is None:  # the service records and pools with its probe's poolings
+                cfg = cfg.model_copy(update={"pooling": exp.pooling, "decode_pooling": cfg.decode_pooling or exp.decode_pooling})
+            return _calibrate(cfg, exp, features, started)
+    if cfg.pooling is None:
+        cfg = cfg.model_copy(update={"pooling": PoolingConfig()})
     # the check below says what calibration needs
     with setup(cfg.model, cfg.dataset, cfg.limit, min_rows=0, engine=cfg.engine, vllm_args=cfg.vllm_args, dtype=cfg.dtype, think_tags=cfg.think_tags,
                grader=cfg.grader, question_field=cfg.question_field, answer_field=cfg.answer_field) as exp:
@@ -198,7 +221,7 @@ def _calibrate(cfg: CalibrateConfig, exp: Experiment, features: list[str], start
     slow_ok = [grader.correct(r.reply, row["answer"]) for r, row in zip(slow, rows)]
     labels = cfg.labels or LabelConfig(short_tokens=max(4, math.ceil(float(np.median([r.tokens for r in slow])) / 8)))
     y = torch.tensor([difficulty_label(f, r.tokens, s, labels) for f, r, s in zip(fast_ok, fast, slow_ok)])
-    fast_enough = lambda v: v <= labels.fast_long  # noqa: E731
+    fast_enough = lambda v: v <= labels.fast_long
 
     heads, report = {}, {"features": {}}
     for kind in features:
@@ -218,9 +241,10 @@ def _calibrate(cfg: CalibrateConfig, exp: Experiment, features: list[str], start
         "fast_mean_tokens": sum(r.tokens for r in fast) / len(rows),
         "slow_mean_tokens": sum(r.tokens for r in slow) / len(rows),
         "label_counts": {str(v): int((y == v).sum()) for v in sorted(set(y.tolist()))},
+        "labels": [float(v) for v in y.tolist()],
         "seconds": round(time.time() - started, 1),
-        "engine": cfg.engine,
-        "dtype": checkpoint_dtype(exp.model_config, cfg.dtype),
+        "engine": _engine(cfg, exp),
+        "dtype": _dtype(cfg, exp),
         "grader": cfg.grader,
     })
     confidence, coe = _confidence({"fast": (fast, fast_ok), "slow": (slow, slow_ok)}, train_idx, cfg.coe_variant)
@@ -243,8 +267,9 @@ def _calibrate(cfg: CalibrateConfig, exp: Experiment, features: list[str], start
             "val_questions": sorted({questions[i] for i in val_idx}),
             "train_probe": cfg.train.model_dump(),
             "kv_quant": None if cfg.kv_quant is None else cfg.kv_quant.name,
-            "engine": cfg.engine,
-            "dtype": checkpoint_dtype(exp.model_config, cfg.dtype),
+            "engine": _engine(cfg, exp),
+            "dtype": _dtype(cfg, exp),
+            **({} if cfg.url is None else {"url": cfg.url}),
             "max_new_tokens": cfg.max_new_tokens,
             "max_thinking_tokens": cfg.max_thinking_tokens,
             "grader": cfg.grader,
@@ -253,6 +278,15 @@ def _calibrate(cfg: CalibrateConfig, exp: Experiment, features: list[str], start
     }
     Probe(data).save(cfg.out)
     return report
+
+
+def _engine(cfg: CalibrateConfig, exp: Experiment) -> str:
+    """The engine the replies came from: ``hf``, ``vllm`` or, through a service, ``service:<its slow pool's engine>``."""
+    return cfg.engine if cfg.url is None else f"service:{exp.info['engines']['slow']['engine']}"
+
+
+def _dtype(cfg: CalibrateConfig, exp: Experiment) -> str:
+    return checkpoint_dtype(exp.model_config, cfg.dtype) if cfg.url is None else exp.info["engines"]["slow"]["dtype"]
 
 
 def _prompt_features(exp: Experiment, cfg: CalibrateConfig, features: list[str], questions: list[str]) -> dict[str, torch.Tensor]:

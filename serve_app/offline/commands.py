@@ -49,9 +49,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     kv_quant = parse_kv_quant(args.kv_quant) if args.kv_quant else None
     if args.best_of is not None:
         if args.engine != "hf" or args.max_model_len is not None or args.max_thinking_tokens is not None or args.dtype != "auto" \
-                or args.think_tags is not None:
+                or args.think_tags is not None or args.url is not None:
             raise SystemExit("--best-of runs on the HF engine in the checkpoint's own dtype with the default think tags only: drop "
-                             "--engine, --dtype, --max-model-len, --max-thinking-tokens and --think-tags")
+                             "--engine, --dtype, --max-model-len, --max-thinking-tokens, --think-tags and --url")
         return _best_of_n(args, kv_quant)
     from serve_app.offline.evaluate import (
         EvalConfig,
@@ -125,6 +125,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     decode = None
     if args.decode_last_tokens is not None:
         decode = PoolingConfig(**{**pooling, "last_tokens": args.decode_last_tokens})
+    # no pooling option: the default pooling, or with --url the served probe's
+    prompt_pooling = PoolingConfig(**pooling) if pooling or (decode is not None and args.url is None) else None
     extra = {**given(args, "limit", "max_new_tokens", "coe_variant"), **engine_options(args), **data_options(args)}
     if args.features is not None:
         extra["features"] = split(args.features)
@@ -136,7 +138,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         model=args.model,
         dataset=args.dataset,
         out=args.out,
-        pooling=PoolingConfig(**pooling),
+        pooling=prompt_pooling,
         decode_pooling=decode,
         online=OnlineConfig(**online),
         batch_size=args.batch_size,

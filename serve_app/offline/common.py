@@ -112,7 +112,7 @@ class Experiment:
             raise ValueError("the vLLM engine has no hidden-state features (vLLM keeps no hidden states); use the HF engine")
         _refuse_kv_quant(kv_quant)
         eng = self._vllm(pooling=pooling)
-        kv = self._call(_gather([eng.prompt_features(p) for p in self.prompt_ids], batch_size, desc))
+        kv = self._call(gather_bounded([eng.prompt_features(p) for p in self.prompt_ids], batch_size, desc))
         return {"kv": torch.stack([f["kv"] for f in kv]).float()}
 
     def probe(self, path: str | Path) -> Probe:
@@ -240,10 +240,10 @@ class Experiment:
                 res.prompt_feature, res.embedding = feats["kv"].float(), feats["embedding"].float()
             return res
 
-        return self._call(_gather([one(r) for r in requests], batch_size, desc))
+        return self._call(gather_bounded([one(r) for r in requests], batch_size, desc))
 
 
-async def _gather(coros: list, limit: int, desc: str) -> list:
+async def gather_bounded(coros: list, limit: int, desc: str) -> list:
     """Await ``coros`` with at most ``limit`` in flight, a progress bar, results in order."""
     sem = asyncio.Semaphore(limit)
     with tqdm(total=len(coros), desc=desc, unit="q") as bar:
@@ -271,6 +271,33 @@ def grader_name(given: str | None, probe_path: str | Path | None = None) -> str:
     return "number"
 
 
+def read_rows(dataset: str | Path, limit: int | None, min_rows: int, grader: str | None, question_field: str | None,
+              answer_field: str | None) -> list[dict]:
+    """The first ``limit`` rows of ``dataset`` (at least ``min_rows``); ``grader``: refuse reference
+    answers it cannot grade."""
+    rows = read_dataset(dataset, question_field, answer_field, limit=limit)
+    if len(rows) < min_rows:
+        need = "holds no questions" if min_rows == 1 else f"needs at least {min_rows} questions, got {len(rows)}"
+        raise ValueError(f"{dataset} {need}")
+    if grader is not None:
+        check_references(rows, get_grader(grader), f"{dataset}: ")
+    return rows
+
+
+def tokenizer_only(model: str | Path, rows: list[dict], think_tags: ThinkTags | None) -> tuple[Any, Any, TokenSetup, list[list[int]]]:
+    """The checkpoint's tokenizer, config, mode prompts and each row's prompt ids, without its weights
+    (the vLLM engine loads them itself; a remote service has them)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if not (Path(model) / "config.json").is_file():
+        raise FileNotFoundError(f"no model at {model}: expected a directory with config.json (train one with `kvswitch train-model`)")
+    tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    config = AutoConfig.from_pretrained(model, local_files_only=True)
+    tokens = TokenSetup(tokenizer, think_tags)
+    prompts = [encode_messages(tokenizer, [{"role": "user", "content": r["question"]}], tokens.prompts) for r in rows]
+    return tokenizer, config, tokens, prompts
+
+
 def setup(model: str | Path, dataset: str | Path, limit: int | None = None, min_rows: int = 1, engine: EngineKind = "hf",
           vllm_args: dict[str, Any] | None = None, dtype: str = "auto", grader: str | None = None,
           question_field: str | None = None, answer_field: str | None = None, think_tags: ThinkTags | None = None) -> Experiment:
@@ -283,24 +310,12 @@ def setup(model: str | Path, dataset: str | Path, limit: int | None = None, min_
     prompts are derived from the chat template with (``resolve_prompts``; default ``<think>``)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    rows = read_dataset(dataset, question_field, answer_field, limit=limit)
-    if len(rows) < min_rows:
-        need = "holds no questions" if min_rows == 1 else f"needs at least {min_rows} questions, got {len(rows)}"
-        raise ValueError(f"{dataset} {need}")
-    if grader is not None:
-        check_references(rows, get_grader(grader), f"{dataset}: ")
+    rows = read_rows(dataset, limit, min_rows, grader, question_field, answer_field)
     if engine == "hf":
         m, tokenizer = load_model(model, dtype)
         hf = HFEngine(m, tokenizer, think_tags)
         return Experiment(m, tokenizer, hf, rows, [hf.encode_prompt(r["question"]) for r in rows], model_path=str(model))
-    from transformers import AutoConfig, AutoTokenizer
-
-    if not (Path(model) / "config.json").is_file():
-        raise FileNotFoundError(f"no model at {model}: expected a directory with config.json (train one with `kvswitch train-model`)")
-    tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
-    config = AutoConfig.from_pretrained(model, local_files_only=True)
-    tokens = TokenSetup(tokenizer, think_tags)
-    prompts = [encode_messages(tokenizer, [{"role": "user", "content": r["question"]}], tokens.prompts) for r in rows]
+    tokenizer, config, tokens, prompts = tokenizer_only(model, rows, think_tags)
     args = {**VLLM_DEFAULTS, "dtype": checkpoint_dtype(config, dtype), **(vllm_args or {})}
     return Experiment(None, tokenizer, None, rows, prompts, engine_kind="vllm", model_config=config, model_path=str(model), vllm_args=args,
                       _tokens=tokens)

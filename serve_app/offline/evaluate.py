@@ -102,6 +102,11 @@ class EvalConfig(BaseModel):
     question_field: str | None = None
     answer_field: str | None = None
     """The data set's question / answer columns (default: detected, ``serve_app.core.datasets``)."""
+    url: str | None = None
+    """A running kvswitch service that generates instead of a local engine (``serve_app.offline.remote``):
+    ``fast``, ``slow`` and the policies that choose between their replies."""
+    api_key: str | None = Field(None, repr=False)
+    """The service's API key (default ``$KVSWITCH_API_KEY``); never written to the report."""
 
     @field_validator("policies")
     @classmethod
@@ -179,6 +184,18 @@ def run_eval(cfg: EvalConfig) -> dict:
         if cfg.kv_quant is not None:
             raise ValueError("simulated KV quantization (--kv-quant) runs on the HF engine only: drop --engine vllm or --kv-quant")
     cfg = cfg.model_copy(update={"grader": grader_name(cfg.grader, cfg.probe_path())})
+    if cfg.url is not None:
+        engine_side = [p for p in cfg.policies if p in ENGINE_POLICIES and p not in ("fast", "slow")]
+        if engine_side or cfg.kv_quant is not None or cfg.engine != "hf" or cfg.dtype != "auto" or cfg.vllm_args:
+            raise ValueError("eval --url runs fast, slow and the policies that choose between their replies "
+                             f"({', '.join(CHOICE_POLICIES)}) on the service's engines; {', '.join(engine_side) or 'the routed policies'} "
+                             "run inside the service (measure them with `kvswitch loadtest`); --kv-quant, --engine, --dtype and "
+                             "--max-model-len do not apply")
+        from serve_app.offline.remote import setup_remote
+
+        with setup_remote(cfg.url, cfg.model, cfg.dataset, cfg.limit, grader=cfg.grader, question_field=cfg.question_field,
+                          answer_field=cfg.answer_field, think_tags=cfg.think_tags, api_key_=cfg.api_key) as exp:
+            return _run_eval(cfg, exp)
     with setup(cfg.model, cfg.dataset, cfg.limit, engine=cfg.engine, vllm_args=cfg.vllm_args, dtype=cfg.dtype, think_tags=cfg.think_tags,
                grader=cfg.grader, question_field=cfg.question_field, answer_field=cfg.answer_field) as exp:
         return _run_eval(cfg, exp)
@@ -205,15 +222,17 @@ def _run_eval(cfg: EvalConfig, exp: Experiment) -> dict:
         "probe": str(cfg.probe_path()) if probe is not None else None,
         "online": online.model_dump() if online is not None else None,
         "kv_quant": None if cfg.kv_quant is None else cfg.kv_quant.name,
-        "engine": cfg.engine,
-        "dtype": checkpoint_dtype(exp.model_config, cfg.dtype),
+        "engine": cfg.engine if cfg.url is None else f"service:{exp.info['engines']['slow']['engine']}",
+        "dtype": checkpoint_dtype(exp.model_config, cfg.dtype) if cfg.url is None else exp.info["engines"]["slow"]["dtype"],
+        **({} if cfg.url is None else {"url": cfg.url}),
         "max_new_tokens": cfg.max_new_tokens,
         "max_thinking_tokens": cfg.max_thinking_tokens,
         "grader": cfg.grader,
         "policies": {},
     }
-    if cfg.engine == "vllm":
-        report["unavailable"] = VLLM_UNAVAILABLE
+    if cfg.engine == "vllm" or cfg.url is not None:
+        report["unavailable"] = VLLM_UNAVAILABLE if cfg.url is None else {**VLLM_UNAVAILABLE, "why": "a service returns no hidden states "
+                                                                           "or token probabilities"}
     runs: dict[str, list[dict]] = {}
     raw: dict[str, list] = {}
     walls: dict[str, float] = {}
@@ -251,7 +270,7 @@ def _run_eval(cfg: EvalConfig, exp: Experiment) -> dict:
     if cfg.coe:
         directions = probe_directions(probe)
         report["coe"] = {mode: coe_entry(raw[mode], [r["correct"] for r in runs[mode]], (confidence or {}).get(mode),
-                                         directions.get(mode), token_scores=cfg.engine == "hf") for mode in ("fast", "slow")}
+                                         directions.get(mode), token_scores=cfg.engine == "hf" and cfg.url is None) for mode in ("fast", "slow")}
         report["coe_variant"] = {m: c.score for m, c in (confidence or {}).items()}
     return report
 

@@ -32,16 +32,27 @@ def add_engine_options(p) -> None:
                    help="the vLLM engine's context length, prompt and reply (default: the model's max_position_embeddings)")
     p.add_argument("--max-thinking-tokens", dest="max_thinking_tokens", type=int,
                    help="close the thought after this many thinking tokens (default: no cap but --max-new-tokens)")
+    p.add_argument("--url", help="run the generations on a running kvswitch service at this base URL (e.g. http://127.0.0.1:8000) "
+                                 "instead of a local engine: its pools generate, its prefill pool gives the prompt features; "
+                                 "the service config needs admin: {enabled: true}; --model is then a local copy of the served "
+                                 "checkpoint (tokenizer and config only)")
+    p.add_argument("--api-key", dest="api_key", help="the service's API key for --url (default: $KVSWITCH_API_KEY)")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
-    """``engine``, ``dtype``, ``max_thinking_tokens`` and the vLLM engine's ``AsyncEngineArgs``
-    overrides (``vllm_args``) of calibrate / eval."""
+    """``engine``, ``dtype``, ``max_thinking_tokens``, the vLLM engine's ``AsyncEngineArgs``
+    overrides (``vllm_args``) and a service's ``url`` / ``api_key`` of calibrate / eval."""
     if args.engine != "vllm" and args.max_model_len is not None:
         raise SystemExit("--max-model-len sets the vLLM engine's context: it needs --engine vllm")
+    if args.url is not None:
+        clash = [flag for flag, bad in (("--engine vllm", args.engine != "hf"), ("--dtype", args.dtype != "auto")) if bad]
+        if clash:
+            raise SystemExit(f"--url runs on the service's engines, which its config sets: drop {' and '.join(clash)}")
+    elif args.api_key is not None:
+        raise SystemExit("--api-key is the service's key: it needs --url")
     vllm_args = {} if args.max_model_len is None else {"max_model_len": args.max_model_len}
     tags = {} if args.think_tags is None else {"think_tags": {"open": args.think_tags[0], "close": args.think_tags[1]}}
-    return {"engine": args.engine, "dtype": args.dtype, "vllm_args": vllm_args, **tags, **given(args, "max_thinking_tokens")}
+    return {"engine": args.engine, "dtype": args.dtype, "vllm_args": vllm_args, **tags, **given(args, "max_thinking_tokens", "url", "api_key")}
 
 
 def add_data_options(p, grader_default: str) -> None:

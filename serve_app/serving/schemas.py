@@ -197,6 +197,38 @@ class EmbeddingRequest(_Body):
         return texts
 
 
+class AdminFeaturesRequest(_Body):
+    """``POST /admin/v1/features``: the prefill pool's probe feature of token-level prompts."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt_ids: list[list[int]] = Field(min_length=1)
+
+    @field_validator("prompt_ids")
+    @classmethod
+    def _prompts(cls, v: list[list[int]]) -> list[list[int]]:
+        if any(not p for p in v):
+            raise ValueError("every prompt needs at least one token id")
+        return v
+
+
+class AdminGenerateRequest(_Body):
+    """``POST /admin/v1/generate``: one greedy-or-sampled reply in a forced mode, token level (an
+    ``serve_app.engines.base.GenRequest`` over HTTP)."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt_ids: list[int] = Field(min_length=1)
+    mode: Literal["fast", "slow"]
+    add_prefix: bool = True
+    """False: ``prompt_ids`` already end inside the assistant turn (calibration's forced closes)."""
+    max_new_tokens: int = Field(ge=1)
+    max_thinking_tokens: int | None = Field(None, ge=1)
+    record_every: int | None = Field(None, ge=1)
+    """Pool the last S cached positions every this many counted tokens (the decode head's inputs)."""
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+
+
 # ----------------------------------------------------------------------------------- responses
 
 
