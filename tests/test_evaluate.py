@@ -90,3 +90,31 @@ def test_oracle_efficiency_formula():
     assert oracle_efficiency(100, 100, 30) == 0.0
     assert oracle_efficiency(100, 20, 30) == pytest.approx(80 / 70)  # online switching can beat the mode oracle
     assert oracle_efficiency(100, 50, 100) is None
+
+
+def test_batches_respect_rows_and_positions():
+    from serve_app.offline.common import batches
+
+    lengths = [50, 10, 30, 20, 500, 40]
+    assert batches(lengths, batch_size=4) == [[1, 3, 2, 5], [0, 4]]
+    groups = batches(lengths, batch_size=4, max_batch_tokens=90)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    assert all(len(g) * max(lengths[i] for i in g) <= 90 or len(g) == 1 for g in groups)
+    assert [4] in groups  # longer than the bound: alone
+
+
+def test_a_batch_memory_bound_changes_batches_not_replies(tmp_path, model_dir):
+    """--max-batch-tokens splits the HF engine's batches by padded positions; the greedy replies,
+    grades and token counts stay those of the row-count batches."""
+    data = tmp_path / "q.jsonl"
+    write_jsonl(generate_problems(12, seed=31, config=TaskConfig(max_operators=3)), data)
+    reports = []
+    for extra in ([], ["--max-batch-tokens", "1200"]):
+        out = tmp_path / f"r{len(extra)}.json"
+        assert main(["eval", "--model", str(model_dir), "--dataset", str(data), "--policy", "fast,slow", "--batch-size", "12", *extra,
+                     "--out", str(out)]) == 0
+        reports.append(json.loads(out.read_text())["policies"])
+    for policy in ("fast", "slow"):
+        assert [(r["output"], r["tokens"]) for r in reports[0][policy]["records"]] == [(r["output"], r["tokens"]) for r in reports[1][policy]["records"]]
+    with pytest.raises(SystemExit, match="vLLM bounds its own cache"):
+        main(["eval", "--dataset", str(data), "--engine", "vllm", "--max-batch-tokens", "100"])

@@ -103,6 +103,8 @@ class CalibrateConfig(BaseModel):
     question_field: str | None = None
     answer_field: str | None = None
     """The data set's question / answer columns (default: detected, ``serve_app.core.datasets``)."""
+    max_batch_tokens: int | None = Field(None, ge=1)
+    """HF engine: at most this many padded positions (rows x (prompt + reply)) per batch; None: ``batch_size`` rows only."""
     url: str | None = None
     """A running kvswitch service that generates instead of a local engine (``serve_app.offline.remote``);
     ``model`` is then a local copy of the served checkpoint (tokenizer and config)."""
@@ -196,7 +198,8 @@ def calibrate(cfg: CalibrateConfig) -> dict:
         cfg = cfg.model_copy(update={"pooling": PoolingConfig()})
     # the check below says what calibration needs
     with setup(cfg.model, cfg.dataset, cfg.limit, min_rows=0, engine=cfg.engine, vllm_args=cfg.vllm_args, dtype=cfg.dtype, think_tags=cfg.think_tags,
-               grader=cfg.grader, question_field=cfg.question_field, answer_field=cfg.answer_field) as exp:
+               grader=cfg.grader, question_field=cfg.question_field, answer_field=cfg.answer_field,
+               max_batch_tokens=cfg.max_batch_tokens) as exp:
         return _calibrate(cfg, exp, features, started)
 
 

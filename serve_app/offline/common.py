@@ -36,14 +36,33 @@ VLLM_DEFAULTS: dict[str, Any] = {"gpu_memory_utilization": 0.2, "kv_cache_memory
 """AsyncEngineArgs for the offline tools on a small CPU machine (what ``bench-engines`` uses)."""
 
 
-def run_batched(engine: HFEngine, requests: list[GenRequest], batch_size: int, desc: str, **kwargs) -> list[GenResult]:
-    """Generate in length-sorted batches (less padding) and return results in request order;
+def batches(lengths: list[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
+    """Indices grouped into length-sorted batches (less padding) of at most ``batch_size`` rows and,
+    with ``max_batch_tokens``, at most that many padded positions (rows x the longest row's length:
+    the KV cache a padded batch holds at its end). A row longer than the bound goes alone."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    out: list[list[int]] = []
+    for i in order:
+        batch = out[-1] if out else None
+        fits = batch is not None and len(batch) < batch_size and (
+            max_batch_tokens is None or (len(batch) + 1) * max(lengths[i], lengths[batch[-1]]) <= max_batch_tokens)
+        if fits:
+            batch.append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def run_batched(engine: HFEngine, requests: list[GenRequest], batch_size: int, desc: str, max_batch_tokens: int | None = None,
+                **kwargs) -> list[GenResult]:
+    """Generate in length-sorted batches (``batches``: at most ``batch_size`` rows and
+    ``max_batch_tokens`` positions of prompt + prefix + reply) and return results in request order;
     ``kwargs`` are ``HFEngine.generate``'s batch options."""
-    order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids))
+    prefix = lambda r: 0 if not r.add_prefix else len(engine.prefix_ids[r.mode]) if r.mode else max(map(len, engine.prefix_ids.values()))  # noqa: E731
+    lengths = [len(r.prompt_ids) + prefix(r) + r.max_new_tokens for r in requests]
     out: list[GenResult | None] = [None] * len(requests)
     with tqdm(total=len(requests), desc=desc, unit="q") as bar:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        for idx in batches(lengths, batch_size, max_batch_tokens):
             for i, res in zip(idx, engine.generate([requests[i] for i in idx], **kwargs)):
                 out[i] = res
             bar.update(len(idx))
@@ -67,6 +86,8 @@ class Experiment:
     model_path: str = ""
     vllm_args: dict[str, Any] = field(default_factory=dict)
     """``AsyncEngineArgs`` overrides of the vLLM engine (dtype, max_model_len, ...)."""
+    max_batch_tokens: int | None = None
+    """HF engine: at most this many padded positions per batch (the KV cache's bound); None: ``batch_size`` only."""
     _loop: asyncio.AbstractEventLoop | None = None
     _vllm_settings: dict[str, Any] = field(default_factory=dict)
     _tokens: TokenSetup | None = None
@@ -93,7 +114,7 @@ class Experiment:
         batch options (probe, online, prompt_feature, collect_hidden, keep_features, record,
         kv_quant), on either engine; see ``_run_vllm`` for what the vLLM engine does with them."""
         if self.engine_kind == "hf":
-            return run_batched(self.engine, requests, batch_size, desc, **kwargs)
+            return run_batched(self.engine, requests, batch_size, desc, self.max_batch_tokens, **kwargs)
         return self._run_vllm(requests, batch_size, desc, **kwargs)
 
     def features(self, pooling: PoolingConfig, batch_size: int, hidden: bool = False, kv_quant=None,
@@ -102,12 +123,13 @@ class Experiment:
         the hidden-state feature (HF engine only); ``kv_quant``: of the simulated quantized cache (HF only)."""
         if self.engine_kind == "hf":
             feats: dict[str, list[torch.Tensor]] = {"kv": [], **({"hidden": []} if hidden else {})}
-            for start in tqdm(range(0, len(self.prompt_ids), batch_size), desc=desc, unit="batch"):
-                f = self.engine.prompt_features(self.prompt_ids[start : start + batch_size], pooling, hidden=hidden,
-                                                kv_quant=kv_quant, embedding=False)
+            groups = batches([len(p) for p in self.prompt_ids], batch_size, self.max_batch_tokens)
+            for idx in tqdm(groups, desc=desc, unit="batch"):
+                f = self.engine.prompt_features([self.prompt_ids[i] for i in idx], pooling, hidden=hidden, kv_quant=kv_quant, embedding=False)
                 for k, acc in feats.items():
                     acc.append(f[k])
-            return {k: torch.cat(v) for k, v in feats.items()}
+            order = torch.tensor([i for idx in groups for i in idx]).argsort()  # back to question order
+            return {k: torch.cat(v)[order] for k, v in feats.items()}
         if hidden:
             raise ValueError("the vLLM engine has no hidden-state features (vLLM keeps no hidden states); use the HF engine")
         _refuse_kv_quant(kv_quant)
@@ -300,21 +322,25 @@ def tokenizer_only(model: str | Path, rows: list[dict], think_tags: ThinkTags | 
 
 def setup(model: str | Path, dataset: str | Path, limit: int | None = None, min_rows: int = 1, engine: EngineKind = "hf",
           vllm_args: dict[str, Any] | None = None, dtype: str = "auto", grader: str | None = None,
-          question_field: str | None = None, answer_field: str | None = None, think_tags: ThinkTags | None = None) -> Experiment:
+          question_field: str | None = None, answer_field: str | None = None, think_tags: ThinkTags | None = None,
+          max_batch_tokens: int | None = None) -> Experiment:
     """Load the model (never from the hub) and the first ``limit`` rows of ``dataset`` (at least
     ``min_rows``; any format ``read_dataset`` reads, ``question_field`` / ``answer_field`` naming its
     columns). ``grader``: refuse, before loading the model, reference answers it cannot grade.
     ``engine="vllm"``: tokenizer and config only; the vLLM engine (``vllm_args``:
     ``AsyncEngineArgs`` overrides over ``VLLM_DEFAULTS``) starts on first use. ``dtype``: the
     model's dtype on either engine (``auto``: the checkpoint's). ``think_tags``: the tags the mode
-    prompts are derived from the chat template with (``resolve_prompts``; default ``<think>``)."""
+    prompts are derived from the chat template with (``resolve_prompts``; default ``<think>``).
+    ``max_batch_tokens``: the HF engine's batches hold at most this many padded positions (vLLM
+    bounds its own cache: ``gpu_memory_utilization`` / ``kv_cache_memory_bytes`` in ``vllm_args``)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     rows = read_rows(dataset, limit, min_rows, grader, question_field, answer_field)
     if engine == "hf":
         m, tokenizer = load_model(model, dtype)
         hf = HFEngine(m, tokenizer, think_tags)
-        return Experiment(m, tokenizer, hf, rows, [hf.encode_prompt(r["question"]) for r in rows], model_path=str(model))
+        return Experiment(m, tokenizer, hf, rows, [hf.encode_prompt(r["question"]) for r in rows], model_path=str(model),
+                          max_batch_tokens=max_batch_tokens)
     tokenizer, config, tokens, prompts = tokenizer_only(model, rows, think_tags)
     args = {**VLLM_DEFAULTS, "dtype": checkpoint_dtype(config, dtype), **(vllm_args or {})}
     return Experiment(None, tokenizer, None, rows, prompts, engine_kind="vllm", model_config=config, model_path=str(model), vllm_args=args,

@@ -102,6 +102,8 @@ class EvalConfig(BaseModel):
     question_field: str | None = None
     answer_field: str | None = None
     """The data set's question / answer columns (default: detected, ``serve_app.core.datasets``)."""
+    max_batch_tokens: int | None = Field(None, ge=1)
+    """HF engine: at most this many padded positions (rows x (prompt + reply)) per batch; None: ``batch_size`` rows only."""
     url: str | None = None
     """A running kvswitch service that generates instead of a local engine (``serve_app.offline.remote``):
     ``fast``, ``slow`` and the policies that choose between their replies."""
@@ -185,19 +187,18 @@ def run_eval(cfg: EvalConfig) -> dict:
             raise ValueError("simulated KV quantization (--kv-quant) runs on the HF engine only: drop --engine vllm or --kv-quant")
     cfg = cfg.model_copy(update={"grader": grader_name(cfg.grader, cfg.probe_path())})
     if cfg.url is not None:
-        engine_side = [p for p in cfg.policies if p in ENGINE_POLICIES and p not in ("fast", "slow")]
-        if engine_side or cfg.kv_quant is not None or cfg.engine != "hf" or cfg.dtype != "auto" or cfg.vllm_args:
-            raise ValueError("eval --url runs fast, slow and the policies that choose between their replies "
-                             f"({', '.join(CHOICE_POLICIES)}) on the service's engines; {', '.join(engine_side) or 'the routed policies'} "
-                             "run inside the service (measure them with `kvswitch loadtest`); --kv-quant, --engine, --dtype and "
-                             "--max-model-len do not apply")
+        routed_here = [p for p in cfg.policies if p in ENGINE_POLICIES and p not in ("fast", "slow")]
+        if routed_here or cfg.kv_quant is not None or cfg.engine != "hf" or cfg.dtype != "auto" or cfg.vllm_args:
+            raise ValueError(f"eval --url runs fast, slow, {', '.join(CHOICE_POLICIES)} on the service's engines (its routing: `kvswitch "
+                             f"loadtest`); drop {', '.join(routed_here) or 'the routed policies'}, --kv-quant, --engine, --dtype, --max-model-len")
         from serve_app.offline.remote import setup_remote
 
         with setup_remote(cfg.url, cfg.model, cfg.dataset, cfg.limit, grader=cfg.grader, question_field=cfg.question_field,
                           answer_field=cfg.answer_field, think_tags=cfg.think_tags, api_key_=cfg.api_key) as exp:
             return _run_eval(cfg, exp)
     with setup(cfg.model, cfg.dataset, cfg.limit, engine=cfg.engine, vllm_args=cfg.vllm_args, dtype=cfg.dtype, think_tags=cfg.think_tags,
-               grader=cfg.grader, question_field=cfg.question_field, answer_field=cfg.answer_field) as exp:
+               grader=cfg.grader, question_field=cfg.question_field, answer_field=cfg.answer_field,
+               max_batch_tokens=cfg.max_batch_tokens) as exp:
         return _run_eval(cfg, exp)
 
 
@@ -231,8 +232,7 @@ def _run_eval(cfg: EvalConfig, exp: Experiment) -> dict:
         "policies": {},
     }
     if cfg.engine == "vllm" or cfg.url is not None:
-        report["unavailable"] = VLLM_UNAVAILABLE if cfg.url is None else {**VLLM_UNAVAILABLE, "why": "a service returns no hidden states "
-                                                                           "or token probabilities"}
+        report["unavailable"] = {**VLLM_UNAVAILABLE, **({} if cfg.url is None else {"why": "a service returns no hidden states or token probabilities"})}
     runs: dict[str, list[dict]] = {}
     raw: dict[str, list] = {}
     walls: dict[str, float] = {}

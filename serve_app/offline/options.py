@@ -32,6 +32,12 @@ def add_engine_options(p) -> None:
                    help="the vLLM engine's context length, prompt and reply (default: the model's max_position_embeddings)")
     p.add_argument("--max-thinking-tokens", dest="max_thinking_tokens", type=int,
                    help="close the thought after this many thinking tokens (default: no cap but --max-new-tokens)")
+    p.add_argument("--max-batch-tokens", dest="max_batch_tokens", type=int,
+                   help="HF engine: at most this many positions (rows x (prompt + reply)) per batch, the bound on its KV cache "
+                        "(default: --batch-size rows only)")
+    p.add_argument("--gpu-memory-utilization", dest="gpu_memory_utilization", type=float,
+                   help="vLLM engine: the share of the GPU's memory it may use (weights + paged KV cache; default 0.2, "
+                        "with a 256 MiB KV cache on CPU)")
     p.add_argument("--url", help="run the generations on a running kvswitch service at this base URL (e.g. http://127.0.0.1:8000) "
                                  "instead of a local engine: its pools generate, its prefill pool gives the prompt features; "
                                  "the service config needs admin: {enabled: true}; --model is then a local copy of the served "
@@ -45,14 +51,21 @@ def engine_options(args: argparse.Namespace) -> dict:
     if args.engine != "vllm" and args.max_model_len is not None:
         raise SystemExit("--max-model-len sets the vLLM engine's context: it needs --engine vllm")
     if args.url is not None:
-        clash = [flag for flag, bad in (("--engine vllm", args.engine != "hf"), ("--dtype", args.dtype != "auto")) if bad]
+        clash = [flag for flag, bad in (("--engine vllm", args.engine != "hf"), ("--dtype", args.dtype != "auto"),
+                                        ("--max-batch-tokens", args.max_batch_tokens is not None)) if bad]
         if clash:
             raise SystemExit(f"--url runs on the service's engines, which its config sets: drop {' and '.join(clash)}")
     elif args.api_key is not None:
         raise SystemExit("--api-key is the service's key: it needs --url")
+    if args.engine != "vllm" and args.gpu_memory_utilization is not None:
+        raise SystemExit("--gpu-memory-utilization bounds the vLLM engine's memory: it needs --engine vllm")
+    if args.engine == "vllm" and args.max_batch_tokens is not None:
+        raise SystemExit("--max-batch-tokens bounds the HF engine's batches; vLLM bounds its own cache (--gpu-memory-utilization)")
     vllm_args = {} if args.max_model_len is None else {"max_model_len": args.max_model_len}
+    if args.gpu_memory_utilization is not None:  # on a GPU: the share of its memory, not the CPU default's fixed KV cache
+        vllm_args.update(gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory_bytes=None)
     tags = {} if args.think_tags is None else {"think_tags": {"open": args.think_tags[0], "close": args.think_tags[1]}}
-    return {"engine": args.engine, "dtype": args.dtype, "vllm_args": vllm_args, **tags, **given(args, "max_thinking_tokens", "url", "api_key")}
+    return {"engine": args.engine, "dtype": args.dtype, "vllm_args": vllm_args, **tags, **given(args, "max_thinking_tokens", "max_batch_tokens", "url", "api_key")}
 
 
 def add_data_options(p, grader_default: str) -> None:
