@@ -31,10 +31,12 @@ class TaskConfig(BaseModel):
     min_operators: int = Field(1, ge=1)
     max_operators: int = Field(6, ge=1)
     max_operand: int = Field(99, ge=1)
-    operands: Literal["uniform", "digits"] = "uniform"
+    operands: Literal["uniform", "digits", "mixed"] = "uniform"
     """``uniform``: operands uniform in 0..max_operand; ``digits``: the digit length uniform over
     1..len(max_operand), then the operand uniform among numbers of that length up to max_operand
-    (with 99: half single-digit, half two-digit operands)."""
+    (with 99: half single-digit, half two-digit operands); ``mixed`` (the v2 model's training mix):
+    each operand uniform in 0..99 with probability 0.5, in 0..9 with 0.3, and in 100..max_operand
+    with 0.2 (0..99 when max_operand < 100)."""
 
     @model_validator(mode="after")
     def _check_range(self) -> TaskConfig:
@@ -88,8 +90,19 @@ def _operand_by_digits(rng: random.Random, max_operand: int) -> int:
     return rng.randint(0 if digits == 1 else 10 ** (digits - 1), min(10**digits - 1, max_operand))
 
 
+def _operand_mixed(rng: random.Random, max_operand: int) -> int:
+    r = rng.random()
+    if r < 0.3:
+        return rng.randint(0, min(9, max_operand))
+    if r < 0.8 or max_operand < 100:
+        return rng.randint(0, min(99, max_operand))
+    return rng.randint(100, max_operand)
+
+
 def sample_problem(rng: random.Random, num_operators: int, max_operand: int = 99, operands: str = "uniform") -> Problem:
-    if operands == "digits":
+    if operands == "mixed":
+        values = tuple(_operand_mixed(rng, max_operand) for _ in range(num_operators + 1))
+    elif operands == "digits":
         values = tuple(_operand_by_digits(rng, max_operand) for _ in range(num_operators + 1))
     else:
         values = tuple(rng.randint(0, max_operand) for _ in range(num_operators + 1))

@@ -26,8 +26,13 @@ from serve_app.reports import write_json
 def _cmd_train_model(args: argparse.Namespace) -> int:
     from serve_app.offline.train import TrainConfig, train
 
+    base = {}
+    if args.config:  # a TrainConfig file (e.g. a checkpoint's train_config.json); options given here override it
+        import yaml
+
+        base = yaml.safe_load(Path(args.config).read_text()) or {}
     overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None}
-    log = train(TrainConfig(**overrides), Path(args.out))
+    log = train(TrainConfig(**{**base, **overrides}), Path(args.out))
     print(json.dumps({"params": log["params"], "train_seconds": log["train_seconds"], "monitor": log["monitor"][-1]}))
     return 0
 
@@ -53,12 +58,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise SystemExit("--best-of runs on the HF engine in the checkpoint's own dtype with the default think tags only: drop "
                              "--engine, --dtype, --max-model-len, --max-thinking-tokens, --think-tags and --url")
         return _best_of_n(args, kv_quant)
-    from serve_app.offline.evaluate import (
-        EvalConfig,
-        plot_report,
-        print_report,
-        run_eval,
-    )
+    from serve_app.offline.eval_report import plot_report, print_report
+    from serve_app.offline.evaluate import EvalConfig, run_eval
 
     optional = given(args, "max_new_tokens", "probe", "tau", "delta", "every", "confirm")
     cfg = EvalConfig(
@@ -267,6 +268,14 @@ def add_train_model(sub) -> None:
     p.add_argument("--slow-fraction", dest="slow_fraction", type=float)
     p.add_argument("--forced-close-fraction", dest="forced_close_fraction", type=float)
     p.add_argument("--init-from", dest="init_from", help="fine-tune this checkpoint directory instead of training from scratch")
+    p.add_argument("--config", help="a TrainConfig as JSON or YAML (e.g. a checkpoint's train_config.json: the same run again); "
+                                    "the options above override it")
+    p.add_argument("--reply-format", dest="reply_format", choices=["v1", "checked"],
+                   help="slow replies: v1 (the shipped model's) or checked (v2: first pass, a step-by-step check that finds and redoes a slip)")
+    p.add_argument("--slip-fraction", dest="slip_fraction", type=float, help="checked: share of slow replies with a first-pass slip (default 0.3)")
+    p.add_argument("--fast-small-fraction", dest="fast_small_fraction", type=float,
+                   help="share of fast examples with two single-digit operands (default 0)")
+    p.add_argument("--max-positions", dest="max_positions", type=int, help="the model's context (default 1024)")
     p.set_defaults(func=_cmd_train_model)
 
 

@@ -46,10 +46,11 @@ from serve_app.core.prompts import ThinkTags
 from serve_app.core.quant import KVQuantConfig
 from serve_app.core.task import num_operators
 from serve_app.engines.base import checkpoint_dtype
+from serve_app.offline.checked import self_correction
 from serve_app.offline.coe_eval import coe_entry, probe_directions
 from serve_app.offline.common import EngineKind, Experiment, grader_name, setup
 from serve_app.offline.generate import MAX_NEW_TOKENS
-from serve_app.offline.metrics import auroc, format_coe_table
+from serve_app.offline.metrics import auroc
 from serve_app.offline.probe_train import random_features
 
 ENGINE_POLICIES = ("fast", "slow", "kv-oneshot", "kv-online", "hidden-oneshot")
@@ -344,57 +345,7 @@ def _policy_entry(policy: str, records: list[dict], t_slow: float | None, t_orac
         entry["switches"] = {"total": s2f + f2s, "slow_to_fast": s2f, "fast_to_slow": f2s}
     if "confidence" in records[0]:
         entry["mean_confidence"] = sum(r.get("confidence", 0.0) for r in records) / len(records)
+    table = self_correction(records)
+    if table is not None:
+        entry["self_correction"] = table
     return entry
-
-
-def print_report(report: dict) -> None:
-    for name, pol in report["policies"].items():
-        print(f"\npolicy {name}: accuracy {pol['accuracy']:.3f}  mean tokens {pol['mean_tokens']:.1f}  "
-              f"ended with EOS {pol['finished_fraction']:.3f}  (n={pol['n']})")
-        print(f"{'operators':>9} {'n':>5} {'accuracy':>9} {'mean_tokens':>12}")
-        for k, cell in pol["by_operators"].items():
-            print(f"{k:>9} {cell['n']:>5} {cell['accuracy']:>9.3f} {cell['mean_tokens']:>12.1f}")
-    print(f"\n{'policy':>15} {'accuracy':>9} {'tokens':>8} {'vs slow':>8} {'oracle eff':>11} {'fast %':>7} {'switches':>9}")
-    for name, pol in report["policies"].items():
-        red = pol.get("token_reduction_vs_slow")
-        eff = pol.get("oracle_efficiency")
-        sw = pol.get("switches", {}).get("total")
-        print(f"{name:>15} {pol['accuracy']:>9.3f} {pol['mean_tokens']:>8.1f} "
-              f"{'' if red is None else f'{red:.2f}x':>8} {'' if eff is None else f'{eff:.1%}':>11} "
-              f"{pol['fast_fraction']:>7.1%} {'' if sw is None else sw:>9}")
-    if report.get("probe_auroc"):
-        print("\nprobe AUROC of 'fast is enough' on this set: "
-              + ", ".join(f"{k} {v:.3f}" for k, v in report["probe_auroc"].items()))
-    for mode, cell in report.get("coe", {}).items():
-        print(f"\nanswer-correctness scores, {mode} mode ({cell['n_correct']}/{cell['n']} correct; 'correct' positive)")
-        print(format_coe_table(cell["table"]))
-    if report.get("unavailable"):
-        na = report["unavailable"]
-        print(f"\nnot reported on the {report.get('engine')} engine ({na['why']}): "
-              + ", ".join(x for k in ("policies", "probe_auroc", "coe") for x in na[k]))
-
-
-def plot_report(report: dict, path: str | Path) -> None:
-    """Accuracy vs mean generated tokens (one point per policy), and accuracy / tokens per
-    operator count (one line per policy)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_pol, ax_acc, ax_tok) = plt.subplots(1, 3, figsize=(15, 4.2))
-    for name, pol in report["policies"].items():
-        ax_pol.scatter(pol["mean_tokens"], pol["accuracy"], s=40)
-        ax_pol.annotate(name, (pol["mean_tokens"], pol["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ks = [int(k) for k in pol["by_operators"]]
-        ax_acc.plot(ks, [c["accuracy"] for c in pol["by_operators"].values()], marker="o", label=name)
-        ax_tok.plot(ks, [c["mean_tokens"] for c in pol["by_operators"].values()], marker="o", label=name)
-    ax_pol.set(xlabel="mean generated tokens", ylabel="accuracy", title="Policies: accuracy vs tokens")
-    ax_acc.set(xlabel="operators", ylabel="accuracy", ylim=(0, 1.02), title="Accuracy by difficulty")
-    ax_tok.set(xlabel="operators", ylabel="mean generated tokens", yscale="log", title="Generated tokens")
-    for ax in (ax_pol, ax_acc, ax_tok):
-        ax.grid(alpha=0.3)
-    ax_acc.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -25,13 +25,14 @@ def _cmd_gen_data(args: argparse.Namespace) -> int:
         parser.error(f"--min-operators {args.min_operators or 1} is above --max-operators {args.max_operators or 6}")
     exclude = set().union(*args.exclude) if args.exclude else set()
     if args.operators:
-        problems = generate_mix(args.n, args.seed, args.operators, exclude=exclude, drop_excluded=args.drop_excluded, operands=args.operands)
+        problems = generate_mix(args.n, args.seed, args.operators, max_operand=args.max_operand, exclude=exclude, drop_excluded=args.drop_excluded,
+                                operands=args.operands)
         mix = ", ".join(f"{g.label}: {c}" for g, c in zip(args.operators, mix_counts(args.n, args.operators)))
         print(f"operator mix (problems drawn per operator count) {mix}")
     else:
         lo = 1 if args.min_operators is None else args.min_operators
         hi = 6 if args.max_operators is None else args.max_operators
-        problems = generate_problems(args.n, args.seed, TaskConfig(min_operators=lo, max_operators=hi, operands=args.operands), exclude, args.drop_excluded)
+        problems = generate_problems(args.n, args.seed, TaskConfig(min_operators=lo, max_operators=hi, max_operand=args.max_operand, operands=args.operands), exclude, args.drop_excluded)
     n = write_jsonl(problems, args.out, args.style)
     dropped = f" ({args.n - n} excluded questions dropped)" if n != args.n else ""
     print(f"wrote {n} questions to {args.out}{dropped}")
@@ -86,9 +87,12 @@ def add_gen_data(sub) -> None:
                         "rounded by largest remainder, so the counts add up to --n. The groups are written one "
                         "after the other in the given order; group i (from 1) is drawn with seed SEED*10+i. "
                         "E.g. 1:0.35,2:0.35,3-6:0.30")
-    p.add_argument("--operands", choices=["uniform", "digits"], default="uniform",
-                   help="uniform: operands uniform in 0-99 (default); digits: digit length uniform in {1, 2}, "
-                        "then uniform within it (half single-digit operands)")
+    p.add_argument("--operands", choices=["uniform", "digits", "mixed"], default="uniform",
+                   help="uniform: operands uniform in 0..max-operand (default); digits: digit length uniform in 1..len(max-operand), "
+                        "then uniform within it (with 99: half single-digit operands); mixed: 0-99 half the time, 0-9 30%%, "
+                        "100..max-operand 20%% (the v2 model's training mix)")
+    p.add_argument("--max-operand", dest="max_operand", type=_positive_int, default=99,
+                   help="largest operand (default 99; 999 for three-digit operands)")
     p.add_argument("--exclude", type=_question_file, nargs="+", action="extend", default=None, metavar="FILE",
                    help="JSONL datasets whose questions must not appear (e.g. keep a test set disjoint from the "
                         "calibration set); an excluded draw is replaced by the next one from the same stream")

@@ -18,8 +18,11 @@ from pydantic import BaseModel, Field
 from tqdm import tqdm
 from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
+from typing import Literal
+
 from serve_app.core.prompts import THINK_CLOSE
 from serve_app.core.task import TaskConfig, generate_problems, is_correct, sample_problem
+from serve_app.offline import checked
 from serve_app.offline.embedded import IM_END, build_tokenizer, first_pass_chars, render_prompt, reply, slow_thought
 from serve_app.offline.generate import MAX_NEW_TOKENS, build_prompt, generate_greedy
 
@@ -47,6 +50,17 @@ class TrainConfig(BaseModel):
     # ``</think>\n\n`` (no loss on those tokens: the model must not learn to close by itself), then
     # answered. That is what an online slow → fast switch does at serving time (docs/method.md §5).
     forced_close_fraction: float = Field(0.25, ge=0, le=1)
+    reply_format: Literal["v1", "checked"] = "v1"
+    """``v1``: the shipped model's slow replies (a scripted re-check that always agrees); ``checked``:
+    the v2 replies of ``serve_app.offline.checked`` (first pass, a step-by-step check, a redo from a
+    slip it finds)."""
+    slip_fraction: float = Field(0.3, ge=0, le=1)
+    """``checked``: share of slow replies whose first pass carries one slip (masked) for the check to find."""
+    fast_small_fraction: float = Field(0.0, ge=0, le=1)
+    """Share of fast examples that are two-operator questions with single-digit operands (one-shot
+    answers the model can learn: fast is then enough for small operands, not only one operator)."""
+    max_positions: int = Field(1024, ge=256)
+    """The model's context (``max_position_embeddings``); long chains with the v2 check need 2048."""
     init_from: str | None = None
     """Fine-tune from this checkpoint directory instead of starting from scratch."""
     layers: int = Field(4, ge=4)
@@ -74,7 +88,7 @@ def model_config(cfg: TrainConfig, tokenizer) -> Qwen3Config:
         num_attention_heads=cfg.attention_heads,
         num_key_value_heads=cfg.kv_heads,
         head_dim=cfg.head_dim,
-        max_position_embeddings=1024,
+        max_position_embeddings=cfg.max_positions,
         rope_theta=10_000.0,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),
@@ -89,12 +103,11 @@ def sample_batches(cfg: TrainConfig, tokenizer, rng: random.Random, pool_size: i
         rows = []
         for _ in range(pool_size):
             thinking = rng.random() < cfg.slow_fraction
-            k = rng.randint(cfg.task.min_operators, cfg.task.max_operators)
-            if not thinking and rng.random() < cfg.fast_one_operator_fraction:
-                k = cfg.task.min_operators
-            problem = sample_problem(rng, k, cfg.task.max_operand)
+            problem = sample_training_problem(cfg, rng, thinking)
             p = tokenizer.encode(render_prompt(problem.question, thinking), add_special_tokens=False)
-            if thinking and rng.random() < cfg.forced_close_fraction:
+            if thinking and cfg.reply_format == "checked":
+                rows.append((p, *checked_example(tokenizer, problem, rng, cfg)))
+            elif thinking and rng.random() < cfg.forced_close_fraction:
                 rows.append((p, *forced_close_reply(tokenizer, problem, rng)))
             else:
                 r = tokenizer.encode(reply(problem, thinking), add_special_tokens=False)
@@ -118,6 +131,46 @@ def sample_batches(cfg: TrainConfig, tokenizer, rng: random.Random, pool_size: i
             yield ids, labels
 
 
+def sample_training_problem(cfg: TrainConfig, rng: random.Random, thinking: bool):
+    """A slow example: operator count uniform over the task's range. A fast one: one operator
+    (``fast_one_operator_fraction``), two single-digit operands and one operator more
+    (``fast_small_fraction``), else as a slow one."""
+    task = cfg.task
+    k = rng.randint(task.min_operators, task.max_operators)
+    if not thinking:
+        r = rng.random()
+        if r < cfg.fast_one_operator_fraction:
+            k = task.min_operators
+        elif r < cfg.fast_one_operator_fraction + cfg.fast_small_fraction:
+            return sample_problem(rng, 2, 9)
+    return sample_problem(rng, k, task.max_operand, task.operands)
+
+
+def checked_example(tokenizer, problem, rng: random.Random, cfg: TrainConfig) -> tuple[list[int], list[int]]:
+    """A v2 slow reply (``checked``): with ``slip_fraction`` one slip in the first pass, its line
+    masked (the model learns to find and repair a slip, not to make one); else, with
+    ``forced_close_fraction``, cut after the first pass and closed (what an online switch does).
+    Returns (reply ids, labels)."""
+    slip = checked.sample_slip(rng, problem) if rng.random() < cfg.slip_fraction else None
+    thought, span = checked.checked_thought(problem, slip)
+    if slip is None and rng.random() < cfg.forced_close_fraction:
+        enc = tokenizer(thought, add_special_tokens=False)
+        first = len(tokenizer.encode(thought[: checked.first_pass_chars(problem)], add_special_tokens=False))
+        cut = rng.randint(min(first, len(enc.input_ids)), len(enc.input_ids))
+        close = tokenizer.encode(f"{THINK_CLOSE}\n\n", add_special_tokens=False)
+        answer = tokenizer.encode(f"{problem.answer}{IM_END}", add_special_tokens=False)
+        ids = enc.input_ids[:cut]
+        return ids + close + answer, ids + [-100] * len(close) + answer
+    text = f"{thought}{THINK_CLOSE}\n\n{problem.answer}{IM_END}"
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = list(enc.input_ids)
+    if span is not None:
+        for i, (a, b) in enumerate(enc.offset_mapping):
+            if a < span[1] and b > span[0]:  # a token of the slipped line
+                labels[i] = -100
+    return list(enc.input_ids), labels
+
+
 def forced_close_reply(tokenizer, problem, rng: random.Random) -> tuple[list[int], list[int]]:
     """A slow reply cut at a random token after the worked steps, closed, then answered.
 
@@ -139,16 +192,16 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def monitor(model, tokenizer, n_per_cell: int = 32) -> dict:
-    """Greedy accuracy of both modes at 1, 3 and 6 operators on a fixed small set."""
+def monitor(model, tokenizer, n_per_cell: int = 32, operators: tuple[int, ...] = (1, 3, 6), max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
+    """Greedy accuracy of both modes at each operator count on a fixed small set (operands 0-99)."""
     model.eval()
     report = {}
-    for k in (1, 3, 6):
+    for k in operators:
         problems = generate_problems(n_per_cell, MONITOR_SEED + k, TaskConfig(min_operators=k, max_operators=k))
         for thinking in (False, True):
             gens = generate_greedy(
                 model, tokenizer, [build_prompt(tokenizer, p.question, thinking) for p in problems],
-                max_new_tokens=MAX_NEW_TOKENS if thinking else 16,
+                max_new_tokens=max_new_tokens if thinking else 16,
             )
             acc = sum(is_correct(g.text, p.answer) for g, p in zip(gens, problems)) / len(problems)
             report[f"{'slow' if thinking else 'fast'}@{k}"] = round(acc, 3)
@@ -164,8 +217,11 @@ def train(cfg: TrainConfig, out: Path) -> dict:
         # Fine-tuning keeps the checkpoint's tokenizer and architecture.
         tokenizer = AutoTokenizer.from_pretrained(cfg.init_from, local_files_only=True)
         model = Qwen3ForCausalLM.from_pretrained(cfg.init_from, local_files_only=True, dtype=torch.float32)
+        model.config.max_position_embeddings = max(model.config.max_position_embeddings, cfg.max_positions)  # RoPE: no table to grow
+        tokenizer.model_max_length = model.config.max_position_embeddings
     else:
         tokenizer = build_tokenizer(seed=cfg.seed)
+        tokenizer.model_max_length = cfg.max_positions
         model = Qwen3ForCausalLM(model_config(cfg, tokenizer))
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -196,7 +252,9 @@ def train(cfg: TrainConfig, out: Path) -> dict:
             log["loss"].append([step, round(loss.item(), 4), round(elapsed, 1)])
             bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens_seen / elapsed:.0f}")
         if (step + 1) % cfg.monitor_every == 0 or step + 1 == cfg.steps:
-            report = monitor(model, tokenizer, cfg.monitor_size)
+            longest = cfg.task.max_operators if cfg.reply_format == "checked" else 6
+            report = monitor(model, tokenizer, cfg.monitor_size, tuple(sorted({1, 3, 6, longest})),
+                             MAX_NEW_TOKENS if cfg.reply_format == "v1" else cfg.max_positions - 256)
             log["monitor"].append({"step": step + 1, "elapsed_s": round(time.time() - started, 1), **report})
             tqdm.write(f"step {step + 1}: {report}")
             save(model, tokenizer, cfg, log, out)

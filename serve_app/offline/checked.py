@@ -1,0 +1,169 @@
+"""The embedded model v2's slow reply: a first pass, then a re-check that really checks (issue 20).
+
+v1's slow thought (``embedded.slow_thought``) re-checks by undoing every step and redoing them, and
+always "agrees": it never corrects anything. v2's thought is
+
+1. the **first pass**: the worked steps (``embedded.step_line``, column by column), then
+   ``So the first pass gives N.`` (the parseable first-pass result, ``first_pass_value``);
+2. the **check**, step by step in order: undo step j from its stated result with the *question's*
+   operand (``step_line`` again), and compare with the value before it (the question's first number
+   for step 1, the first pass's previous result after that): ``W matches V.``;
+3. on the first mismatch, ``W does not match V, so step j is wrong. Redo from V:`` and the steps
+   from j on, redone, then ``So the answer is N.``; without one, ``Every step checks out, so the
+   answer is N.``
+
+Training replies carry, at a rate the trainer sets, one **slip** in the first pass (``Slip``: an
+operand copied wrongly, as the v1 model does with single-digit operands, or a step's result off in
+one digit); the first pass goes on from the slipped value and the check finds it. The slipped line
+is context only: ``checked_thought`` returns its span so the trainer masks it (the model learns to
+find and repair a slip, not to make one).
+
+A check compares with what the *question* says (operands, first number), so a copied operand is
+caught; its own arithmetic is the column working the first pass uses.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Literal
+
+from serve_app.core.task import Problem
+from serve_app.offline.embedded import IM_END, step_line
+
+THINK_CLOSE = "</think>"
+FIRST_PASS = "So the first pass gives {}."
+CHECK_HEADER = "Let me check each step."
+_FIRST_PASS_RE = re.compile(r"So the first pass gives (-?\d+)\.")
+
+
+@dataclass(frozen=True)
+class Slip:
+    """One error in a training reply's first pass: at step ``step`` (0-based; for ``operand`` at step
+    0 the first number itself may be miscopied, ``first=True``), the step uses ``value`` as its
+    operand (``operand``) or states ``value`` as its result (``result``)."""
+
+    step: int
+    kind: Literal["operand", "result"]
+    value: int
+    first: bool = False
+
+
+def _digit_changed(rng: random.Random, n: int) -> int:
+    """``n`` (>= 0) with one digit replaced by another (what a copying slip does: 91 -> 01, 59 -> 99)."""
+    digits = list(str(n))
+    i = rng.randrange(len(digits))
+    digits[i] = rng.choice([d for d in "0123456789" if d != digits[i]])
+    return int("".join(digits))
+
+
+def sample_slip(rng: random.Random, problem: Problem) -> Slip:
+    """A slip at a uniform step: half operand copies (one digit of the operand changed), half results
+    one digit off (the sign kept)."""
+    step = rng.randrange(problem.num_operators)
+    if rng.random() < 0.5:
+        first = step == 0 and rng.random() < 0.3
+        operand = problem.operands[0] if first else problem.operands[step + 1]
+        return Slip(step, "operand", _digit_changed(rng, operand), first)
+    value = problem.running_values()[step]
+    wrong = _digit_changed(rng, abs(value))
+    return Slip(step, "result", -wrong if value < 0 else wrong)
+
+
+def _apply(acc: int, op: str, operand: int) -> int:
+    return acc + operand if op == "+" else acc - operand
+
+
+def first_pass(problem: Problem, slip: Slip | None = None) -> tuple[list[str], list[int], int | None]:
+    """The first pass's step lines, its stated result after each step, and the index of the slipped
+    line (None without a slip)."""
+    acc = slip.value if slip is not None and slip.first else problem.operands[0]
+    lines, values = [], []
+    for j, (op, operand) in enumerate(zip(problem.ops, problem.operands[1:])):
+        used = slip.value if slip is not None and slip.step == j and slip.kind == "operand" and not slip.first else operand
+        line = step_line(acc, op, used)
+        value = _apply(acc, op, used)
+        if slip is not None and slip.step == j and slip.kind == "result":
+            line = line.rsplit(", so ", 1)[0] + f", so {slip.value}"
+            value = slip.value
+        lines.append(line)
+        values.append(value)
+        acc = value
+    return lines, values, None if slip is None else slip.step
+
+
+def checked_thought(problem: Problem, slip: Slip | None = None) -> tuple[str, tuple[int, int] | None]:
+    """The thinking text (no ``</think>``) and the character span of the slipped line (None without one)."""
+    lines, values, slipped = first_pass(problem, slip)
+    out = [*lines, FIRST_PASS.format(values[-1]), CHECK_HEADER]
+    before = [problem.operands[0], *values[:-1]]  # what each step's undo must give back
+    final = values[-1]
+    for j, (op, operand) in enumerate(zip(problem.ops, problem.operands[1:])):
+        undo = "-" if op == "+" else "+"
+        back = _apply(values[j], undo, operand)
+        out.append(f"Step {j + 1}: {step_line(values[j], undo, operand)}.")
+        if back == before[j]:
+            out.append(f"{back} matches {before[j]}.")
+            continue
+        out.append(f"{back} does not match {before[j]}, so step {j + 1} is wrong. Redo from {before[j]}:")
+        acc = before[j]
+        for op2, operand2 in zip(problem.ops[j:], problem.operands[j + 1 :]):
+            out.append(step_line(acc, op2, operand2))
+            acc = _apply(acc, op2, operand2)
+        final = acc
+        out.append(f"So the answer is {final}.")
+        break
+    else:
+        out.append(f"Every step checks out, so the answer is {final}.")
+    text = "\n".join(out) + "\n"
+    span = None
+    if slipped is not None:
+        start = sum(len(line) + 1 for line in lines[:slipped])
+        span = (start, start + len(lines[slipped]) + 1)
+    return text, span
+
+
+def checked_reply(problem: Problem, slip: Slip | None = None) -> str:
+    """Thought, ``</think>``, then the answer the check arrived at (the true one: a slip is always found)."""
+    thought, _ = checked_thought(problem, slip)
+    return f"{thought}{THINK_CLOSE}\n\n{problem.answer}{IM_END}"
+
+
+def first_pass_chars(problem: Problem, slip: Slip | None = None) -> int:
+    """Length of the first pass and its result line in ``checked_thought`` (where the check starts)."""
+    return checked_thought(problem, slip)[0].index(CHECK_HEADER)
+
+
+def first_pass_value(text: str) -> int | None:
+    """The first-pass result a v2 slow reply states (``So the first pass gives N.``); None when the
+    reply has no such line (v1 replies, fast replies, a thought cut before it)."""
+    found = _FIRST_PASS_RE.search(text)
+    return int(found.group(1)) if found else None
+
+
+def self_correction(records: list[dict]) -> dict | None:
+    """What the check did, from ``kvswitch eval`` records (``output``, ``predicted``, ``answer``,
+    ``correct``, ``operators``) of replies that state a first pass: per operator count and over all,
+    how many first passes ended wrong and the share of those whose final answer is right (fixed), how
+    many ended right and the share of those still right at the end (kept). None when no reply states
+    a first pass (v1 or fast replies)."""
+    cells: dict = defaultdict(lambda: {"n": 0, "first_wrong": 0, "fixed": 0, "first_right": 0, "kept": 0})
+    for r in records:
+        first = first_pass_value(r["output"])
+        if first is None:
+            continue
+        for key in (str(r["operators"]), "all"):
+            c = cells[key]
+            c["n"] += 1
+            right = str(first) == str(r["answer"]).strip()
+            c["first_right" if right else "first_wrong"] += 1
+            c["kept" if right else "fixed"] += bool(r["correct"])
+    if not cells:
+        return None
+    for c in cells.values():
+        c["fixed_fraction"] = c["fixed"] / c["first_wrong"] if c["first_wrong"] else None
+        c["kept_fraction"] = c["kept"] / c["first_right"] if c["first_right"] else None
+    total = cells.pop("all")
+    return {"by_operators": dict(sorted(cells.items(), key=lambda kv: int(kv[0]))), "all": total}

@@ -1,0 +1,110 @@
+"""The v2 slow reply (``serve_app.offline.checked``): a first pass, a check that finds a slip and
+redoes from it, what the trainer masks, and the self-correction table ``kvswitch eval`` reports."""
+
+import random
+
+import pytest
+
+from serve_app.core.task import Problem, TaskConfig, is_correct, sample_problem
+from serve_app.offline import checked
+from serve_app.offline.checked import Slip, checked_reply, checked_thought, first_pass_value, sample_slip, self_correction
+from serve_app.offline.embedded import build_tokenizer
+from serve_app.offline.train import TrainConfig, checked_example, sample_batches, sample_training_problem
+
+P = Problem((91, 5, 59), ("-", "+"))  # 91 - 5 + 59 = 145
+
+
+def test_a_right_first_pass_is_confirmed_step_by_step():
+    text, span = checked_thought(P)
+    assert span is None
+    assert text == ("91 - 5: 11-5=6, 9-0-1=8, so 86\n"
+                    "86 + 59: 6+9=15, 8+5+1=14, so 145\n"
+                    "So the first pass gives 145.\n"
+                    "Let me check each step.\n"
+                    "Step 1: 86 + 5: 6+5=11, 8+0+1=9, so 91.\n"
+                    "91 matches 91.\n"
+                    "Step 2: 145 - 59: 15-9=6, 14-5-1=8, 1-0-1=0, so 86.\n"
+                    "86 matches 86.\n"
+                    "Every step checks out, so the answer is 145.\n")
+    assert first_pass_value(text) == 145 and is_correct(checked_reply(P), 145)
+
+
+@pytest.mark.parametrize("slip,wrong_line,redo_from", [
+    (Slip(0, "operand", 1, first=True), "1 - 5: 5 - 1 instead, 5-1=4, so -4\n", 91),   # the first number copied as 1
+    (Slip(1, "operand", 99), "86 + 99: 6+9=15, 8+9+1=18, so 185\n", 86),              # 59 copied as 99
+    (Slip(1, "result", 155), "86 + 59: 6+9=15, 8+5+1=14, so 155\n", 86),              # a result one digit off
+])
+def test_the_check_finds_the_slip_says_so_and_redoes_from_the_last_right_value(slip, wrong_line, redo_from):
+    text, span = checked_thought(P, slip)
+    assert text[span[0]:span[1]] == wrong_line
+    step = slip.step + 1
+    assert f"so step {step} is wrong. Redo from {redo_from}:" in text
+    assert text.endswith("So the answer is 145.\n") and first_pass_value(text) != 145
+    assert text.count("matches") == slip.step  # the steps before the slip were confirmed
+
+
+def test_every_sampled_slip_is_found_and_the_answer_is_always_right():
+    rng = random.Random(5)
+    for _ in range(3000):
+        p = sample_problem(rng, rng.randint(1, 8), 999, "mixed")
+        slip = sample_slip(rng, p)
+        text, span = checked_thought(p, slip)
+        assert first_pass_value(text) != p.answer  # a slip always moves the first pass off by its error
+        assert "is wrong. Redo from" in text and text.endswith(f"So the answer is {p.answer}.\n")
+        assert span is not None and text[span[0]:span[1]].count("\n") == 1
+
+
+def test_the_trainer_masks_exactly_the_slipped_line():
+    tok = build_tokenizer(seed=0, corpus_size=200)
+    cfg = TrainConfig(reply_format="checked", slip_fraction=1.0, forced_close_fraction=0.0)
+    rng = random.Random(3)
+    for _ in range(20):
+        p = sample_problem(rng, rng.randint(2, 6), 99)
+        ids, labels = checked_example(tok, p, random.Random(rng.random()), cfg)
+        masked = tok.decode([i for i, lab in zip(ids, labels) if lab == -100])
+        kept = [i for i, lab in zip(ids, labels) if lab != -100]
+        assert masked.endswith("\n") and masked.count("\n") == 1 and " so " in masked  # one step line
+        assert tok.decode(kept).endswith(f"{p.answer}<|im_end|>") and "is wrong. Redo from" in tok.decode(kept)
+
+
+def test_forced_closes_happen_after_the_first_pass_of_a_right_reply():
+    tok = build_tokenizer(seed=0, corpus_size=200)
+    cfg = TrainConfig(reply_format="checked", slip_fraction=0.0, forced_close_fraction=1.0)
+    ids, labels = checked_example(tok, P, random.Random(0), cfg)
+    text = tok.decode(ids)
+    assert "So the first pass gives 145." in text and text.endswith("</think>\n\n145<|im_end|>")
+    assert labels.count(-100) == len(tok.encode("</think>\n\n", add_special_tokens=False))
+
+
+def test_fast_examples_include_small_two_operator_questions():
+    cfg = TrainConfig(fast_one_operator_fraction=0.5, fast_small_fraction=0.3, task=TaskConfig(max_operators=8, max_operand=999, operands="mixed"))
+    rng = random.Random(1)
+    fast = [sample_training_problem(cfg, rng, thinking=False) for _ in range(4000)]
+    small = sum(p.num_operators == 2 and max(p.operands) <= 9 for p in fast) / len(fast)
+    one = sum(p.num_operators == 1 for p in fast) / len(fast)
+    assert 0.28 <= small <= 0.34 and 0.47 <= one <= 0.56
+    slow = [sample_training_problem(cfg, rng, thinking=True) for _ in range(4000)]
+    assert {p.num_operators for p in slow} == set(range(1, 9)) and max(max(p.operands) for p in slow) >= 100
+
+
+def test_checked_batches_are_well_formed():
+    tok = build_tokenizer(seed=0, corpus_size=200)
+    cfg = TrainConfig(reply_format="checked", tokens_per_batch=4096, task=TaskConfig(max_operators=8, max_operand=999, operands="mixed"))
+    batches = sample_batches(cfg, tok, random.Random(0), pool_size=64)
+    for _ in range(3):
+        ids, labels = next(batches)
+        assert ids.shape == labels.shape and (labels != -100).any()
+
+
+def test_self_correction_table():
+    recs = [  # first pass right, kept; first pass wrong, fixed; first pass wrong, not fixed; a v1 reply (ignored)
+        {"operators": 2, "answer": "145", "correct": True, "output": "So the first pass gives 145.\n..."},
+        {"operators": 2, "answer": "145", "correct": True, "output": "So the first pass gives 155.\n..."},
+        {"operators": 3, "answer": "7", "correct": False, "output": "So the first pass gives 8.\n..."},
+        {"operators": 3, "answer": "7", "correct": True, "output": "Both passes agree, so the answer is 7."},
+    ]
+    t = self_correction(recs)
+    assert t["all"] == {"n": 3, "first_wrong": 2, "fixed": 1, "first_right": 1, "kept": 1, "fixed_fraction": 0.5, "kept_fraction": 1.0}
+    assert t["by_operators"]["3"]["fixed_fraction"] == 0.0 and t["by_operators"]["2"]["n"] == 2
+    assert self_correction(recs[3:]) is None
+    assert checked.first_pass_value("no first pass here") is None
