@@ -108,3 +108,17 @@ def test_self_correction_table():
     assert t["by_operators"]["3"]["fixed_fraction"] == 0.0 and t["by_operators"]["2"]["n"] == 2
     assert self_correction(recs[3:]) is None
     assert checked.first_pass_value("no first pass here") is None
+
+
+def test_train_model_options_and_config_file_make_the_v2_config(tmp_path):
+    from serve_app.cli import build_parser
+    from serve_app.offline.commands import train_config
+
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text('{"steps": 7, "slip_fraction": 0.1, "task": {"max_operand": 500}}')
+    args = build_parser().parse_args(["train-model", "--out", "x", "--config", str(cfg_file), "--reply-format", "checked",
+                                      "--slip-fraction", "0.25", "--max-operators", "8", "--operands", "mixed", "--max-positions", "2048"])
+    cfg = train_config(args)
+    assert (cfg.steps, cfg.slip_fraction, cfg.reply_format, cfg.max_positions) == (7, 0.25, "checked", 2048)
+    assert (cfg.task.max_operators, cfg.task.max_operand, cfg.task.operands) == (8, 500, "mixed")
+    assert train_config(build_parser().parse_args(["train-model", "--out", "x"])) == TrainConfig()

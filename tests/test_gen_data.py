@@ -249,3 +249,16 @@ def test_styles_write_the_same_questions_and_answers_in_each_format(tmp_path):
     assert "\n#### " in json.loads((tmp_path / "gsm8k.jsonl").read_text().splitlines()[0])["answer"]
     pairs = {style: [(r["question"], r["answer"]) for r in got] for style, got in rows.items()}
     assert pairs["native"] == pairs["gsm8k"] == pairs["math"] and len(pairs["native"]) == 30
+
+
+@pytest.mark.parametrize("operands,max_operand,lengths", [("digits", 999, {1: 1 / 3, 2: 1 / 3, 3: 1 / 3}),
+                                                          ("mixed", 999, {1: 0.3 + 0.5 * 0.1, 2: 0.5 * 0.9, 3: 0.2})])
+def test_operand_lengths_follow_the_chosen_mix(tmp_path, operands, max_operand, lengths):
+    out = tmp_path / "ops.jsonl"
+    assert main(["gen-data", "--out", str(out), "--n", "1500", "--seed", "3", "--min-operators", "7", "--max-operators", "8",
+                 "--operands", operands, "--max-operand", str(max_operand)]) in (0, None)
+    values = [int(v) for line in out.read_text().splitlines() for v in re.findall(r"\d+", json.loads(line)["question"])]
+    assert max(values) <= max_operand and max(values) >= 100
+    counts = collections.Counter(len(str(v)) for v in values)
+    for k, share in lengths.items():
+        assert abs(counts[k] / len(values) - share) < 0.02, (k, counts[k] / len(values), share)

@@ -23,8 +23,9 @@ from serve_app.offline.options import (
 from serve_app.reports import write_json
 
 
-def _cmd_train_model(args: argparse.Namespace) -> int:
-    from serve_app.offline.train import TrainConfig, train
+def train_config(args: argparse.Namespace):
+    """``train-model``'s TrainConfig: ``--config`` (JSON / YAML), then the options given."""
+    from serve_app.offline.train import TrainConfig
 
     base = {}
     if args.config:  # a TrainConfig file (e.g. a checkpoint's train_config.json); options given here override it
@@ -32,7 +33,17 @@ def _cmd_train_model(args: argparse.Namespace) -> int:
 
         base = yaml.safe_load(Path(args.config).read_text()) or {}
     overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None}
-    log = train(TrainConfig(**{**base, **overrides}), Path(args.out))
+    task = {k: v for k, v in (("max_operators", args.max_operators), ("max_operand", args.max_operand), ("operands", args.operands))
+            if v is not None}
+    if task:
+        overrides["task"] = {**base.get("task", {}), **task}
+    return TrainConfig(**{**base, **overrides})
+
+
+def _cmd_train_model(args: argparse.Namespace) -> int:
+    from serve_app.offline.train import train
+
+    log = train(train_config(args), Path(args.out))
     print(json.dumps({"params": log["params"], "train_seconds": log["train_seconds"], "monitor": log["monitor"][-1]}))
     return 0
 
@@ -276,6 +287,11 @@ def add_train_model(sub) -> None:
     p.add_argument("--fast-small-fraction", dest="fast_small_fraction", type=float,
                    help="share of fast examples with two single-digit operands (default 0)")
     p.add_argument("--max-positions", dest="max_positions", type=int, help="the model's context (default 1024)")
+    p.add_argument("--fast-one-operator-fraction", dest="fast_one_operator_fraction", type=float,
+                   help="share of fast examples with one operator (default 0.6)")
+    p.add_argument("--max-operators", dest="max_operators", type=int, help="longest training chain (default 6)")
+    p.add_argument("--max-operand", dest="max_operand", type=int, help="largest training operand (default 99)")
+    p.add_argument("--operands", choices=["uniform", "digits", "mixed"], help="training operand distribution (default uniform; gen-data --operands)")
     p.set_defaults(func=_cmd_train_model)
 
 
