@@ -112,7 +112,7 @@ def test_self_correction_table():
 
 def test_train_model_options_and_config_file_make_the_v2_config(tmp_path):
     from serve_app.cli import build_parser
-    from serve_app.offline.commands import train_config
+    from serve_app.offline.train_cli import train_config
 
     cfg_file = tmp_path / "c.json"
     cfg_file.write_text('{"steps": 7, "slip_fraction": 0.1, "task": {"max_operand": 500}}')
