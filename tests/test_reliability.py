@@ -231,7 +231,7 @@ def test_request_timeout_cancels_generation_and_frees_the_slot(hostile):
     started = time.perf_counter()
     assert post(hostile, long, timeout=300).status_code == 200
     natural = time.perf_counter() - started
-    assert natural > 2.0, natural
+    assert natural > 1.0, natural  # well above the 0.5 s timeout (1.75 s measured on an idle 2-core machine)
     base = deploy("timeout", {**BASE, "limits": {**LIMITS, "request_timeout_s": 0.5}})
     try:
         started = time.perf_counter()
