@@ -5,18 +5,18 @@ but ``/health`` (the Guard of ``serve_app.serving.api``).
 
 ``AdminRoutes`` is a base class of ``deployments.router.Router``: its methods are routes of the same
 FastAPI ``app`` (Serve's ingress serves inherited route methods) and use the Router's ``cfg``,
-``tokenizer``, ``context``, ``grader``, ``prefill`` and ``pools``."""
+``tokenizer``, ``context``, ``grader``, ``prefill``, ``pools`` and ``_pool_call``."""
 
 import asyncio
 
 from ray.exceptions import NodeDiedError, RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.exceptions import ReplicaUnavailableError
 from transformers import AutoConfig
 
 from serve_app.core.probe import Probe, model_fingerprint
-from serve_app.engines.base import GenerationError, GenRequest, checkpoint_dtype
+from serve_app.engines.base import GenRequest, checkpoint_dtype
 from serve_app.serving.api import create_app
-from serve_app.serving.errors import APIError, generation_failed, overloaded, replica_failed, timed_out
+from serve_app.serving.errors import APIError
 from serve_app.serving.schemas import AdminFeaturesRequest, AdminGenerateRequest, completion_id
 
 app = create_app()
@@ -45,20 +45,6 @@ class AdminRoutes:
                 raise APIError(400, f"prompt ({len(p)} tokens) + {new_tokens} new tokens exceed the context of {self.context}",
                                param=param, code="context_length_exceeded")
 
-    async def _admin_call(self, what: str, call):
-        """``call()`` on a pool through the Router's retrying ``_call``; failures as the API's errors."""
-        limits = self.cfg.limits
-        try:
-            return await self._call(what, call, limits.request_timeout_s)
-        except (BackPressureError, DeploymentUnavailableError) as exc:
-            raise overloaded(exc) from exc
-        except TimeoutError as exc:
-            raise timed_out(limits.request_timeout_s) from exc
-        except REPLICA_FAILURES as exc:
-            raise replica_failed(what, exc, retried=self.cfg.retry_on_replica_failure) from exc
-        except GenerationError as exc:
-            raise generation_failed(exc.request_id) from exc
-
     @app.get("/admin/v1/info")
     async def admin_info(self):
         """What a remote calibration must match: the model's fingerprint, the served probe's poolings,
@@ -85,7 +71,7 @@ class AdminRoutes:
         if len(body.prompt_ids) > self.cfg.admin.max_prompts:
             raise APIError(400, f"at most {self.cfg.admin.max_prompts} prompts per call (admin.max_prompts)", param="prompt_ids")
         self._check_ids(body.prompt_ids, 0, "prompt_ids")
-        kv = await self._admin_call("prefill", lambda: self.prefill.features.remote(body.prompt_ids))
+        kv = await self._pool_call("prefill", lambda: self.prefill.features.remote(body.prompt_ids))
         return {"object": "list", "data": [{"index": i, "kv": f} for i, f in enumerate(kv)], "encoding": "base64-float32-le"}
 
     @app.post("/admin/v1/generate")
@@ -100,5 +86,5 @@ class AdminRoutes:
         req = GenRequest(prompt_ids=body.prompt_ids, mode=body.mode, add_prefix=body.add_prefix, max_new_tokens=body.max_new_tokens,
                          max_thinking_tokens=body.max_thinking_tokens, record_every=body.record_every, temperature=body.temperature,
                          top_p=body.top_p, seed=body.seed, request_id=completion_id("admin"))
-        out = await self._admin_call(body.mode, lambda: self.pools[body.mode].admin_generate.remote(req))
+        out = await self._pool_call(body.mode, lambda: self.pools[body.mode].admin_generate.remote(req))
         return {"id": req.request_id, **out}

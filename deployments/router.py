@@ -28,6 +28,7 @@ from deployments.router_loads import RouterLoads
 from serve_app.config import AppConfig
 from serve_app.core.grading import get_grader
 from serve_app.core.prompts import encode_messages, mode_prefix_ids, resolve_prompts
+from serve_app.engines.base import GenerationError
 from serve_app.serving.api import api_keys, check_exposure
 from serve_app.serving.errors import APIError, generation_failed, overloaded, replica_failed, timed_out
 from serve_app.serving.lease import LeasedStreamingResponse
@@ -125,6 +126,21 @@ class Router(AdminRoutes):
         async with asyncio.timeout(timeout):
             return (await self._retrying(what, call, lambda resp: resp))[1]
 
+    async def _pool_call(self, what: str, call):
+        """``_call`` within the request timeout, its failures as the API's errors (503 overloaded or
+        replica failed, 504 timeout, 500 generation failed): embeddings and the admin endpoints."""
+        limits = self.cfg.limits
+        try:
+            return await self._call(what, call, limits.request_timeout_s)
+        except (BackPressureError, DeploymentUnavailableError) as exc:
+            raise overloaded(exc) from exc
+        except TimeoutError as exc:
+            raise timed_out(limits.request_timeout_s) from exc
+        except REPLICA_FAILURES as exc:
+            raise replica_failed(what, exc, retried=self.cfg.retry_on_replica_failure) from exc
+        except GenerationError as exc:
+            raise generation_failed(exc.request_id) from exc
+
     async def _difficulty(self, prompt_ids: list[int]) -> float | None:
         """The prefill pool's difficulty, or None when it cannot give one in time (then the request
         is routed by ``fallback_mode``)."""
@@ -162,7 +178,7 @@ class Router(AdminRoutes):
             raise overloaded(exc) from exc
         except APIError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 — the client gets the request id, the log the details
             raise self._failed(plan, exc) from exc
         finally:
             for t in tasks:  # one choice failed or the client left: stop the others too
@@ -352,15 +368,7 @@ class Router(AdminRoutes):
         max_prompt = max_prompt_tokens(self.cfg, self.context)
         if max(len(p) for p in prompts) > max_prompt:
             raise APIError(400, f"an input is longer than {max_prompt} tokens", param="input", code="context_length_exceeded")
-        limits = self.cfg.limits
-        try:
-            vectors = await self._call("prefill", lambda: self.prefill.embed.remote(prompts), limits.request_timeout_s)
-        except (BackPressureError, DeploymentUnavailableError) as exc:
-            raise overloaded(exc) from exc
-        except TimeoutError as exc:
-            raise timed_out(limits.request_timeout_s) from exc
-        except REPLICA_FAILURES as exc:
-            raise replica_failed("prefill", exc, retried=self.cfg.retry_on_replica_failure) from exc
+        vectors = await self._pool_call("prefill", lambda: self.prefill.embed.remote(prompts))
         if body.encoding_format == "base64":
             vectors = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() for v in vectors]
         tokens = sum(len(p) for p in prompts)

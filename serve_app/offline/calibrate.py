@@ -43,7 +43,7 @@ from serve_app.core.probe import (
 )
 from serve_app.core.prompts import ThinkTags
 from serve_app.core.quant import KVQuantConfig
-from serve_app.engines.base import GenRequest, checkpoint_dtype
+from serve_app.engines.base import GenRequest
 from serve_app.offline.coe_eval import learn_directions, score_columns
 from serve_app.offline.common import EngineKind, Experiment, setup
 from serve_app.offline.metrics import auroc, fit_confidence
@@ -184,10 +184,9 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     if cfg.engine == "vllm" and cfg.kv_quant is not None:
         raise ValueError("calibrating on simulated KV quantization (--kv-quant) needs the HF engine: drop --engine vllm or --kv-quant")
     if cfg.url is not None:
-        if cfg.kv_quant is not None or cfg.engine != "hf" or cfg.dtype != "auto" or cfg.vllm_args:
-            raise ValueError("--url calibrates on the service's engines in the dtype its config sets: drop --kv-quant, --engine, "
-                             "--dtype and --max-model-len")
-        from serve_app.offline.remote import setup_remote
+        from serve_app.offline.remote import refuse_local_options, setup_remote
+
+        refuse_local_options(cfg.kv_quant, cfg.engine, cfg.dtype, cfg.vllm_args)
 
         with setup_remote(cfg.url, cfg.model, cfg.dataset, cfg.limit, min_rows=0, grader=cfg.grader, question_field=cfg.question_field,
                           answer_field=cfg.answer_field, think_tags=cfg.think_tags, api_key_=cfg.api_key) as exp:
@@ -224,9 +223,10 @@ def _calibrate(cfg: CalibrateConfig, exp: Experiment, features: list[str], start
     slow_ok = [grader.correct(r.reply, row["answer"]) for r, row in zip(slow, rows)]
     labels = cfg.labels or LabelConfig(short_tokens=max(4, math.ceil(float(np.median([r.tokens for r in slow])) / 8)))
     y = torch.tensor([difficulty_label(f, r.tokens, s, labels) for f, r, s in zip(fast_ok, fast, slow_ok)])
-    fast_enough = lambda v: v <= labels.fast_long
+    fast_enough = lambda v: v <= labels.fast_long  # noqa: E731
 
     heads, report = {}, {"features": {}}
+    engine, dtype = exp.describe(cfg.engine, cfg.dtype)
     for kind in features:
         reg, metrics = _fit_head(kind, x[kind], y, train_idx, val_idx, cfg.train, fast_enough)
         heads[kind] = head_record(reg, kind, metrics)
@@ -246,8 +246,8 @@ def _calibrate(cfg: CalibrateConfig, exp: Experiment, features: list[str], start
         "label_counts": {str(v): int((y == v).sum()) for v in sorted(set(y.tolist()))},
         "labels": [float(v) for v in y.tolist()],
         "seconds": round(time.time() - started, 1),
-        "engine": _engine(cfg, exp),
-        "dtype": _dtype(cfg, exp),
+        "engine": engine,
+        "dtype": dtype,
         "grader": cfg.grader,
     })
     confidence, coe = _confidence({"fast": (fast, fast_ok), "slow": (slow, slow_ok)}, train_idx, cfg.coe_variant)
@@ -270,8 +270,8 @@ def _calibrate(cfg: CalibrateConfig, exp: Experiment, features: list[str], start
             "val_questions": sorted({questions[i] for i in val_idx}),
             "train_probe": cfg.train.model_dump(),
             "kv_quant": None if cfg.kv_quant is None else cfg.kv_quant.name,
-            "engine": _engine(cfg, exp),
-            "dtype": _dtype(cfg, exp),
+            "engine": engine,
+            "dtype": dtype,
             **({} if cfg.url is None else {"url": cfg.url}),
             "max_new_tokens": cfg.max_new_tokens,
             "max_thinking_tokens": cfg.max_thinking_tokens,
@@ -281,15 +281,6 @@ def _calibrate(cfg: CalibrateConfig, exp: Experiment, features: list[str], start
     }
     Probe(data).save(cfg.out)
     return report
-
-
-def _engine(cfg: CalibrateConfig, exp: Experiment) -> str:
-    """The engine the replies came from: ``hf``, ``vllm`` or, through a service, ``service:<its slow pool's engine>``."""
-    return cfg.engine if cfg.url is None else f"service:{exp.info['engines']['slow']['engine']}"
-
-
-def _dtype(cfg: CalibrateConfig, exp: Experiment) -> str:
-    return checkpoint_dtype(exp.model_config, cfg.dtype) if cfg.url is None else exp.info["engines"]["slow"]["dtype"]
 
 
 def _prompt_features(exp: Experiment, cfg: CalibrateConfig, features: list[str], questions: list[str]) -> dict[str, torch.Tensor]:

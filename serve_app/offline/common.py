@@ -137,6 +137,10 @@ class Experiment:
         kv = self._call(gather_bounded([eng.prompt_features(p) for p in self.prompt_ids], batch_size, desc))
         return {"kv": torch.stack([f["kv"] for f in kv]).float()}
 
+    def describe(self, engine: str, dtype: str) -> tuple[str, str]:
+        """The engine and the resolved dtype the replies came from, for reports and probes."""
+        return engine, checkpoint_dtype(self.model_config, dtype)
+
     def probe(self, path: str | Path) -> Probe:
         """A probe checkpoint, refused when it was calibrated on another model."""
         return Probe.load(path, self.model_config)

@@ -45,7 +45,6 @@ from serve_app.core.kv_coe import kv_confidence
 from serve_app.core.prompts import ThinkTags
 from serve_app.core.quant import KVQuantConfig
 from serve_app.core.task import num_operators
-from serve_app.engines.base import checkpoint_dtype
 from serve_app.offline.checked import self_correction
 from serve_app.offline.coe_eval import coe_entry, probe_directions
 from serve_app.offline.common import EngineKind, Experiment, grader_name, setup
@@ -188,11 +187,13 @@ def run_eval(cfg: EvalConfig) -> dict:
             raise ValueError("simulated KV quantization (--kv-quant) runs on the HF engine only: drop --engine vllm or --kv-quant")
     cfg = cfg.model_copy(update={"grader": grader_name(cfg.grader, cfg.probe_path())})
     if cfg.url is not None:
+        from serve_app.offline.remote import refuse_local_options, setup_remote
+
         routed_here = [p for p in cfg.policies if p in ENGINE_POLICIES and p not in ("fast", "slow")]
-        if routed_here or cfg.kv_quant is not None or cfg.engine != "hf" or cfg.dtype != "auto" or cfg.vllm_args:
-            raise ValueError(f"eval --url runs fast, slow, {', '.join(CHOICE_POLICIES)} on the service's engines (its routing: `kvswitch "
-                             f"loadtest`); drop {', '.join(routed_here) or 'the routed policies'}, --kv-quant, --engine, --dtype, --max-model-len")
-        from serve_app.offline.remote import setup_remote
+        if routed_here:
+            raise ValueError(f"eval --url runs fast, slow, {', '.join(CHOICE_POLICIES)} on the service's engines; drop "
+                             f"{', '.join(routed_here)} (the service's own routing is measured by `kvswitch loadtest`)")
+        refuse_local_options(cfg.kv_quant, cfg.engine, cfg.dtype, cfg.vllm_args)
 
         with setup_remote(cfg.url, cfg.model, cfg.dataset, cfg.limit, grader=cfg.grader, question_field=cfg.question_field,
                           answer_field=cfg.answer_field, think_tags=cfg.think_tags, api_key_=cfg.api_key) as exp:
@@ -217,6 +218,7 @@ def _run_eval(cfg: EvalConfig, exp: Experiment) -> dict:
     confidence = probe.confidence if probe is not None else None
     grader = get_grader(cfg.grader)
 
+    engine, dtype = exp.describe(cfg.engine, cfg.dtype)
     report: dict = {
         "model": cfg.model,
         "dataset": cfg.dataset,
@@ -224,8 +226,8 @@ def _run_eval(cfg: EvalConfig, exp: Experiment) -> dict:
         "probe": str(cfg.probe_path()) if probe is not None else None,
         "online": online.model_dump() if online is not None else None,
         "kv_quant": None if cfg.kv_quant is None else cfg.kv_quant.name,
-        "engine": cfg.engine if cfg.url is None else f"service:{exp.info['engines']['slow']['engine']}",
-        "dtype": checkpoint_dtype(exp.model_config, cfg.dtype) if cfg.url is None else exp.info["engines"]["slow"]["dtype"],
+        "engine": engine,
+        "dtype": dtype,
         **({} if cfg.url is None else {"url": cfg.url}),
         "max_new_tokens": cfg.max_new_tokens,
         "max_thinking_tokens": cfg.max_thinking_tokens,

@@ -93,10 +93,11 @@ class RemoteExperiment(Experiment):
             else:
                 if resp.status_code < 400:
                     return resp.json()
-                busy = resp.status_code == 429 or _code(resp) == "overloaded"
+                code = _code(resp)
+                busy = resp.status_code == 429 or code == "overloaded"
                 failures += not busy
                 if resp.status_code not in RETRY_STATUS or failures >= MAX_TRIES or asyncio.get_running_loop().time() > deadline:
-                    hint = " (the service config needs `admin: {enabled: true}`)" if _code(resp) == "admin_disabled" else ""
+                    hint = " (the service config needs `admin: {enabled: true}`)" if code == "admin_disabled" else ""
                     hint = " (give --api-key or set $KVSWITCH_API_KEY)" if resp.status_code == 401 else hint
                     raise ServiceError(f"{self.url}{path}: HTTP {resp.status_code}: {_message(resp)}{hint}")
                 if busy:
@@ -120,6 +121,11 @@ class RemoteExperiment(Experiment):
         if tags and tags != mine:
             raise ValueError(f"the service's think tags are {tags['open']} {tags['close']}, not {mine['open']} {mine['close']}: "
                              "give the same --think-tags as its config's think_tags")
+
+    def describe(self, engine: str, dtype: str) -> tuple[str, str]:
+        """``service:<engine>`` and the dtype of the service's slow pool (its config sets both)."""
+        slow = self.info["engines"]["slow"]
+        return f"service:{slow['engine']}", slow["dtype"]
 
     @property
     def pooling(self) -> PoolingConfig:
@@ -194,13 +200,6 @@ class RemoteExperiment(Experiment):
 
         return [f for part in self._call(all_()) for f in part]
 
-    def prepare(self, *args, **kwargs) -> None:
-        """Nothing to start: the service's engines are running."""
-
-    def close(self) -> None:
-        if self._loop is not None:
-            self._loop.close()
-            self._loop = None
 
 
 def api_key(given: str | None) -> str | None:
@@ -219,3 +218,12 @@ def setup_remote(url: str, model: str | Path, dataset: str | Path, limit: int | 
                            _tokens=tokens, url=url, api_key=api_key(api_key_))
     exp.connect()
     return exp
+
+
+def refuse_local_options(kv_quant, engine: str, dtype: str, vllm_args: dict) -> None:
+    """``--url`` runs on the service's engines, in the dtype its config sets: the local engine's
+    options cannot apply."""
+    given = [flag for flag, on in (("--kv-quant", kv_quant is not None), ("--engine", engine != "hf"), ("--dtype", dtype != "auto"),
+                                   ("--max-model-len / vLLM arguments", bool(vllm_args))) if on]
+    if given:
+        raise ValueError(f"--url runs on the service's engines in the dtype its config sets: drop {', '.join(given)}")
