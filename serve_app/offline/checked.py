@@ -131,11 +131,6 @@ def checked_reply(problem: Problem, slip: Slip | None = None) -> str:
     return f"{thought}{THINK_CLOSE}\n\n{problem.answer}{IM_END}"
 
 
-def first_pass_chars(problem: Problem, slip: Slip | None = None) -> int:
-    """Length of the first pass and its result line in ``checked_thought`` (where the check starts)."""
-    return checked_thought(problem, slip)[0].index(CHECK_HEADER)
-
-
 def first_pass_value(text: str) -> int | None:
     """The first-pass result a v2 slow reply states (``So the first pass gives N.``); None when the
     reply has no such line (v1 replies, fast replies, a thought cut before it)."""

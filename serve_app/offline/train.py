@@ -154,13 +154,7 @@ def checked_example(tokenizer, problem, rng: random.Random, cfg: TrainConfig) ->
     slip = checked.sample_slip(rng, problem) if rng.random() < cfg.slip_fraction else None
     thought, span = checked.checked_thought(problem, slip)
     if slip is None and rng.random() < cfg.forced_close_fraction:
-        enc = tokenizer(thought, add_special_tokens=False)
-        first = len(tokenizer.encode(thought[: checked.first_pass_chars(problem)], add_special_tokens=False))
-        cut = rng.randint(min(first, len(enc.input_ids)), len(enc.input_ids))
-        close = tokenizer.encode(f"{THINK_CLOSE}\n\n", add_special_tokens=False)
-        answer = tokenizer.encode(f"{problem.answer}{IM_END}", add_special_tokens=False)
-        ids = enc.input_ids[:cut]
-        return ids + close + answer, ids + [-100] * len(close) + answer
+        return close_after_first_pass(tokenizer, thought, thought.index(checked.CHECK_HEADER), problem.answer, rng)
     text = f"{thought}{THINK_CLOSE}\n\n{problem.answer}{IM_END}"
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = list(enc.input_ids)
@@ -176,13 +170,18 @@ def forced_close_reply(tokenizer, problem, rng: random.Random) -> tuple[list[int
 
     Returns (reply ids, labels): the close tokens carry label -100 (they are injected, not learnt).
     """
-    thought = slow_thought(problem)
+    return close_after_first_pass(tokenizer, slow_thought(problem), first_pass_chars(problem), problem.answer, rng)
+
+
+def close_after_first_pass(tokenizer, thought: str, first_chars: int, answer: int, rng: random.Random) -> tuple[list[int], list[int]]:
+    """``thought`` cut at a random token from its first ``first_chars`` characters (the first pass) on,
+    ``</think>\n\n`` appended with label -100 (injected, not learnt), then ``answer``."""
     ids = tokenizer.encode(thought, add_special_tokens=False)
-    first = len(tokenizer.encode(thought[: first_pass_chars(problem)], add_special_tokens=False))
+    first = len(tokenizer.encode(thought[:first_chars], add_special_tokens=False))
     cut = rng.randint(min(first, len(ids)), len(ids))
     close = tokenizer.encode(f"{THINK_CLOSE}\n\n", add_special_tokens=False)
-    answer = tokenizer.encode(f"{problem.answer}{IM_END}", add_special_tokens=False)
-    return ids[:cut] + close + answer, ids[:cut] + [-100] * len(close) + answer
+    tail = tokenizer.encode(f"{answer}{IM_END}", add_special_tokens=False)
+    return ids[:cut] + close + tail, ids[:cut] + [-100] * len(close) + tail
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
