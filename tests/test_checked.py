@@ -21,10 +21,10 @@ def test_a_right_first_pass_is_confirmed_step_by_step():
                     "86 + 59: 6+9=15, 8+5+1=14, so 145\n"
                     "So the first pass gives 145.\n"
                     "Let me check each step.\n"
-                    "Step 1: 86 + 5: 6+5=11, 8+0+1=9, so 91.\n"
-                    "91 matches 91.\n"
-                    "Step 2: 145 - 59: 15-9=6, 14-5-1=8, 1-0-1=0, so 86.\n"
-                    "86 matches 86.\n"
+                    "Step 1 took 91 to 86. Undo: 86 + 5: 6+5=11, 8+0+1=9, so 91.\n"
+                    "Want 91, got 91, so step 1 is right.\n"
+                    "Step 2 took 86 to 145. Undo: 145 - 59: 15-9=6, 14-5-1=8, 1-0-1=0, so 86.\n"
+                    "Want 86, got 86, so step 2 is right.\n"
                     "Every step checks out, so the answer is 145.\n")
     assert first_pass_value(text) == 145 and is_correct(checked_reply(P), 145)
 
@@ -33,6 +33,7 @@ def test_a_right_first_pass_is_confirmed_step_by_step():
     (Slip(0, "operand", 1, first=True), "1 - 5: 5 - 1 instead, 5-1=4, so -4\n", 91),   # the first number copied as 1
     (Slip(1, "operand", 99), "86 + 99: 6+9=15, 8+9+1=18, so 185\n", 86),              # 59 copied as 99
     (Slip(1, "result", 155), "86 + 59: 6+9=15, 8+5+1=14, so 155\n", 86),              # a result one digit off
+    (Slip(1, "result", -145), "86 + 59: 6+9=15, 8+5+1=14, so -145\n", 86),            # a result's sign flipped
 ])
 def test_the_check_finds_the_slip_says_so_and_redoes_from_the_last_right_value(slip, wrong_line, redo_from):
     text, span = checked_thought(P, slip)
@@ -40,7 +41,8 @@ def test_the_check_finds_the_slip_says_so_and_redoes_from_the_last_right_value(s
     step = slip.step + 1
     assert f"so step {step} is wrong. Redo from {redo_from}:" in text
     assert text.endswith("So the answer is 145.\n") and first_pass_value(text) != 145
-    assert text.count("matches") == slip.step  # the steps before the slip were confirmed
+    assert text.count("is right.") == slip.step  # the steps before the slip were confirmed
+    assert f"Step {step} took {redo_from} to " in text  # the value to come back to, written before the undo
 
 
 def test_every_sampled_slip_is_found_and_the_answer_is_always_right():

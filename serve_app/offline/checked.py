@@ -5,16 +5,20 @@ always "agrees": it never corrects anything. v2's thought is
 
 1. the **first pass**: the worked steps (``embedded.step_line``, column by column), then
    ``So the first pass gives N.`` (the parseable first-pass result, ``first_pass_value``);
-2. the **check**, step by step in order: undo step j from its stated result with the *question's*
-   operand (``step_line`` again), and compare with the value before it (the question's first number
-   for step 1, the first pass's previous result after that): ``W matches V.``;
-3. on the first mismatch, ``W does not match V, so step j is wrong. Redo from V:`` and the steps
-   from j on, redone, then ``So the answer is N.``; without one, ``Every step checks out, so the
-   answer is N.``
+2. the **check**, step by step in order. Each step first states where it went
+   (``Step j took V to W.``: V is the question's first number for step 1 and the first pass's
+   previous result after that, W the step's stated result), then undoes it from W with the
+   *question's* operand (``Undo: `` and a ``step_line``), then compares: ``Want V, got X``. The
+   value to come back to is looked up and written before the undo is worked, so every check line
+   trains the lookup, and the verdict compares two numbers written side by side;
+3. on the first mismatch, ``Want V, got X, so step j is wrong. Redo from V:`` and the steps from j
+   on, redone, then ``So the answer is N.``; without one, ``Every step checks out, so the answer
+   is N.``
 
 Training replies carry, at a rate the trainer sets, one **slip** in the first pass (``Slip``: an
 operand copied wrongly, as the v1 model does with single-digit operands, or a step's result off in
-one digit); the first pass goes on from the slipped value and the check finds it. The slipped line
+one digit or with its sign flipped, as a swapped subtraction goes wrong); the first pass goes on from
+the slipped value and the check finds it. The slipped line
 is context only: ``checked_thought`` returns its span so the trainer masks it (the model learns to
 find and repair a slip, not to make one).
 
@@ -60,14 +64,16 @@ def _digit_changed(rng: random.Random, n: int) -> int:
 
 
 def sample_slip(rng: random.Random, problem: Problem) -> Slip:
-    """A slip at a uniform step: half operand copies (one digit of the operand changed), half results
-    one digit off (the sign kept)."""
+    """A slip at a uniform step: half operand copies (one digit of the operand changed), half wrong
+    results: one digit off (the sign kept), or, for a third of nonzero results, the sign flipped."""
     step = rng.randrange(problem.num_operators)
     if rng.random() < 0.5:
         first = step == 0 and rng.random() < 0.3
         operand = problem.operands[0] if first else problem.operands[step + 1]
         return Slip(step, "operand", _digit_changed(rng, operand), first)
     value = problem.running_values()[step]
+    if value != 0 and rng.random() < 1 / 3:
+        return Slip(step, "result", -value)
     wrong = _digit_changed(rng, abs(value))
     return Slip(step, "result", -wrong if value < 0 else wrong)
 
@@ -103,11 +109,11 @@ def checked_thought(problem: Problem, slip: Slip | None = None) -> tuple[str, tu
     for j, (op, operand) in enumerate(zip(problem.ops, problem.operands[1:])):
         undo = "-" if op == "+" else "+"
         back = _apply(values[j], undo, operand)
-        out.append(f"Step {j + 1}: {step_line(values[j], undo, operand)}.")
+        out.append(f"Step {j + 1} took {before[j]} to {values[j]}. Undo: {step_line(values[j], undo, operand)}.")
         if back == before[j]:
-            out.append(f"{back} matches {before[j]}.")
+            out.append(f"Want {before[j]}, got {back}, so step {j + 1} is right.")
             continue
-        out.append(f"{back} does not match {before[j]}, so step {j + 1} is wrong. Redo from {before[j]}:")
+        out.append(f"Want {before[j]}, got {back}, so step {j + 1} is wrong. Redo from {before[j]}:")
         acc = before[j]
         for op2, operand2 in zip(problem.ops[j:], problem.operands[j + 1 :]):
             out.append(step_line(acc, op2, operand2))
