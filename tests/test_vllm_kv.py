@@ -322,6 +322,8 @@ def test_connector_features_equal_the_hf_engines(model_dir, shipped):
                                                   kv_role="kv_both", kv_connector_extra_config={"pooling": probe.pooling.model_dump()}))
     outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], SamplingParams(temperature=0, max_tokens=1,
                                                                                                   extra_args={"kv_transfer_params": {"kvswitch": "prompt"}}))
+    llm.llm_engine.engine_core.shutdown()  # now, not in the interpreter's teardown (tests/conftest.py)
+    del llm
     kv = torch.tensor([o.kv_transfer_params["kvswitch"]["kv"] for o in outs])
     emb = torch.tensor([o.kv_transfer_params["kvswitch"]["embedding"] for o in outs])
     assert torch.nn.functional.cosine_similarity(kv, hf["kv"], dim=-1).min() >= 0.99
