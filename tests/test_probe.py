@@ -113,6 +113,11 @@ def test_calibrate_end_to_end_on_a_small_set(model_dir, tmp_path):
     assert probe.data["calibration"]["grader"] == "number" == probe.grader  # eval and serving default to it
     val_q = set(probe.data["calibration"]["val_questions"])
     assert 0 < len(val_q) < 40
+    # eval's length-oneshot peer: a prompt-length threshold fitted on the training split, used when no L is given
+    assert isinstance(probe.data["length_threshold"], int)
+    from serve_app.offline.peers import length_threshold
+
+    assert length_threshold("length-oneshot", probe) == probe.data["length_threshold"] and length_threshold("length-oneshot:7", probe) == 7
 
 
 def test_calibrate_cli_writes_probe_and_report(model_dir, tmp_path, capsys):

@@ -109,3 +109,22 @@ def switch_decision(mode: Mode, difficulty: float, streak: int, online: OnlineCo
     if target is not None and streak >= online.confirm:
         return target, 0
     return None, streak
+
+
+def length_route(prompt_tokens: int, threshold: int) -> Mode:
+    """The prompt-length peer (issue 21): slow when the prompt is longer than ``threshold`` tokens."""
+    return "slow" if prompt_tokens > threshold else "fast"
+
+
+def fit_length_threshold(prompt_tokens: list[int], fast_enough: list[bool]) -> int:
+    """The length threshold that agrees with the most "fast is enough" labels (fast at or below it,
+    slow above); ties go to the smallest threshold. Candidates: every observed length, and one
+    below the shortest (everything slow)."""
+    if not prompt_tokens or len(prompt_tokens) != len(fast_enough):
+        raise ValueError("fitting a length threshold needs one label per prompt, and at least one prompt")
+    best, best_agree = min(prompt_tokens) - 1, -1
+    for threshold in sorted({min(prompt_tokens) - 1, *prompt_tokens}):
+        agree = sum((n <= threshold) == ok for n, ok in zip(prompt_tokens, fast_enough))
+        if agree > best_agree:
+            best, best_agree = threshold, agree
+    return best

@@ -13,6 +13,7 @@ from typing import AsyncIterator, Protocol, Sequence
 import torch
 from pydantic import BaseModel
 
+from serve_app.core.early_exit import EarlyExit
 from serve_app.core.kv_features import PoolingConfig
 from serve_app.core.policy import Mode
 from serve_app.core.prompts import ModePrompts, ThinkTags, mode_prefix_ids, resolve_prompts, switch_ids
@@ -60,6 +61,9 @@ class GenRequest:
     """Calibration through a service (``kvswitch calibrate --url``): pool the last S cached positions
     every this many counted tokens with the engine's decode pooling (``GenResult.recorded``), as a
     batch-wide ``record`` does offline."""
+    early_exit: EarlyExit | None = None
+    """A peer's early-exit rule (Dynasor-CoT or DEER, ``serve_app.core.early_exit``): probe the
+    answer in side branches while the thought is open and end it when the rule fires (HF engine)."""
 
 
 class GenerationError(RuntimeError):
@@ -88,9 +92,15 @@ class GenResult:
     difficulty: float | None = None
     """Prompt difficulty (0–100) from the probe, when a probe was used."""
     switched_at: int | None = None
+    """Generated-token index at which the switch tokens were appended."""
     thinking_capped: bool = False
     """The thought was closed by ``max_thinking_tokens``, not by the model or the probe."""
-    """Generated-token index at which the switch tokens were appended."""
+    exited_at: int | None = None
+    """Early exit: the generated-token index at which the rule closed the thought."""
+    probe_tokens: int = 0
+    """Early exit: tokens fed and generated in side branches (not part of ``tokens``)."""
+    probe_answers: list[str | None] = field(default_factory=list)
+    """Early exit: every side-branch answer, in order (None: not complete)."""
     checks: list[tuple[int, float]] = field(default_factory=list)
     prompt_feature: torch.Tensor | None = None
     embedding: torch.Tensor | None = None

@@ -15,6 +15,7 @@ from serve_app.core.kv_features import PoolingConfig, cache_kv, kv_embedding, po
 from serve_app.core.policy import Mode, OnlineConfig, switch_decision
 from serve_app.core.quant import KVQuantConfig, quantize_cache
 from serve_app.engines.base import SAMPLING_EPS, DifficultyScorer, GenRequest, GenResult, TokenSetup
+from serve_app.engines.early_exit import EarlyExits
 
 
 @dataclass(eq=False)
@@ -60,6 +61,12 @@ class Row:
     think_tokens: int = 0
     """Counted tokens of the open thought (for ``GenRequest.max_thinking_tokens``)."""
     capped: bool = False
+    probe_answers: list = field(default_factory=list)
+    """Early exit (``GenRequest.early_exit``): every side-branch answer so far (None: not complete)."""
+    probe_tokens: int = 0
+    probed_at: int = -1
+    """``think_tokens`` at the last probe (a row is probed at most once per thinking token)."""
+    exited_at: int | None = None
     result: GenResult | None = None
     error: Exception | None = None
     """What ended this row alone (its sampling failed); the other rows go on."""
@@ -96,6 +103,7 @@ class DecodeBatch:
         tok = getattr(engine, "tokenizer", None)
         self._close_tag = tok.encode(engine.prompts.close_think.strip(), add_special_tokens=False) if tok is not None else []
         self.cache = self.mask = self.logits = None
+        self.exits = EarlyExits(self)
 
     @torch.inference_mode()
     def add(self, requests: Sequence[GenRequest]) -> list[Row]:
@@ -259,6 +267,7 @@ class DecodeBatch:
         if self.probe is not None:
             self._online_checks(keys, values)
         self._records(keys, values)
+        self.exits.after_step()
         return done
 
     def _next_token(self, row: Row, sampled: int | None, stats: tuple | None) -> tuple[int, bool]:

@@ -186,6 +186,9 @@ class VLLMEngine(TokenSetup):
     async def stream(self, req: GenRequest, predicted_tokens: float = 0.0, record: int | None = None) -> AsyncIterator[tuple[list[int], GenResult | None]]:
         if req.mode is None:
             raise ValueError("the vLLM engine serves a pool: the request's mode must be fast or slow")
+        if req.early_exit is not None:
+            raise ValueError(f"early exit ({req.early_exit.kind}) probes answers in side branches of the HF engine's cache; "
+                             "the vLLM engine has no such branch: use engine hf for it")
         seq = list(req.prompt_ids) + (self.prefix_ids[req.mode] if req.add_prefix else [])
         rid = self._rid()
         state = {"out": 0}

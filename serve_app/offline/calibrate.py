@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from serve_app.core.grading import GraderName, get_grader
 from serve_app.core.kv_coe import DEFAULT_VARIANT, LEGACY, SERVABLE, parse_variant
 from serve_app.core.kv_features import PoolingConfig
-from serve_app.core.policy import OnlineConfig
+from serve_app.core.policy import OnlineConfig, fit_length_threshold
 from serve_app.core.probe import (
     FORMAT,
     LabelConfig,
@@ -260,6 +260,7 @@ def _calibrate(cfg: CalibrateConfig, exp: Experiment, features: list[str], start
         "labels": labels.model_dump(),
         "label_rule": "short_tokens = ceil(median slow tokens / 8)" if cfg.labels is None else "given",
         "thresholds": cfg.online.model_dump(),
+        "length_threshold": _length_threshold(exp, y, train_idx, fast_enough),
         "heads": heads,
         "confidence": confidence,
         "coe": coe,
@@ -281,6 +282,11 @@ def _calibrate(cfg: CalibrateConfig, exp: Experiment, features: list[str], start
     }
     Probe(data).save(cfg.out)
     return report
+
+
+def _length_threshold(exp: Experiment, y: torch.Tensor, train_idx: list[int], fast_enough) -> int:
+    """The prompt-length peer's threshold (``eval --policy length-oneshot``), fitted on the heads' training split."""
+    return fit_length_threshold([len(exp.prompt_ids[i]) for i in train_idx], [fast_enough(float(y[i])) for i in train_idx])
 
 
 def _prompt_features(exp: Experiment, cfg: CalibrateConfig, features: list[str], questions: list[str]) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ from serve_app.offline.options import (
     engine_options,
     given,
     split,
+    split_policies,
 )
 from serve_app.reports import write_json
 
@@ -51,7 +52,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(
         model=args.model,
         dataset=args.dataset,
-        policies=split(args.policy),
+        policies=split_policies(args.policy),
         batch_size=args.batch_size,
         limit=args.limit,
         coe=args.coe,
@@ -243,7 +244,8 @@ def add_eval(sub) -> None:
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--dataset", required=True)
     p.add_argument("--policy", default="fast,slow",
-                   help="comma list of fast, slow, kv-oneshot, kv-online, hidden-oneshot, oracle, random, minilm-oneshot")
+                   help="comma list of fast, slow, kv-oneshot, kv-online, hidden-oneshot, oracle, random, minilm-oneshot, "
+                        "and the peers budget:B, dynasor[:K[,W]], deer[:LAMBDA], length-oneshot[:L]")
     p.add_argument("--probe", help="probe checkpoint (default: <model>/probe.pt)")
     p.add_argument("--coe", action="store_true", help="also score answers: KV-CoE, hidden-state CoE, MaxProb, perplexity, entropy")
     p.add_argument("--tau", type=float, help="routing threshold (default: the probe's)")

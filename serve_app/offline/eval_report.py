@@ -22,6 +22,10 @@ def print_report(report: dict) -> None:
         print(f"{name:>15} {pol['accuracy']:>9.3f} {pol['mean_tokens']:>8.1f} "
               f"{'' if red is None else f'{red:.2f}x':>8} {'' if eff is None else f'{eff:.1%}':>11} "
               f"{pol['fast_fraction']:>7.1%} {'' if sw is None else sw:>9}")
+    for name, pol in report["policies"].items():
+        if "mean_probe_tokens" in pol:
+            print(f"{name}: {pol['exits']}/{pol['n']} thoughts closed early; side branches {pol['mean_probe_tokens']:.1f} tokens per "
+                  f"reply, {pol['mean_tokens_with_probes']:.1f} tokens with them")
     if report.get("probe_auroc"):
         print("\nprobe AUROC of 'fast is enough' on this set: "
               + ", ".join(f"{k} {v:.3f}" for k, v in report["probe_auroc"].items()))

@@ -11,6 +11,8 @@ Policies (docs/method.md §4–5):
 * ``oracle`` — fast exactly where fast is right, slow elsewhere (upper bound).
 * ``random`` — the same fast fraction as ``kv-oneshot``, questions picked at random (seeded).
 * ``minilm-oneshot`` — the probe head trained on MiniLM sentence embeddings of the question.
+* peers — ``budget:B``, ``dynasor[:K[,W]]``, ``deer[:LAMBDA]``, ``length-oneshot[:L]``
+  (``serve_app.offline.peers``); early exits also report their side-branch tokens.
 
 ``fast``, ``slow``, ``kv-oneshot``, ``kv-online`` and ``hidden-oneshot`` run through the engine.
 ``oracle``, ``random`` and ``minilm-oneshot`` only *choose* between the fast and the slow reply of
@@ -49,6 +51,7 @@ from serve_app.offline.checked import self_correction
 from serve_app.offline.coe_eval import coe_entry, probe_directions
 from serve_app.offline.common import EngineKind, Experiment, grader_name, setup
 from serve_app.offline.generate import MAX_NEW_TOKENS
+from serve_app.offline import peers
 from serve_app.offline.metrics import auroc
 from serve_app.offline.probe_train import random_features
 
@@ -113,9 +116,13 @@ class EvalConfig(BaseModel):
     @field_validator("policies")
     @classmethod
     def _known(cls, value: list[str]) -> list[str]:
-        unknown = [p for p in value if p not in POLICIES]
+        unknown = [p for p in value if p not in POLICIES and not peers.is_peer(p)]
         if unknown or not value:
-            raise ValueError(f"unknown policy {unknown}; choose from {list(POLICIES)}")
+            raise ValueError(f"unknown policy {unknown}; choose from {list(POLICIES)} or a peer: budget:B, dynasor[:K[,W]], "
+                             "deer[:LAMBDA], length-oneshot[:L]")
+        for p in value:
+            if peers.is_peer(p):
+                peers.check(p)
         return list(dict.fromkeys(value))
 
     def probe_path(self) -> Path:
@@ -154,6 +161,8 @@ def _record(row: dict, res, confidence=None, grader: Grader | None = None) -> di
         "switched_at": res.switched_at,
         "output": res.text,
     }
+    if res.probe_answers or res.exited_at is not None:
+        rec.update(probe_tokens=res.probe_tokens, exited_at=res.exited_at)
     conf = kv_confidence(confidence, res.end_mode, res)
     if conf is not None:
         rec["confidence"] = round(conf, 4)
@@ -189,7 +198,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.url is not None:
         from serve_app.offline.remote import refuse_local_options, setup_remote
 
-        routed_here = [p for p in cfg.policies if p in ENGINE_POLICIES and p not in ("fast", "slow")]
+        routed_here = [p for p in cfg.policies if (p in ENGINE_POLICIES or peers.is_engine_peer(p)) and p not in ("fast", "slow")]
         if routed_here:
             raise ValueError(f"eval --url runs fast, slow, {', '.join(CHOICE_POLICIES)} on the service's engines; drop "
                              f"{', '.join(routed_here)} (the service's own routing is measured by `kvswitch loadtest`)")
@@ -206,11 +215,12 @@ def run_eval(cfg: EvalConfig) -> dict:
 
 def _run_eval(cfg: EvalConfig, exp: Experiment) -> dict:
     rows = exp.rows
-    routed = [p for p in cfg.policies if p not in ("fast", "slow")]
+    routed = [p for p in cfg.policies if p not in ("fast", "slow") and not peers.is_engine_peer(p)]
     probe = None
     if routed or cfg.coe:
         path = cfg.probe_path()
-        if path.is_file() or routed:
+        needed = [p for p in routed if not (peers.family(p) == "length-oneshot" and ":" in p)]
+        if path.is_file() or needed:
             probe = exp.probe(path)
     online = None
     if probe is not None:
@@ -256,9 +266,14 @@ def _run_eval(cfg: EvalConfig, exp: Experiment) -> dict:
         report["probe_auroc"] = {kind: auroc([-d for d in ds], fast_ok) for kind, ds in difficulty.items()}
         report["probe_auroc_positive"] = "fast reply correct (fast is enough); score = -difficulty"
     for policy in cfg.policies:
-        if policy in ENGINE_POLICIES and policy not in runs:
+        if (policy in ENGINE_POLICIES or peers.is_engine_peer(policy)) and policy not in runs:
             engine_run(policy)
     runs.update(_choice_runs(cfg, runs, difficulty, online.tau if online is not None else 50.0))
+    for policy in cfg.policies:
+        if peers.family(policy) == "length-oneshot":
+            threshold = peers.length_threshold(policy, probe)
+            runs[policy] = _choose(runs["fast"], runs["slow"], [len(p) <= threshold for p in exp.prompt_ids])
+            report.setdefault("length_threshold", {})[policy] = threshold
 
     t_slow = summarize(runs["slow"])["mean_tokens"] if "slow" in runs else None
     t_oracle = None
@@ -280,8 +295,11 @@ def _run_eval(cfg: EvalConfig, exp: Experiment) -> dict:
 
 def _engine_run(exp: Experiment, cfg: EvalConfig, policy: str, probe, online) -> list:
     """One engine policy over every question, with the batch options that policy needs."""
-    mode = policy if policy in ("fast", "slow") else None
-    reqs = exp.requests(mode=mode, online=policy == "kv-online", max_new_tokens=cfg.max_new_tokens, max_thinking_tokens=cfg.max_thinking_tokens)
+    if peers.is_engine_peer(policy):
+        reqs = exp.requests(max_new_tokens=cfg.max_new_tokens, **peers.request_options(policy, cfg.max_thinking_tokens))
+    else:
+        mode = policy if policy in ("fast", "slow") else None
+        reqs = exp.requests(mode=mode, online=policy == "kv-online", max_new_tokens=cfg.max_new_tokens, max_thinking_tokens=cfg.max_thinking_tokens)
     kwargs = {"probe": probe, "online": online} if probe is not None else {}
     kwargs["kv_quant"] = cfg.kv_quant
     if policy == "hidden-oneshot":
@@ -347,6 +365,7 @@ def _policy_entry(policy: str, records: list[dict], t_slow: float | None, t_orac
         entry["switches"] = {"total": s2f + f2s, "slow_to_fast": s2f, "fast_to_slow": f2s}
     if "confidence" in records[0]:
         entry["mean_confidence"] = sum(r.get("confidence", 0.0) for r in records) / len(records)
+    entry.update(peers.probe_summary(records) or {})
     table = self_correction(records)
     if table is not None:
         entry["self_correction"] = table

@@ -1,0 +1,157 @@
+"""The peer policies (issue 21): the rules on hand-checkable cases, the HF engine's side branches
+on the shipped model, and ``kvswitch eval`` running them."""
+
+import json
+
+import pytest
+
+from serve_app.core.early_exit import EarlyExit, answers_agree, confident, parse_exit, probe_due, should_exit
+from serve_app.core.policy import fit_length_threshold, length_route
+from serve_app.core.task import TaskConfig, generate_problems
+from serve_app.offline import peers
+from serve_app.offline.options import split_policies
+
+
+def test_policy_names_parse_with_defaults_and_clear_errors():
+    assert parse_exit("dynasor") == EarlyExit("dynasor", every=32, window=3)
+    assert parse_exit("dynasor:16") == EarlyExit("dynasor", every=16)
+    assert parse_exit("dynasor:16,2").window == 2 and parse_exit("deer:0.9").threshold == 0.9
+    assert parse_exit("deer").label == "deer:0.95" and parse_exit("dynasor:8,4").label == "dynasor:8,4"
+    for bad in ("dynasor:x", "dynasor:0", "dynasor:1,2,3", "deer:1.5", "deer:0", "deer:a,b", "budget:5"):
+        with pytest.raises(ValueError):
+            parse_exit(bad)
+    assert peers.check("budget:64") == "budget:64" and peers.check("length-oneshot") and peers.check("length-oneshot:30")
+    for bad in ("budget", "budget:0", "budget:x", "length-oneshot:x", "dynasor:-1"):
+        with pytest.raises(ValueError):
+            peers.check(bad)
+    assert split_policies("slow,dynasor:16,3,deer:0.9,budget:64,length-oneshot") == ["slow", "dynasor:16,3", "deer:0.9", "budget:64",
+                                                                                       "length-oneshot"]
+
+
+def test_budget_caps_the_thought_and_respects_a_tighter_global_cap():
+    assert peers.request_options("budget:64", None) == {"mode": "slow", "max_thinking_tokens": 64}
+    assert peers.request_options("budget:64", 40)["max_thinking_tokens"] == 40
+    assert peers.request_options("dynasor:8,2", None)["early_exit"] == EarlyExit("dynasor", every=8, window=2)
+
+
+def test_dynasor_probes_every_k_thinking_tokens_and_exits_on_a_full_window():
+    rule = EarlyExit("dynasor", every=16, window=3)
+    assert [t for t in range(1, 70) if probe_due(rule, t, ends_line=False)] == [16, 32, 48, 64]
+    assert not probe_due(rule, 0, ends_line=True)
+    assert not answers_agree(["7", "7"], 3)  # not yet three answers
+    assert answers_agree(["5", "7", "7", "7"], 3)
+    assert not answers_agree(["7", "8", "7"], 3)
+    assert not answers_agree([None, None, None], 3)  # unfinished answers never agree
+    assert should_exit(rule, ["1", "7", "7", "7"], []) and not should_exit(rule, ["7", "7", "1"], [])
+
+
+def test_deer_probes_at_line_ends_and_exits_above_the_threshold():
+    rule = EarlyExit("deer", threshold=0.9)
+    assert probe_due(rule, 5, ends_line=True) and not probe_due(rule, 5, ends_line=False)
+    assert confident([0.95, 0.9, 0.92], 0.9)  # mean 0.9233
+    assert not confident([0.99, 0.8], 0.9)  # mean 0.895
+    assert not confident([], 0.5)
+    assert should_exit(rule, ["12"], [0.99]) and not should_exit(rule, [None], [0.99]) and not should_exit(rule, ["12"], [0.5])
+
+
+def test_the_length_rule_and_its_fit():
+    assert length_route(30, 30) == "fast" and length_route(31, 30) == "slow"
+    # short prompts are fast enough, long ones are not: the best cut lies between 20 and 30
+    assert fit_length_threshold([10, 20, 30, 40], [True, True, False, False]) == 20
+    assert fit_length_threshold([10, 20, 30, 40], [False, False, False, False]) == 9  # everything slow
+    assert fit_length_threshold([10, 20, 30], [True, True, True]) == 30
+    assert fit_length_threshold([10, 20, 30, 40], [True, False, True, False]) == 10  # ties: the smallest
+    with pytest.raises(ValueError):
+        fit_length_threshold([], [])
+
+
+@pytest.fixture(scope="module")
+def engine(shipped):
+    from serve_app.engines.hf import HFEngine
+
+    return HFEngine(*shipped)
+
+
+@pytest.fixture(scope="module")
+def prompts(engine):
+    problems = generate_problems(5, seed=2112, config=TaskConfig(min_operators=2, max_operators=4))
+    return [engine.encode_prompt(p.question) for p in problems], problems
+
+
+def _slow(prompts, **kw):
+    from serve_app.engines.base import GenRequest
+
+    return [GenRequest(p, mode="slow", max_new_tokens=768, **kw) for p in prompts]
+
+
+def test_side_branches_leave_the_reply_untouched_and_answer_like_a_real_close(engine, prompts):
+    """A rule that never fires probes every 16 thinking tokens: the replies are token for token the
+    plain slow ones, every probe is counted apart, and the answer probed after 16 thinking tokens is
+    the one the main branch writes when a 16-token thinking budget closes the thought there."""
+    ids, problems = prompts
+    plain = engine.generate(_slow(ids))
+    probed = engine.generate(_slow(ids, early_exit=EarlyExit("dynasor", every=16, window=10_000)))
+    budget = engine.generate(_slow(ids, max_thinking_tokens=16))
+    for a, b, c, p in zip(plain, probed, budget, problems):
+        assert b.token_ids == a.token_ids and b.tokens == a.tokens and b.exited_at is None
+        think = a.text.index("</think>")
+        assert len(b.probe_answers) == len(engine.tokenizer.encode(a.text[:think], add_special_tokens=False)) // 16
+        assert b.probe_tokens >= len(b.probe_answers) * (len(engine.switch_ids["fast"]) + 1)
+        assert b.probe_answers[0] == c.text.split("</think>")[-1].replace("<|im_end|>", "").strip()
+        assert b.probe_answers[-1] == str(p.answer)  # at the end of the thought the probe reads the answer
+
+
+def test_early_exits_close_the_thought_where_their_rule_fires(engine, prompts):
+    ids, _ = prompts
+    for rule in (EarlyExit("dynasor", every=16, window=2), EarlyExit("deer", threshold=0.9)):
+        for r in engine.generate(_slow(ids, early_exit=rule)):
+            assert r.exited_at is not None and r.end_mode == "fast" and r.finished
+            assert r.text.count("</think>") == 1 and r.text.endswith("<|im_end|>")
+            assert should_exit(rule, r.probe_answers[:len(r.probe_answers)], [1.0])
+            if rule.kind == "dynasor":
+                assert r.exited_at % 16 == 0 and r.probe_answers[-1] == r.probe_answers[-2]
+            else:
+                assert r.text[:r.text.index("</think>")].endswith("\n")  # at a step boundary
+
+
+def test_budget_cut_position(engine, prompts):
+    ids, _ = prompts
+    for r in engine.generate(_slow(ids, max_thinking_tokens=24)):
+        thought = r.text[:r.text.index("</think>")]
+        assert len(engine.tokenizer.encode(thought, add_special_tokens=False)) == 24 and r.thinking_capped
+
+
+def test_vllm_refuses_early_exit_with_a_clear_error():
+    from serve_app.engines.base import GenRequest
+    from serve_app.engines.vllm_engine import VLLMEngine
+
+    eng = VLLMEngine.__new__(VLLMEngine)
+    with pytest.raises(ValueError, match="side branches"):
+        agen = eng.stream(GenRequest([1], mode="slow", early_exit=EarlyExit("deer")))
+        import asyncio
+
+        asyncio.run(agen.__anext__())
+
+
+def test_eval_runs_the_peers_and_reports_probe_tokens(tmp_path, model_dir):
+    from serve_app.cli import main
+    from serve_app.core.task import write_jsonl
+
+    data = tmp_path / "q.jsonl"
+    write_jsonl(generate_problems(8, seed=77, config=TaskConfig(max_operators=3)), data)
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", str(model_dir), "--dataset", str(data), "--policy", "fast,slow,budget:24,dynasor:16,2,deer:0.9,length-oneshot:30",
+                 "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    pol = rep["policies"]
+    assert set(pol) == {"fast", "slow", "budget:24", "dynasor:16,2", "deer:0.9", "length-oneshot:30"}
+    assert all(r["end_mode"] == "fast" for r in pol["budget:24"]["records"] if r["tokens"] > 30)
+    for name in ("dynasor:16,2", "deer:0.9"):
+        e = pol[name]
+        assert e["mean_tokens_with_probes"] == pytest.approx(e["mean_tokens"] + e["mean_probe_tokens"]) and e["mean_probe_tokens"] > 0
+        assert e["exits"] == sum(r["exited_at"] is not None for r in e["records"])
+    lengths = {r["question"]: r for r in pol["length-oneshot:30"]["records"]}
+    assert rep["length_threshold"] == {"length-oneshot:30": 30}
+    assert {r["route"] for r in lengths.values()} <= {"fast", "slow"}
+    with pytest.raises(ValueError, match="length-oneshot:L"):  # the shipped probe was calibrated before L was fitted
+        main(["eval", "--model", str(model_dir), "--dataset", str(data), "--policy", "length-oneshot"])
