@@ -155,3 +155,43 @@ def test_eval_runs_the_peers_and_reports_probe_tokens(tmp_path, model_dir):
     assert {r["route"] for r in lengths.values()} <= {"fast", "slow"}
     with pytest.raises(ValueError, match="length-oneshot:L"):  # the shipped probe was calibrated before L was fitted
         main(["eval", "--model", str(model_dir), "--dataset", str(data), "--policy", "length-oneshot"])
+
+
+def test_sweep_grids_table_and_deciles():
+    from serve_app.offline.sweep import DEFAULT_GRIDS, deciles, matched_table, parse_grids
+
+    assert parse_grids(None) == DEFAULT_GRIDS and parse_grids("default") == DEFAULT_GRIDS
+    g = parse_grids("budget=16,48;deer=0.9;dynasor=8/2")
+    assert g["budget"] == [16, 48] and g["deer"] == [0.9] and g["dynasor"] == ["8/2"] and g["kv-oneshot"] == DEFAULT_GRIDS["kv-oneshot"]
+    for bad in ("nope=1", "budget=", "budget=x"):
+        with pytest.raises(ValueError):
+            parse_grids(bad)
+    assert deciles(list(range(10, 111))) == [9, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110]
+    curves = {"kv-online": [{"knob": 45, "accuracy": 0.97, "mean_tokens": 100.0}, {"knob": 5, "accuracy": 0.99, "mean_tokens": 200.0}],
+              "budget": [{"knob": 64, "accuracy": 0.985, "mean_tokens": 150.0}, {"knob": 16, "accuracy": 0.5, "mean_tokens": 20.0}],
+              "deer": [{"knob": 0.9, "accuracy": 0.6, "mean_tokens": 30.0}]}
+    t = matched_table(curves, slow_accuracy=0.99)  # target 0.98
+    assert t["target_accuracy"] == pytest.approx(0.98)
+    assert t["best"]["kv-online"]["knob"] == 5 and t["best"]["budget"]["knob"] == 64 and t["best"]["deer"] is None
+    assert t["best"]["budget"]["tokens_vs_kv_online"] == pytest.approx(0.75)
+
+
+def test_eval_sweep_writes_curves_table_and_frontier(tmp_path, model_dir):
+    from serve_app.cli import main
+    from serve_app.core.task import write_jsonl
+
+    data = tmp_path / "q.jsonl"
+    write_jsonl(generate_problems(8, seed=78, config=TaskConfig(max_operators=3)), data)
+    out = tmp_path / "s.json"
+    assert main(["eval", "--model", str(model_dir), "--dataset", str(data), "--policy", "slow,kv-oneshot,budget:24,deer,length-oneshot:30",
+                 "--sweep", "budget=16,48;deer=0.9;kv-oneshot=0,100", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    sweep = rep["sweep"]
+    assert set(sweep["curves"]) == {"kv-oneshot", "budget", "deer", "length-oneshot"}
+    assert [p["knob"] for p in sweep["curves"]["budget"]] == [16, 48]
+    fast, slow = sweep["anchors"]["fast"], sweep["anchors"]["slow"]
+    assert sweep["curves"]["kv-oneshot"][1]["accuracy"] == fast["accuracy"]  # every difficulty is <= 100: all fast
+    assert sweep["curves"]["length-oneshot"][0]["accuracy"] == slow["accuracy"]  # below the shortest prompt: all slow
+    assert sweep["curves"]["deer"][0]["mean_tokens_with_probes"] > sweep["curves"]["deer"][0]["mean_tokens"]
+    assert sweep["matched"]["target_accuracy"] == pytest.approx(slow["accuracy"] - 0.01)
+    assert (tmp_path / "s-frontier.png").stat().st_size > 0 and (tmp_path / "s.png").is_file()

@@ -58,6 +58,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         coe=args.coe,
         seed=args.seed,
         kv_quant=kv_quant,
+        sweep=args.sweep,
         **engine_options(args),
         **data_options(args),
         **optional,
@@ -253,6 +254,10 @@ def add_eval(sub) -> None:
     p.add_argument("--every", type=int, help="online check every k generated tokens (default: the probe's)")
     p.add_argument("--confirm", type=int, help="consecutive checks past the threshold before a switch (default: the probe's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random policy (and of best-of-N sampling)")
+    p.add_argument("--sweep", nargs="?", const="default",
+                   help="also sweep the knob of every policy family named in --policy (kv-oneshot tau, kv-online delta, budget B, "
+                        "dynasor K/W, deer lambda, length-oneshot L): curves, a frontier PNG and the tokens-at-matched-accuracy "
+                        "table; optional grids FAMILY=V1,V2;... (docs/method.md §8)")
     p.add_argument("--out", help="JSON report; a PNG goes beside it")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, help="generation cap per reply (default 768)")

@@ -26,6 +26,10 @@ def print_report(report: dict) -> None:
         if "mean_probe_tokens" in pol:
             print(f"{name}: {pol['exits']}/{pol['n']} thoughts closed early; side branches {pol['mean_probe_tokens']:.1f} tokens per "
                   f"reply, {pol['mean_tokens_with_probes']:.1f} tokens with them")
+    if "sweep" in report:
+        from serve_app.offline.sweep import format_matched
+
+        print("\n" + format_matched(report["sweep"]))
     if report.get("probe_auroc"):
         print("\nprobe AUROC of 'fast is enough' on this set: "
               + ", ".join(f"{k} {v:.3f}" for k, v in report["probe_auroc"].items()))
@@ -75,3 +79,8 @@ def plot_report(report: dict, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    if "sweep" in report:
+        from serve_app.offline.sweep import plot_frontier
+
+        path = Path(path)
+        plot_frontier(report["sweep"], path.with_name(f"{path.stem}-frontier.png"), title=f"Accuracy / tokens frontier: {Path(report['dataset']).name}")

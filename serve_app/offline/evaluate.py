@@ -110,6 +110,9 @@ class EvalConfig(BaseModel):
     url: str | None = None
     """A running kvswitch service that generates instead of a local engine (``serve_app.offline.remote``):
     ``fast``, ``slow`` and the policies that choose between their replies."""
+    sweep: str | None = None
+    """Also sweep the knob of every policy family in ``policies`` (``serve_app.offline.sweep``):
+    ``default`` grids or ``FAMILY=V1,V2;...``."""
     api_key: str | None = Field(None, repr=False)
     """The service's API key (default ``$KVSWITCH_API_KEY``); never written to the report."""
 
@@ -124,6 +127,15 @@ class EvalConfig(BaseModel):
             if peers.is_peer(p):
                 peers.check(p)
         return list(dict.fromkeys(value))
+
+    @field_validator("sweep")
+    @classmethod
+    def _grids(cls, value: str | None) -> str | None:
+        if value is not None:
+            from serve_app.offline.sweep import parse_grids
+
+            parse_grids(value)
+        return value
 
     def probe_path(self) -> Path:
         return Path(self.probe) if self.probe else Path(self.model) / "probe.pt"
@@ -257,7 +269,7 @@ def _run_eval(cfg: EvalConfig, exp: Experiment) -> dict:
         walls[policy] = round(time.time() - started, 2)
 
     for policy in ("fast", "slow"):
-        if policy in cfg.policies or bool(routed) or cfg.coe:
+        if policy in cfg.policies or bool(routed) or cfg.coe or cfg.sweep is not None:
             engine_run(policy)
     difficulty: dict[str, list[float]] = {}
     if probe is not None:
@@ -285,12 +297,26 @@ def _run_eval(cfg: EvalConfig, exp: Experiment) -> dict:
         entry["wall_s"] = walls.get(policy, 0.0)
         entry["records"] = runs[policy]
         report["policies"][policy] = entry
+    if cfg.sweep is not None:
+        report["sweep"] = _sweep(cfg, exp, runs, difficulty, probe, online, confidence, grader)
     if cfg.coe:
         directions = probe_directions(probe)
         report["coe"] = {mode: coe_entry(raw[mode], [r["correct"] for r in runs[mode]], (confidence or {}).get(mode),
                                          directions.get(mode), token_scores=cfg.engine == "hf" and cfg.url is None) for mode in ("fast", "slow")}
         report["coe_variant"] = {m: c.score for m, c in (confidence or {}).items()}
     return report
+
+
+def _sweep(cfg: EvalConfig, exp: Experiment, runs: dict, difficulty: dict, probe, online, confidence, grader) -> dict:
+    """``--sweep``: the curves of the knob families in ``cfg.policies`` (``serve_app.offline.sweep``)."""
+    from serve_app.offline.sweep import DEFAULT_GRIDS, parse_grids, run_sweep
+
+    def engine(policy: str, online_update: dict) -> list[dict]:
+        run_online = online.model_copy(update=online_update) if online is not None and online_update else online
+        return [_record(row, r, confidence, grader) for row, r in zip(exp.rows, _engine_run(exp, cfg, policy, probe, run_online))]
+
+    families = {peers.family(p) for p in cfg.policies} & set(DEFAULT_GRIDS)
+    return run_sweep(parse_grids(cfg.sweep), families, runs, difficulty.get("kv"), [len(p) for p in exp.prompt_ids], engine)
 
 
 def _engine_run(exp: Experiment, cfg: EvalConfig, policy: str, probe, online) -> list:

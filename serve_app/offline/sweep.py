@@ -1,0 +1,148 @@
+"""``kvswitch eval --sweep``: every knob policy's accuracy / tokens curve, the frontier figure and the
+"tokens at matched accuracy" table (issue 21).
+
+Families and their knob grids (``DEFAULT_GRIDS``; ``--sweep FAMILY=V1,V2;...`` replaces a family's):
+
+* ``kv-oneshot`` — tau (choices between each question's fast and slow reply, no generation);
+* ``kv-online`` — delta, with the probe's tau (one engine run per value);
+* ``budget`` — B; ``dynasor`` — K/W pairs written ``K/W``; ``deer`` — lambda (one engine run per value);
+* ``length-oneshot`` — L (choices; by default the prompt lengths' deciles).
+
+A family is swept when ``--policy`` names it (in any form). The table gives, per family, the fewest
+mean generated tokens among its points whose accuracy is at least always-slow's minus one point, and
+the ratio to kv-online's. Choose knobs on a dev set with it, then evaluate those knobs on the test
+set as ordinary policies: the table on a test set is an envelope, not a result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+DEFAULT_GRIDS: dict[str, list] = {
+    "kv-oneshot": [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100],
+    "kv-online": [5, 15, 25, 35, 45],
+    "budget": [16, 32, 64, 128, 256, 512],
+    "dynasor": ["8/2", "16/2", "16/3", "32/3", "64/3"],
+    "deer": [0.8, 0.9, 0.95, 0.99, 0.999],
+    "length-oneshot": [],
+}
+MATCH_POINTS = 0.01
+"""Matched accuracy: at least always-slow's accuracy minus this (one point)."""
+
+
+def parse_grids(spec: str | None) -> dict[str, list]:
+    """``None`` or ``default``: ``DEFAULT_GRIDS``; else ``family=v1,v2;family=...`` replaces those families' grids."""
+    grids = {k: list(v) for k, v in DEFAULT_GRIDS.items()}
+    if spec in (None, "", "default"):
+        return grids
+    for part in spec.split(";"):
+        family, _, values = part.partition("=")
+        family = family.strip()
+        if family not in grids or not values.strip():
+            raise ValueError(f"bad --sweep part {part!r}: write FAMILY=V1,V2 with FAMILY one of {list(grids)}")
+        cast = str if family == "dynasor" else (float if family == "deer" else int)
+        try:
+            grids[family] = [cast(v.strip()) for v in values.split(",") if v.strip()]
+        except ValueError as exc:
+            raise ValueError(f"bad --sweep values for {family}: {values!r}") from exc
+    return grids
+
+
+def _point(knob, records: list[dict]) -> dict:
+    n = len(records)
+    tokens = sum(r["tokens"] for r in records) / n
+    probe = sum(r.get("probe_tokens", 0) for r in records) / n
+    return {"knob": knob, "accuracy": sum(r["correct"] for r in records) / n, "mean_tokens": tokens, "mean_tokens_with_probes": tokens + probe}
+
+
+def _choose(fast: list[dict], slow: list[dict], use_fast: list[bool]) -> list[dict]:
+    return [f if u else s for f, s, u in zip(fast, slow, use_fast)]
+
+
+def deciles(values: list[int]) -> list[int]:
+    """The distinct deciles of ``values`` plus one below the smallest (everything slow)."""
+    ordered = sorted(values)
+    picks = {ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1) / 10))] for q in range(11)}
+    return sorted({ordered[0] - 1, *picks})
+
+
+def run_sweep(grids: dict[str, list], families: set[str], runs: dict[str, list[dict]], kv_difficulty: list[float] | None,
+              prompt_lengths: list[int], engine: Callable[[str, dict], list[dict]]) -> dict:
+    """The curves of ``families``. ``runs`` holds the fast and slow records; ``engine(policy, online_update)``
+    runs one engine policy over the set and returns its records."""
+    fast, slow = runs["fast"], runs["slow"]
+    curves: dict[str, list[dict]] = {}
+    for family in [f for f in DEFAULT_GRIDS if f in families]:
+        grid = grids[family]
+        if family == "kv-oneshot":
+            if kv_difficulty is None:
+                raise ValueError("sweeping kv-oneshot needs a probe")
+            curves[family] = [_point(t, _choose(fast, slow, [d <= t for d in kv_difficulty])) for t in grid]
+        elif family == "length-oneshot":
+            grid = grid or deciles(prompt_lengths)
+            curves[family] = [_point(n, _choose(fast, slow, [length <= n for length in prompt_lengths])) for n in grid]
+        elif family == "kv-online":
+            curves[family] = [_point(d, engine("kv-online", {"delta": float(d)})) for d in grid]
+        else:
+            name = {"budget": "budget:{}", "dynasor": "dynasor:{}", "deer": "deer:{}"}[family]
+            curves[family] = [_point(v, engine(name.format(str(v).replace("/", ",")), {})) for v in grid]
+    anchors = {name: _point(name, recs) for name, recs in (("fast", fast), ("slow", slow),
+                                                             ("oracle", [f if f["correct"] else s for f, s in zip(fast, slow)]))}
+    return {"curves": curves, "anchors": anchors, "matched": matched_table(curves, anchors["slow"]["accuracy"])}
+
+
+def matched_table(curves: dict[str, list[dict]], slow_accuracy: float) -> dict:
+    """Per family: the point with the fewest mean tokens whose accuracy is >= slow's - ``MATCH_POINTS``
+    (None when no point gets there), and its tokens as a ratio to kv-online's."""
+    target = slow_accuracy - MATCH_POINTS
+    table: dict[str, dict | None] = {}
+    for family, points in curves.items():
+        ok = [p for p in points if p["accuracy"] >= target - 1e-12]
+        table[family] = min(ok, key=lambda p: p["mean_tokens"]) if ok else None
+    ref = table.get("kv-online")
+    for family, best in table.items():
+        if best is not None and ref is not None:
+            best["tokens_vs_kv_online"] = best["mean_tokens"] / ref["mean_tokens"]
+    return {"target_accuracy": target, "best": table}
+
+
+def format_matched(sweep: dict) -> str:
+    m = sweep["matched"]
+    rows = [f"tokens at matched accuracy (>= {m['target_accuracy']:.3f}):",
+            f"{'family':>15} {'knob':>8} {'accuracy':>9} {'tokens':>8} {'+probes':>8} {'vs kv-online':>13}"]
+    for family, best in m["best"].items():
+        if best is None:
+            rows.append(f"{family:>15} {'-':>8} {'never reaches it':>28}")
+            continue
+        ratio = best.get("tokens_vs_kv_online")
+        rows.append(f"{family:>15} {str(best['knob']):>8} {best['accuracy']:>9.3f} {best['mean_tokens']:>8.1f} "
+                    f"{best['mean_tokens_with_probes']:>8.1f} {'' if ratio is None else f'{ratio:.2f}x':>13}")
+    return "\n".join(rows)
+
+
+def plot_frontier(sweep: dict, path: str | Path, title: str = "") -> None:
+    """Accuracy vs mean generated tokens: a curve per family (dashed: with side-branch tokens), the
+    anchors as points, the matched-accuracy line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for family, points in sweep["curves"].items():
+        pts = sorted(points, key=lambda p: p["mean_tokens"])
+        line, = ax.plot([p["mean_tokens"] for p in pts], [p["accuracy"] for p in pts], marker="o", ms=4, label=family)
+        if any(p["mean_tokens_with_probes"] > p["mean_tokens"] for p in pts):
+            ax.plot([p["mean_tokens_with_probes"] for p in pts], [p["accuracy"] for p in pts], ls="--", color=line.get_color(), alpha=0.6,
+                    label=f"{family} + probe tokens")
+    for name, p in sweep["anchors"].items():
+        ax.scatter(p["mean_tokens"], p["accuracy"], marker="*", s=140, zorder=5, color="black")
+        ax.annotate(name, (p["mean_tokens"], p["accuracy"]), textcoords="offset points", xytext=(5, -10), fontsize=9)
+    ax.axhline(sweep["matched"]["target_accuracy"], color="grey", lw=0.8, ls=":", label="always-slow - 1 point")
+    ax.set(xscale="log", xlabel="mean generated tokens (log)", ylabel="accuracy", title=title or "Accuracy / tokens frontier")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
