@@ -80,7 +80,7 @@ class Generator:
         if not job.resume:
             return GenRequest(prompt_ids=job.prompt_ids, mode=self.pool, online=online, max_new_tokens=job.max_tokens,
                               temperature=job.temperature, top_p=job.top_p, seed=job.seed, request_id=job.request_id,
-                              max_thinking_tokens=job.max_thinking_tokens)
+                              max_thinking_tokens=job.max_thinking_tokens, early_exit=job.early_exit)
         done = [i for chunk in job.resume for i in chunk]
         ended = len(done) >= job.max_tokens or done[-1:] == [eng.eos_id]  # the reply was complete but for its Final
         for n, chunk in enumerate(job.resume):  # the client has this text already; the last push of an ended reply was final
@@ -89,7 +89,7 @@ class Generator:
         return GenRequest(prompt_ids=list(job.prompt_ids) + list(eng.prefix_ids[self.pool]) + done, mode=self.pool,
                           online=online and not moved, max_new_tokens=0 if ended else job.max_tokens - len(done), temperature=job.temperature,
                           top_p=job.top_p, seed=job.seed, request_id=job.request_id, add_prefix=False, already=len(done),
-                          max_thinking_tokens=None if moved else job.max_thinking_tokens)
+                          max_thinking_tokens=None if moved else job.max_thinking_tokens, early_exit=None if moved else job.early_exit)
 
     async def _generate_stream(self, job: Job) -> AsyncIterator[Delta | Final]:
         eng = self.engine
@@ -115,14 +115,17 @@ class Generator:
             start, end = self.pool, result.end_mode
             switched_at = None if result.switched_at is None else req.already + result.switched_at
             capped = result.thinking_capped
+            exited_at = None if result.exited_at is None else req.already + result.exited_at
+            probe_tokens = result.probe_tokens
             confidence = await self._off_loop(kv_confidence, eng.probe.confidence, result.end_mode, result)
         else:  # a stop string ended the reply early (or a resumed reply had nothing left to generate)
             finish = "stop" if reply.stopped or req.max_new_tokens > 0 or job.resume[-1][-1:] == (eng.eos_id,) else "length"
             start, end, switched_at, confidence, capped = self.pool, self.pool, None, None, False
+            exited_at, probe_tokens = None, 0
         yield Final(finish_reason="stop" if reply.stopped else finish, prompt_tokens=len(job.prompt_ids) + len(eng.prefix_ids[self.pool]),
                     completion_tokens=tokens, reasoning_tokens=reply.reasoning_tokens, start_mode=start, end_mode=end,
                     switched_at=switched_at, confidence=None if confidence is None else round(confidence, 4), replica=self.replica,
-                    resumed=bool(job.resume), thinking_capped=capped)
+                    resumed=bool(job.resume), thinking_capped=capped, exited_at=exited_at, probe_tokens=probe_tokens)
 
     async def admin_generate(self, req: GenRequest) -> dict:
         """``/admin/v1/generate``: one reply of a token-level request in this pool's mode, with what

@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from loadtests.client import add_data_arguments
+from serve_app.core.early_exit import split_policies
 
 
 def _floats(text: str) -> list[float]:
@@ -20,7 +21,7 @@ def _floats(text: str) -> list[float]:
 
 
 def _modes(text: str) -> list[str]:
-    return [p.strip() for p in text.split(",") if p.strip()]
+    return split_policies(text)
 
 
 def add_parser(sub) -> None:
@@ -42,7 +43,8 @@ def add_parser(sub) -> None:
     p.add_argument("--num-requests", dest="num_requests", type=int, help="measured requests per run (default 100)")
     p.add_argument("--duration", type=float, help="stop sending after this many seconds per run")
     p.add_argument("--warmup", type=int, help="requests before each run, not measured (default 4)")
-    p.add_argument("--compare", dest="modes", type=_modes, help="routing modes side by side, e.g. auto,slow,fast (default: auto)")
+    p.add_argument("--compare", dest="modes", type=_modes, help="routing modes side by side, e.g. auto,slow,fast (default: auto); peers too: "
+                        "budget:B, dynasor[:K[,W]], deer[:LAMBDA]")
     p.add_argument("--repeats", type=int, help="rounds of all modes, interleaved; records are pooled (default 1)")
     p.add_argument("--max-tokens", dest="max_tokens", type=int, help="max_tokens per request (default: the server's)")
     p.add_argument("--temperature", type=float)

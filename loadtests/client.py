@@ -16,21 +16,42 @@ import time
 import httpx
 
 from loadtests.stats import RequestRecord
+from serve_app.core.early_exit import EXIT_KINDS, parse_exit
 from serve_app.core.grading import GRADERS, get_grader
 from serve_app.core.task import extract_answer
 
 MODES = ("auto", "fast", "slow")
+PEER_MODES = "budget:B (thinking budget), dynasor[:K[,W]] and deer[:LAMBDA] (early exit, kvswitch only)"
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` if it is a routing mode or a peer policy the service runs, else a ``ValueError``."""
+    kind, _, arg = mode.partition(":")
+    if mode in MODES:
+        return mode
+    if kind == "budget" and arg.isdigit() and int(arg) >= 0:
+        return mode
+    if kind in EXIT_KINDS:
+        parse_exit(mode)
+        return mode
+    raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)} or {PEER_MODES}")
 
 
 def request_body(model: str, question: str, mode: str, max_tokens: int | None, temperature: float = 0.0) -> dict:
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    """A forced mode as ``enable_thinking``; ``budget:B`` as slow with vLLM's ``thinking_token_budget``
+    (kvswitch reads it too); ``dynasor`` / ``deer`` as slow with ``kvswitch.online`` set to the rule."""
+    check_mode(mode)
+    kind, _, arg = mode.partition(":")
     body: dict = {"model": model, "messages": [{"role": "user", "content": question}], "stream": True,
                   "stream_options": {"include_usage": True}, "temperature": temperature}
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
     if mode != "auto":
-        body["chat_template_kwargs"] = {"enable_thinking": mode == "slow"}
+        body["chat_template_kwargs"] = {"enable_thinking": mode != "fast"}
+    if kind == "budget":
+        body["thinking_token_budget"] = int(arg)
+    elif kind in EXIT_KINDS:
+        body["kvswitch"] = {"online": mode}
     return body
 
 
@@ -194,6 +215,8 @@ def _take_kvswitch(rec: RequestRecord, info: dict) -> None:
     rec.retried = info.get("retried")
     rec.resumed = info.get("resumed")
     rec.fallback = info.get("fallback")
+    rec.exited_at = info.get("exited_at")
+    rec.probe_tokens = info.get("probe_tokens")
 
 
 async def discover_model(client: httpx.AsyncClient, url: str) -> str:

@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm import tqdm
 
-from loadtests.client import discover_model, request_body, send
+from loadtests.client import check_mode, discover_model, request_body, send
 from loadtests.stats import RequestRecord, headline, parse_slo, ratios, summarize, tokens_saved, window
 from serve_app.core.datasets import read_dataset
 from serve_app.core.grading import GraderName
@@ -51,7 +51,8 @@ class LoadConfig(BaseModel):
     num_requests: int = Field(100, ge=1, description="measured requests per run (the dataset is cycled if shorter)")
     duration: float | None = Field(None, gt=0, description="stop sending after this many seconds of a run")
     warmup: int = Field(4, ge=0, description="requests run before each measured run and left out of it")
-    modes: list[Literal["auto", "fast", "slow"]] = Field(["auto"], min_length=1, description="routing modes to run side by side")
+    modes: list[str] = Field(["auto"], min_length=1, description="routing modes (auto, fast, slow) or peer policies (budget:B, dynasor, "
+                                                                  "deer) to run side by side")
     repeats: int = Field(1, ge=1, description="rounds of all modes, interleaved (auto, slow, auto, slow, ...); records are pooled")
     max_tokens: int | None = Field(None, ge=1, description="max_tokens per request (None = the server's default)")
     temperature: float = Field(0.0, ge=0)
@@ -60,6 +61,11 @@ class LoadConfig(BaseModel):
     seed: int = Field(0, description="seed of the open-loop arrival times")
     serve_config: str | None = Field(None, description="serve config the scenario deploys with --launch")
     out: str | None = Field(None, description="JSON report path (a PNG is written beside it)")
+
+    @field_validator("modes")
+    @classmethod
+    def _modes(cls, v: list[str]) -> list[str]:
+        return [check_mode(m) for m in v]
 
     @field_validator("slo")
     @classmethod

@@ -68,6 +68,10 @@ class RequestRecord:
     """kvswitch: the reply came from a second replica after the first one failed."""
     fallback: str | None = None
     """kvswitch: routing fell back (``prefill_unavailable``)."""
+    exited_at: int | None = None
+    """kvswitch: a peer early-exit rule (``kvswitch.online``) closed the thought here."""
+    probe_tokens: int | None = None
+    """kvswitch: tokens of that rule's side-branch probes (not in ``completion_tokens``)."""
 
     @property
     def ok(self) -> bool:
@@ -189,6 +193,8 @@ def summarize(records: list[RequestRecord], slo: dict[str, float] | None = None,
         "slo_attainment": (len(good) / len(records)) if records else None,
         "slo": {k: v * 1000.0 for k, v in slo.items()},
         "mean_tokens": (sum(tokens) / len(tokens)) if tokens else None,
+        "mean_probe_tokens": _mean([r.probe_tokens for r in ok if r.probe_tokens is not None]),
+        "early_exits": sum(1 for r in ok if r.exited_at is not None),
         "total_tokens": sum(tokens),
         "mean_reasoning_tokens": _mean([r.reasoning_tokens for r in ok]),
         "tokens_from_usage": all(r.tokens_from_usage for r in ok) if ok else None,
@@ -215,6 +221,7 @@ def headline(summary: dict) -> dict:
         "errors": summary["errors"],
         "accuracy": summary["accuracy"],
         "mean_tokens": summary["mean_tokens"],
+        "mean_probe_tokens": summary["mean_probe_tokens"],
         "p50_e2e_s": summary["e2e_s"]["p50"],
         "p99_e2e_s": summary["e2e_s"]["p99"],
         "p50_ttft_s": summary["ttft_s"]["p50"],

@@ -5,11 +5,10 @@ import json
 
 import pytest
 
-from serve_app.core.early_exit import EarlyExit, answers_agree, confident, parse_exit, probe_due, should_exit
+from serve_app.core.early_exit import EarlyExit, answers_agree, confident, parse_exit, probe_due, should_exit, split_policies
 from serve_app.core.policy import fit_length_threshold, length_route
 from serve_app.core.task import TaskConfig, generate_problems
 from serve_app.offline import peers
-from serve_app.offline.options import split_policies
 
 
 def test_policy_names_parse_with_defaults_and_clear_errors():

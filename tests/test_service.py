@@ -154,6 +154,25 @@ def test_a_thinking_cap_closes_the_thought_and_the_reply_answers(main_app):
     assert free.model_extra["kvswitch"]["thinking_capped"] is False and free.usage.completion_tokens > r.usage.completion_tokens
 
 
+def test_a_peer_early_exit_is_selectable_per_request_for_ab_tests(main_app):
+    """``kvswitch.online: "dynasor:16,2"`` runs Dynasor-CoT in the slow pool: the thought is closed
+    where two probed answers in a row agree, and the kvswitch object says so, with the side-branch
+    tokens apart from the usage. On vLLM pools (no side branches) the request gets a JSON 400."""
+    body = {"kvswitch": {"mode": "slow", "online": "dynasor:16,2"}}
+    if os.environ.get("KVSWITCH_TEST_ENGINE") == "vllm":
+        r = httpx.post(f"{main_app}/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": HARD}], **body}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_online_policy", r.text
+        return
+    r = client(main_app).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": HARD}], extra_body=body)
+    kv = r.model_extra["kvswitch"]
+    assert kv["early_exit"] == "dynasor:16,2" and kv["exited_at"] % 16 == 0 and kv["probe_tokens"] > 0 and kv["end_mode"] == "fast", kv
+    assert r.choices[0].message.content.strip().lstrip("-").isdigit() and not kv["switched"]
+    plain = client(main_app).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": HARD}],
+                                                     extra_body={"kvswitch": {"mode": "slow", "online": False}})
+    assert plain.model_extra["kvswitch"]["early_exit"] is None and plain.model_extra["kvswitch"]["probe_tokens"] == 0
+    assert r.usage.completion_tokens < plain.usage.completion_tokens
+
+
 def test_best_of_n_puts_the_selected_choice_first(main_app):
     c = client(main_app)
     r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": HARD}], n=4, temperature=1.0, seed=11,
@@ -320,6 +339,7 @@ BAD = [
                            "kvswitch": {"max_thinking_tokens": 6}}, 400),
     ("negative thinking cap", {"model": MODEL, "messages": [{"role": "user", "content": EASY}], "thinking_token_budget": -1}, 400),
     ("unknown kvswitch option", {"model": MODEL, "messages": [{"role": "user", "content": EASY}], "kvswitch": {"mood": "fast"}}, 400),
+    ("unknown online policy", {"model": MODEL, "messages": [{"role": "user", "content": EASY}], "kvswitch": {"online": "dynasor:x"}}, 400),
 ]
 
 
@@ -408,15 +428,18 @@ def test_loadtest_compare_against_the_running_service(main_app, tmp_path):
     data = tmp_path / "mix.jsonl"
     data.write_text("".join(json.dumps({"question": p.question, "answer": str(p.answer)}) + "\n" for p in problems))
     out = tmp_path / "load.json"
+    peers = ["budget:24"] + ([] if os.environ.get("KVSWITCH_TEST_ENGINE") == "vllm" else ["dynasor:16,2"])  # vLLM: no side branches
     assert kvswitch(["loadtest", "--url", main_app, "--dataset", str(data), "--concurrency", "4", "--num-requests", "10", "--warmup", "2",
-                     "--compare", "auto,slow", "--slo", "ttft:5000,e2e:60000", "--out", str(out)]) == 0
+                     "--compare", ",".join(["auto", "slow", *peers]), "--slo", "ttft:5000,e2e:60000", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 10_000
     modes = report["modes"]
-    assert set(modes) == {"auto", "slow"}
-    for m in modes.values():
+    assert set(modes) == {"auto", "slow", *peers}
+    for name, m in modes.items():
         assert m["requests"] == 10 and m["errors"] == 0 and m["throughput_rps"] > 0 and m["goodput_rps"] > 0
-        assert m["accuracy"] >= 0.8
+        assert m["accuracy"] >= 0.8 or name in peers
+        assert m["mean_tokens"] <= modes["slow"]["mean_tokens"] or name == "slow"
+    assert "dynasor:16,2" not in modes or modes["dynasor:16,2"]["mean_probe_tokens"] > 0
     records = report["levels"][0]["records"]
     assert sorted(r["index"] for r in records["auto"]) == list(range(10))
     assert all(r["route"] in ("fast", "slow") and r["replica"] and r["predicted_tokens"] > 0 and r["tokens_from_usage"] for r in records["auto"])

@@ -77,6 +77,20 @@ def parse_exit(policy: str) -> EarlyExit:
         raise ValueError(f"bad policy {policy!r}: write {hint}") from exc
 
 
+def split_policies(text: str) -> list[str]:
+    """A comma list of policies whose parameters may hold commas themselves (``dynasor:32,3``): an
+    item that is only a number continues the policy before it."""
+    out: list[str] = []
+    for item in (p.strip() for p in text.split(",")):
+        if not item:
+            continue
+        if out and ":" in out[-1] and item.replace(".", "", 1).isdigit():
+            out[-1] += f",{item}"
+        else:
+            out.append(item)
+    return out
+
+
 def probe_due(rule: EarlyExit, think_tokens: int, ends_line: bool) -> bool:
     """Whether a thought that now holds ``think_tokens`` tokens, the last of which ends a line when
     ``ends_line``, is probed now."""

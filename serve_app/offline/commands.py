@@ -19,8 +19,8 @@ from serve_app.offline.options import (
     engine_options,
     given,
     split,
-    split_policies,
 )
+from serve_app.core.early_exit import split_policies
 from serve_app.reports import write_json
 
 

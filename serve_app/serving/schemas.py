@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serve_app.core.early_exit import EarlyExit, parse_exit
+
 Mode = Literal["auto", "fast", "slow"]
 
 
@@ -43,10 +45,26 @@ class KvswitchOptions(_Body):
 
     mode: Mode | None = None
     """auto: the probe and the live load pick the pool; fast / slow force it."""
-    online: bool | None = None
-    """Mid-generation switching (default: the service's setting)."""
+    online: bool | str | None = None
+    """Mid-generation switching (default: the service's setting): true / ``"kv"`` the decode probe,
+    false none; or a peer's early exit for A/B tests, ``"dynasor[:K[,W]]"`` or ``"deer[:LAMBDA]"``
+    (``serve_app.core.early_exit``; pools on the HF engine)."""
     select: Literal["coe", "vote", "coe-vote"] | None = None
     """Best-of-n: with n > 1, put the choice this rule picks first (serve_app.core.bestofn)."""
+    @field_validator("online")
+    @classmethod
+    def _online_policy(cls, v: bool | str | None) -> bool | str | None:
+        if isinstance(v, str) and v != "kv":
+            parse_exit(v)  # a ValueError says how to write it
+        return v
+
+    def kv_online(self) -> bool | None:
+        """Switching on the decode probe: True / False, None for the service's default."""
+        return True if self.online == "kv" else (False if isinstance(self.online, str) else self.online)
+
+    def early_exit(self) -> EarlyExit | None:
+        return parse_exit(self.online) if isinstance(self.online, str) and self.online != "kv" else None
+
     max_thinking_tokens: int | None = Field(None, ge=0)
     """Hard cap on the tokens of an open thought: once reached, the thought is closed and the reply
     answers (a backstop; vLLM's ``thinking_token_budget`` semantics, which is accepted as an alias)."""
@@ -257,6 +275,12 @@ class KvswitchInfo(BaseModel):
     """The first replica failed before streaming anything and another replica generated the reply."""
     thinking_capped: bool = False
     """The thought was closed by ``max_thinking_tokens`` (not by the model or a switch)."""
+    early_exit: str | None = None
+    """The peer early-exit rule the request asked for (``kvswitch.online``), e.g. ``dynasor:32,3``."""
+    exited_at: int | None = None
+    """Generated-token index at which that rule closed the thought, when it did."""
+    probe_tokens: int = 0
+    """Tokens its side-branch answer probes fed and generated (not part of ``completion_tokens``)."""
     resumed: bool = False
     """The replica streaming this reply died mid-stream and another one continued it from the tokens
     already sent (greedy and seeded sampling continue as they would have)."""
