@@ -152,6 +152,8 @@ def test_eval_runs_the_peers_and_reports_probe_tokens(tmp_path, model_dir):
     lengths = {r["question"]: r for r in pol["length-oneshot:30"]["records"]}
     assert rep["length_threshold"] == {"length-oneshot:30": 30}
     assert {r["route"] for r in lengths.values()} <= {"fast", "slow"}
+    with pytest.raises(ValueError, match="side branches"):
+        main(["eval", "--model", str(model_dir), "--dataset", str(data), "--policy", "slow,deer", "--engine", "vllm"])
     with pytest.raises(ValueError, match="length-oneshot:L"):  # the shipped probe was calibrated before L was fitted
         main(["eval", "--model", str(model_dir), "--dataset", str(data), "--policy", "length-oneshot"])
 

@@ -58,12 +58,8 @@ from serve_app.offline.probe_train import random_features
 ENGINE_POLICIES = ("fast", "slow", "kv-oneshot", "kv-online", "hidden-oneshot")
 CHOICE_POLICIES = ("oracle", "random", "minilm-oneshot")
 POLICIES = ENGINE_POLICIES + CHOICE_POLICIES
-VLLM_UNAVAILABLE = {
-    "policies": ["hidden-oneshot"],
-    "probe_auroc": ["hidden"],
-    "coe": ["hidden_coe_r", "hidden_coe_c", "maxprob", "perplexity", "entropy"],
-    "why": "the vLLM engine keeps no hidden states and returns no token probabilities",
-}
+VLLM_UNAVAILABLE = {"policies": ["hidden-oneshot"], "probe_auroc": ["hidden"], "coe": ["hidden_coe_r", "hidden_coe_c", "maxprob", "perplexity", "entropy"],
+                    "why": "the vLLM engine keeps no hidden states and returns no token probabilities"}
 """What ``eval --engine vllm`` cannot report (left out of the report, never filled with stand-ins)."""
 PROBE_POLICIES = {"kv-oneshot": "kv", "kv-online": "kv", "hidden-oneshot": "hidden", "minilm-oneshot": "minilm", "random": "kv"}
 """Policy → the probe feature kind that routes it (random copies kv-oneshot's fast fraction)."""
@@ -204,6 +200,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.engine == "vllm":
         if "hidden-oneshot" in cfg.policies:
             raise ValueError("hidden-oneshot routes on hidden states, which the vLLM engine does not keep: drop it or use --engine hf")
+        if any(peers.family(p) in ("dynasor", "deer") for p in cfg.policies):
+            raise ValueError("dynasor and deer probe answers in side branches of the HF engine's cache: drop them or use --engine hf")
         if cfg.kv_quant is not None:
             raise ValueError("simulated KV quantization (--kv-quant) runs on the HF engine only: drop --engine vllm or --kv-quant")
     cfg = cfg.model_copy(update={"grader": grader_name(cfg.grader, cfg.probe_path())})
