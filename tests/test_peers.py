@@ -150,7 +150,7 @@ def test_eval_runs_the_peers_and_reports_probe_tokens(tmp_path, model_dir):
         assert e["mean_tokens_with_probes"] == pytest.approx(e["mean_tokens"] + e["mean_probe_tokens"]) and e["mean_probe_tokens"] > 0
         assert e["exits"] == sum(r["exited_at"] is not None for r in e["records"])
     lengths = {r["question"]: r for r in pol["length-oneshot:30"]["records"]}
-    assert rep["length_threshold"] == {"length-oneshot:30": 30}
+    assert rep["thresholds"] == {"length-oneshot:30": 30}
     assert {r["route"] for r in lengths.values()} <= {"fast", "slow"}
     with pytest.raises(ValueError, match="side branches"):
         main(["eval", "--model", str(model_dir), "--dataset", str(data), "--policy", "slow,deer", "--engine", "vllm"])
@@ -196,3 +196,26 @@ def test_eval_sweep_writes_curves_table_and_frontier(tmp_path, model_dir):
     assert sweep["curves"]["deer"][0]["mean_tokens_with_probes"] > sweep["curves"]["deer"][0]["mean_tokens"]
     assert sweep["matched"]["target_accuracy"] == pytest.approx(slow["accuracy"] - 0.01)
     assert (tmp_path / "s-frontier.png").stat().st_size > 0 and (tmp_path / "s.png").is_file()
+
+
+def test_knobs_chosen_on_a_dev_sweep_replace_bare_family_names(tmp_path, model_dir):
+    from serve_app.cli import main
+    from serve_app.core.task import write_jsonl
+
+    dev = tmp_path / "dev.json"
+    best = {"kv-oneshot": {"knob": 40}, "kv-online": {"knob": 45}, "dynasor": {"knob": "16/2"}, "deer": None}
+    dev.write_text(json.dumps({"dataset": "dev.jsonl", "sweep": {"matched": {"best": best}}}))
+    policies, knobs = peers.with_dev_knobs(["slow", "kv-oneshot", "kv-online", "dynasor", "deer", "budget:8"], dev)
+    assert policies == ["slow", "kv-oneshot:40", "kv-online:45", "dynasor:16,2", "deer", "budget:8"]  # deer never matched: as named
+    assert knobs["chosen"] == {"kv-oneshot": "kv-oneshot:40", "kv-online": "kv-online:45", "dynasor": "dynasor:16,2"}
+    for bad in ("kv-oneshot:x", "kv-online:-1"):
+        with pytest.raises(ValueError):
+            peers.check(bad)
+    data = tmp_path / "q.jsonl"
+    write_jsonl(generate_problems(8, seed=79, config=TaskConfig(max_operators=3)), data)
+    out = tmp_path / "k.json"
+    assert main(["eval", "--model", str(model_dir), "--dataset", str(data), "--policy", "fast,slow,kv-oneshot,kv-online", "--knobs-from", str(dev),
+                 "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert set(rep["policies"]) == {"fast", "slow", "kv-oneshot:40", "kv-online:45"} and rep["knobs_from"]["from"] == str(dev)
+    assert rep["thresholds"] == {"kv-oneshot:40": 40.0} and "switches" in rep["policies"]["kv-online:45"]

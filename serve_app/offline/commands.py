@@ -49,10 +49,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from serve_app.offline.evaluate import EvalConfig, run_eval
 
     optional = given(args, "max_new_tokens", "probe", "tau", "delta", "every", "confirm")
+    policies, knobs = split_policies(args.policy), None
+    if args.knobs_from:
+        from serve_app.offline.peers import with_dev_knobs
+
+        policies, knobs = with_dev_knobs(policies, args.knobs_from)
     cfg = EvalConfig(
         model=args.model,
         dataset=args.dataset,
-        policies=split_policies(args.policy),
+        policies=policies,
         batch_size=args.batch_size,
         limit=args.limit,
         coe=args.coe,
@@ -64,6 +69,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         **optional,
     )
     report = run_eval(cfg)
+    if knobs is not None:
+        report["knobs_from"] = knobs
     print_report(report)
     _write_report(report, args.out, plot_report, args.command_line)
     return 0
@@ -258,6 +265,9 @@ def add_eval(sub) -> None:
                    help="also sweep the knob of every policy family named in --policy (kv-oneshot tau, kv-online delta, budget B, "
                         "dynasor K/W, deer lambda, length-oneshot L): curves, a frontier PNG and the tokens-at-matched-accuracy "
                         "table; optional grids FAMILY=V1,V2;... (docs/method.md §8)")
+    p.add_argument("--knobs-from", dest="knobs_from", metavar="DEV_SWEEP_JSON",
+                   help="replace each bare family name in --policy (kv-oneshot, kv-online, budget, dynasor, deer, length-oneshot) by "
+                        "its tokens-at-matched-accuracy point of an `eval --sweep` report on a dev set")
     p.add_argument("--out", help="JSON report; a PNG goes beside it")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, help="generation cap per reply (default 768)")

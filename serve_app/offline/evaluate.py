@@ -115,12 +115,12 @@ class EvalConfig(BaseModel):
     @field_validator("policies")
     @classmethod
     def _known(cls, value: list[str]) -> list[str]:
-        unknown = [p for p in value if p not in POLICIES and not peers.is_peer(p)]
+        unknown = [p for p in value if p not in POLICIES and not peers.is_knobbed(p)]
         if unknown or not value:
             raise ValueError(f"unknown policy {unknown}; choose from {list(POLICIES)} or a peer: budget:B, dynasor[:K[,W]], "
                              "deer[:LAMBDA], length-oneshot[:L]")
         for p in value:
-            if peers.is_peer(p):
+            if peers.is_knobbed(p):
                 peers.check(p)
         return list(dict.fromkeys(value))
 
@@ -225,7 +225,7 @@ def run_eval(cfg: EvalConfig) -> dict:
 
 def _run_eval(cfg: EvalConfig, exp: Experiment) -> dict:
     rows = exp.rows
-    routed = [p for p in cfg.policies if p not in ("fast", "slow") and not peers.is_engine_peer(p)]
+    routed = [p for p in cfg.policies if p not in ("fast", "slow") and peers.family(p) not in peers.ENGINE_PEERS]
     probe = None
     if routed or cfg.coe:
         path = cfg.probe_path()
@@ -279,11 +279,9 @@ def _run_eval(cfg: EvalConfig, exp: Experiment) -> dict:
         if (policy in ENGINE_POLICIES or peers.is_engine_peer(policy)) and policy not in runs:
             engine_run(policy)
     runs.update(_choice_runs(cfg, runs, difficulty, online.tau if online is not None else 50.0))
-    for policy in cfg.policies:
-        if peers.family(policy) == "length-oneshot":
-            threshold = peers.length_threshold(policy, probe)
-            runs[policy] = _choose(runs["fast"], runs["slow"], [len(p) <= threshold for p in exp.prompt_ids])
-            report.setdefault("length_threshold", {})[policy] = threshold
+    for policy in filter(peers.is_choice_knob, cfg.policies):
+        use_fast, report.setdefault("thresholds", {})[policy] = peers.choice(policy, probe, difficulty.get("kv"), [len(p) for p in exp.prompt_ids])
+        runs[policy] = _choose(runs["fast"], runs["slow"], use_fast)
 
     t_slow = summarize(runs["slow"])["mean_tokens"] if "slow" in runs else None
     t_oracle = None
@@ -324,7 +322,7 @@ def _engine_run(exp: Experiment, cfg: EvalConfig, policy: str, probe, online) ->
     else:
         mode = policy if policy in ("fast", "slow") else None
         reqs = exp.requests(mode=mode, online=policy == "kv-online", max_new_tokens=cfg.max_new_tokens, max_thinking_tokens=cfg.max_thinking_tokens)
-    kwargs = {"probe": probe, "online": online} if probe is not None else {}
+    kwargs = {"probe": probe, "online": peers.online_for(policy, online)} if probe is not None else {}
     kwargs["kv_quant"] = cfg.kv_quant
     if policy == "hidden-oneshot":
         kwargs["prompt_feature"] = "hidden"
@@ -380,10 +378,10 @@ def _policy_entry(policy: str, records: list[dict], t_slow: float | None, t_orac
         entry["token_reduction_vs_slow"] = t_slow / entry["mean_tokens"]
     if t_slow is not None and t_oracle is not None and policy != "slow":
         entry["oracle_efficiency"] = oracle_efficiency(t_slow, entry["mean_tokens"], t_oracle)
-    if policy in PROBE_POLICIES:
-        entry["feature"] = PROBE_POLICIES[policy]
+    if peers.family(policy) in PROBE_POLICIES:
+        entry["feature"] = PROBE_POLICIES[peers.family(policy)]
         entry["probe_auroc"] = probe_auroc
-    if policy == "kv-online":
+    if peers.family(policy) == "kv-online":
         s2f = sum(r["switched_at"] is not None and r["route"] == "slow" for r in records)
         f2s = sum(r["switched_at"] is not None and r["route"] == "fast" for r in records)
         entry["switches"] = {"total": s2f + f2s, "slow_to_fast": s2f, "fast_to_slow": f2s}

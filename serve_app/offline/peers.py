@@ -9,14 +9,24 @@
 
 ``budget``, ``dynasor`` and ``deer`` run through the engine from slow mode; ``length-oneshot`` only
 chooses between each question's fast and slow reply, as ``oracle`` and ``random`` do.
+
+kvswitch's own policies take a knob the same way, for knobs chosen on a dev set (``--knobs-from``):
+``kv-oneshot:TAU`` (a choice by the prompt difficulty, as ``kv-oneshot`` routes greedy replies) and
+``kv-online:DELTA`` (an engine run with that hysteresis and the probe's tau).
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from serve_app.core.early_exit import EXIT_KINDS, parse_exit
 
 ENGINE_PEERS = ("budget", *EXIT_KINDS)
 CHOICE_PEERS = ("length-oneshot",)
+
+
+KNOBBED_KV = ("kv-oneshot", "kv-online")
 
 
 def family(policy: str) -> str:
@@ -29,7 +39,17 @@ def is_peer(policy: str) -> bool:
 
 
 def is_engine_peer(policy: str) -> bool:
-    return family(policy) in ENGINE_PEERS
+    """Runs through the engine with its own request options (``request_options``)."""
+    return family(policy) in ENGINE_PEERS or (family(policy) == "kv-online" and ":" in policy)
+
+
+def is_choice_knob(policy: str) -> bool:
+    """Chooses between fast and slow replies by a threshold (``choice``)."""
+    return family(policy) == "length-oneshot" or (family(policy) == "kv-oneshot" and ":" in policy)
+
+
+def is_knobbed(policy: str) -> bool:
+    return is_peer(policy) or (family(policy) in KNOBBED_KV and ":" in policy)
 
 
 def check(policy: str) -> str:
@@ -43,14 +63,23 @@ def check(policy: str) -> str:
     elif kind == "length-oneshot":
         if arg and not arg.isdigit():
             raise ValueError(f"bad policy {policy!r}: write length-oneshot or length-oneshot:L with L prompt tokens")
+    elif kind in KNOBBED_KV:
+        try:
+            ok = float(arg) >= 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"bad policy {policy!r}: write kv-oneshot:TAU or kv-online:DELTA with a number >= 0")
     else:
         raise ValueError(f"{policy!r} is not a peer policy")
     return policy
 
 
 def request_options(policy: str, max_thinking_tokens: int | None) -> dict:
-    """The ``GenRequest`` options of an engine peer (it starts in slow mode)."""
+    """The ``GenRequest`` options of an engine peer (it starts in slow mode; ``kv-online:DELTA`` routes)."""
     kind, _, arg = policy.partition(":")
+    if kind == "kv-online":
+        return {"mode": None, "online": True, "max_thinking_tokens": max_thinking_tokens}
     if kind == "budget":
         cap = int(arg) if max_thinking_tokens is None else min(int(arg), max_thinking_tokens)
         return {"mode": "slow", "max_thinking_tokens": cap}
@@ -67,6 +96,40 @@ def length_threshold(policy: str, probe) -> int:
         raise ValueError("length-oneshot without L needs a probe calibrated by this version of `kvswitch calibrate` "
                          "(it fits L on its training split); or give the threshold: length-oneshot:L")
     return int(fitted)
+
+
+def online_for(policy: str, online):
+    """The ``OnlineConfig`` an engine policy runs with: ``kv-online:DELTA`` overrides delta."""
+    if family(policy) == "kv-online" and ":" in policy and online is not None:
+        return online.model_copy(update={"delta": float(policy.partition(":")[2])})
+    return online
+
+
+def choice(policy: str, probe, kv_difficulty: list[float] | None, prompt_lengths: list[int]) -> tuple[list[bool], float]:
+    """Which questions a threshold policy answers fast, and its threshold."""
+    if family(policy) == "length-oneshot":
+        threshold = length_threshold(policy, probe)
+        return [n <= threshold for n in prompt_lengths], threshold
+    if kv_difficulty is None:
+        raise ValueError(f"{policy} needs a probe")
+    tau = float(policy.partition(":")[2])
+    return [d <= tau for d in kv_difficulty], tau
+
+
+def knob_policy(family_: str, knob) -> str:
+    """A swept family's point as a policy name (``dynasor`` knobs ``K/W`` → ``dynasor:K,W``)."""
+    return f"{family_}:{str(knob).replace('/', ',')}"
+
+
+def with_dev_knobs(policies: list[str], sweep_report: str | Path) -> tuple[list[str], dict]:
+    """``policies`` with every bare family name that a dev-set sweep report (``eval --sweep``) has a
+    matched-accuracy point for replaced by that point's policy; and the choices made."""
+    report = json.loads(Path(sweep_report).read_text())
+    if "sweep" not in report:
+        raise ValueError(f"{sweep_report} holds no sweep: write it with `kvswitch eval --sweep` on a dev set")
+    best = report["sweep"]["matched"]["best"]
+    chosen = {p: knob_policy(p, best[p]["knob"]) for p in policies if ":" not in p and best.get(p) is not None}
+    return [chosen.get(p, p) for p in policies], {"from": str(sweep_report), "dataset": report.get("dataset"), "chosen": chosen}
 
 
 def probe_summary(records: list[dict]) -> dict | None:
