@@ -8,12 +8,14 @@ always "agrees": it never corrects anything. v2's thought is
 2. the **check**, step by step in order. Each step first states where it went
    (``Step j took V to W.``: V is the question's first number for step 1 and the first pass's
    previous result after that, W the step's stated result), then undoes it from W with the
-   *question's* operand (``Undo: `` and a ``step_line``), then compares: ``Want V, got X``. The
-   value to come back to is looked up and written before the undo is worked, so every check line
-   trains the lookup, and the verdict compares two numbers written side by side;
-3. on the first mismatch, ``Want V, got X, so step j is wrong. Redo from V:`` and the steps from j
-   on, redone, then ``So the answer is N.``; without one, ``Every step checks out, so the answer
-   is N.``
+   *question's* operand (``Undo: `` and a ``step_line``), then compares: ``Want V, got X:`` and the
+   two numbers character by character from the left (``compare``: ``3=3 7=7`` when they match,
+   up to the first differing pair ``3 vs 2`` when not). The value to come back to is looked up and
+   written before the undo is worked, so every check line trains the lookup; the verdict then
+   rests on single characters written side by side (the previous format, a bare ``Want V, got X``,
+   let the model call 7 of 11 mismatches "right": it judged whole numbers by habit);
+3. on the first mismatch, ``..., so step j is wrong. Redo from V:`` and the steps from j on,
+   redone, then ``So the answer is N.``; without one, ``Every step checks out, so the answer is N.``
 
 Training replies carry, at a rate the trainer sets, one **slip** in the first pass (``Slip``: an
 operand copied wrongly, as the v1 model does with single-digit operands, or a step's result off in
@@ -64,18 +66,35 @@ def _digit_changed(rng: random.Random, n: int) -> int:
 
 
 def sample_slip(rng: random.Random, problem: Problem) -> Slip:
-    """A slip at a uniform step: half operand copies (one digit of the operand changed), half wrong
-    results: one digit off (the sign kept), or, for a third of nonzero results, the sign flipped."""
+    """A slip at a uniform step: half operand copies (one digit of the operand changed, or for a
+    third of them the previous or next operand of the question taken instead), half wrong results:
+    one digit off (the sign kept), or, for a third of nonzero results, the sign flipped."""
     step = rng.randrange(problem.num_operators)
     if rng.random() < 0.5:
         first = step == 0 and rng.random() < 0.3
         operand = problem.operands[0] if first else problem.operands[step + 1]
+        neighbours = [o for o in problem.operands[max(1, step):step + 3] if o != operand] if not first else []
+        if neighbours and rng.random() < 1 / 3:  # the previous or next operand taken for this one
+            return Slip(step, "operand", rng.choice(neighbours))
         return Slip(step, "operand", _digit_changed(rng, operand), first)
     value = problem.running_values()[step]
     if value != 0 and rng.random() < 1 / 3:
         return Slip(step, "result", -value)
     wrong = _digit_changed(rng, abs(value))
     return Slip(step, "result", -wrong if value < 0 else wrong)
+
+
+def compare(want: int, got: int) -> str:
+    """Two numbers character by character from the left (the sign is a character): every pair
+    ``a=a`` when they are equal; up to and including the first differing pair ``a vs b`` when not,
+    or ``lengths differ`` when one ends first."""
+    a, b = str(want), str(got)
+    pairs = []
+    for x, y in zip(a, b):
+        if x != y:
+            return " ".join([*pairs, f"{x} vs {y}"])
+        pairs.append(f"{x}={y}")
+    return " ".join(pairs) if len(a) == len(b) else " ".join([*pairs, "lengths differ"])
 
 
 def _apply(acc: int, op: str, operand: int) -> int:
@@ -111,9 +130,9 @@ def checked_thought(problem: Problem, slip: Slip | None = None) -> tuple[str, tu
         back = _apply(values[j], undo, operand)
         out.append(f"Step {j + 1} took {before[j]} to {values[j]}. Undo: {step_line(values[j], undo, operand)}.")
         if back == before[j]:
-            out.append(f"Want {before[j]}, got {back}, so step {j + 1} is right.")
+            out.append(f"Want {before[j]}, got {back}: {compare(before[j], back)}, so step {j + 1} is right.")
             continue
-        out.append(f"Want {before[j]}, got {back}, so step {j + 1} is wrong. Redo from {before[j]}:")
+        out.append(f"Want {before[j]}, got {back}: {compare(before[j], back)}, so step {j + 1} is wrong. Redo from {before[j]}:")
         acc = before[j]
         for op2, operand2 in zip(problem.ops[j:], problem.operands[j + 1 :]):
             out.append(step_line(acc, op2, operand2))
