@@ -19,6 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from serve_app.offline.peers import choice, knob_policy
+
 DEFAULT_GRIDS: dict[str, list] = {
     "kv-oneshot": [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100],
     "kv-online": [5, 15, 25, 35, 45],
@@ -75,13 +77,9 @@ def run_sweep(grids: dict[str, list], families: set[str], runs: dict[str, list[d
     curves: dict[str, list[dict]] = {}
     for family in [f for f in DEFAULT_GRIDS if f in families]:
         grid = grids[family]
-        if family == "kv-oneshot":
-            if kv_difficulty is None:
-                raise ValueError("sweeping kv-oneshot needs a probe")
-            curves[family] = [_point(t, _choose(fast, slow, [d <= t for d in kv_difficulty])) for t in grid]
-        elif family == "length-oneshot":
+        if family in ("kv-oneshot", "length-oneshot"):  # the thresholds of peers.choice, the rule eval runs them by
             grid = grid or deciles(prompt_lengths)
-            curves[family] = [_point(n, _choose(fast, slow, [length <= n for length in prompt_lengths])) for n in grid]
+            curves[family] = [_point(v, _choose(fast, slow, choice(knob_policy(family, v), None, kv_difficulty, prompt_lengths)[0])) for v in grid]
         elif family == "kv-online":
             curves[family] = [_point(d, engine("kv-online", {"delta": float(d)})) for d in grid]
         else:
