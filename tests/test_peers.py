@@ -9,6 +9,7 @@ from serve_app.core.early_exit import EarlyExit, answers_agree, confident, parse
 from serve_app.core.policy import fit_length_threshold, length_route
 from serve_app.core.task import TaskConfig, generate_problems
 from serve_app.offline import peers
+from serve_app.offline.sweep import chosen_table, with_dev_knobs
 
 
 def test_policy_names_parse_with_defaults_and_clear_errors():
@@ -159,7 +160,7 @@ def test_eval_runs_the_peers_and_reports_probe_tokens(tmp_path, model_dir):
 
 
 def test_sweep_grids_table_and_deciles():
-    from serve_app.offline.sweep import DEFAULT_GRIDS, deciles, matched_table, parse_grids
+    from serve_app.offline.sweep import DEFAULT_GRIDS, deciles, format_matched, matched_table, parse_grids
 
     assert parse_grids(None) == DEFAULT_GRIDS and parse_grids("default") == DEFAULT_GRIDS
     g = parse_grids("budget=16,48;deer=0.9;dynasor=8/2")
@@ -170,11 +171,17 @@ def test_sweep_grids_table_and_deciles():
     assert deciles(list(range(10, 111))) == [9, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110]
     curves = {"kv-online": [{"knob": 45, "accuracy": 0.97, "mean_tokens": 100.0}, {"knob": 5, "accuracy": 0.99, "mean_tokens": 200.0}],
               "budget": [{"knob": 64, "accuracy": 0.985, "mean_tokens": 150.0}, {"knob": 16, "accuracy": 0.5, "mean_tokens": 20.0}],
-              "deer": [{"knob": 0.9, "accuracy": 0.6, "mean_tokens": 30.0}]}
+              "deer": [{"knob": 0.9, "accuracy": 0.6, "mean_tokens": 30.0}],
+              "dynasor": [{"knob": "16/2", "accuracy": 0.99, "mean_tokens": 90.0, "mean_tokens_with_probes": 190.0},
+                          {"knob": "32/3", "accuracy": 0.985, "mean_tokens": 120.0, "mean_tokens_with_probes": 160.0}]}
     t = matched_table(curves, slow_accuracy=0.99)  # target 0.98
     assert t["target_accuracy"] == pytest.approx(0.98)
     assert t["best"]["kv-online"]["knob"] == 5 and t["best"]["budget"]["knob"] == 64 and t["best"]["deer"] is None
     assert t["best"]["budget"]["tokens_vs_kv_online"] == pytest.approx(0.75)
+    # probe tokens count: 32/3 costs 160 with its side branches, 16/2 190, though 16/2's reply is shorter
+    assert t["best"]["dynasor"]["knob"] == "32/3" and t["best"]["dynasor"]["tokens_with_probes_vs_kv_online"] == pytest.approx(0.8)
+    assert t["best"]["dynasor"]["tokens_vs_kv_online"] == pytest.approx(0.6)
+    assert "32/3" in format_matched({"matched": t}) and "0.80x" in format_matched({"matched": t})
 
 
 def test_eval_sweep_writes_curves_table_and_frontier(tmp_path, model_dir):
@@ -205,9 +212,17 @@ def test_knobs_chosen_on_a_dev_sweep_replace_bare_family_names(tmp_path, model_d
     dev = tmp_path / "dev.json"
     best = {"kv-oneshot": {"knob": 40}, "kv-online": {"knob": 45}, "dynasor": {"knob": "16/2"}, "deer": None}
     dev.write_text(json.dumps({"dataset": "dev.jsonl", "sweep": {"matched": {"best": best}}}))
-    policies, knobs = peers.with_dev_knobs(["slow", "kv-oneshot", "kv-online", "dynasor", "deer", "budget:8"], dev)
+    policies, knobs = with_dev_knobs(["slow", "kv-oneshot", "kv-online", "dynasor", "deer", "budget:8"], dev)
     assert policies == ["slow", "kv-oneshot:40", "kv-online:45", "dynasor:16,2", "deer", "budget:8"]  # deer never matched: as named
     assert knobs["chosen"] == {"kv-oneshot": "kv-oneshot:40", "kv-online": "kv-online:45", "dynasor": "dynasor:16,2"}
+    # a report with curves: the points are recomputed from them, probe tokens counted
+    curves = {"kv-online": [{"knob": 25, "accuracy": 0.99, "mean_tokens": 100.0}],
+              "dynasor": [{"knob": "16/2", "accuracy": 0.99, "mean_tokens": 50.0, "mean_tokens_with_probes": 150.0},
+                          {"knob": "32/3", "accuracy": 0.99, "mean_tokens": 60.0, "mean_tokens_with_probes": 90.0}]}
+    stale = {"kv-online": {"knob": 45}, "dynasor": {"knob": "16/2"}}
+    dev2 = tmp_path / "dev2.json"
+    dev2.write_text(json.dumps({"sweep": {"curves": curves, "anchors": {"slow": {"accuracy": 0.99}}, "matched": {"best": stale}}}))
+    assert with_dev_knobs(["kv-online", "dynasor"], dev2)[0] == ["kv-online:25", "dynasor:32,3"]
     for bad in ("kv-oneshot:x", "kv-online:-1"):
         with pytest.raises(ValueError):
             peers.check(bad)
@@ -215,7 +230,13 @@ def test_knobs_chosen_on_a_dev_sweep_replace_bare_family_names(tmp_path, model_d
     write_jsonl(generate_problems(8, seed=79, config=TaskConfig(max_operators=3)), data)
     out = tmp_path / "k.json"
     assert main(["eval", "--model", str(model_dir), "--dataset", str(data), "--policy", "fast,slow,kv-oneshot,kv-online", "--knobs-from", str(dev),
-                 "--out", str(out)]) == 0
+                 "--sweep", "kv-oneshot=0,100;kv-online=45", "--out", str(out)]) == 0
+    assert (tmp_path / "k-frontier.png").stat().st_size > 0  # the test set's curves, the dev-chosen points marked
     rep = json.loads(out.read_text())
     assert set(rep["policies"]) == {"fast", "slow", "kv-oneshot:40", "kv-online:45"} and rep["knobs_from"]["from"] == str(dev)
     assert rep["thresholds"] == {"kv-oneshot:40": 40.0} and "switches" in rep["policies"]["kv-online:45"]
+    rows = {r["family"]: r for r in chosen_table(rep)}
+    online, slow = rep["policies"]["kv-online:45"], rep["policies"]["slow"]
+    assert rows["kv-online"]["tokens_vs_kv_online"] == pytest.approx(1.0)
+    assert rows["kv-online"]["vs_slow_points"] == pytest.approx(100 * (online["accuracy"] - slow["accuracy"]))
+    assert rows["kv-oneshot"]["tokens_vs_kv_online"] == pytest.approx(rep["policies"]["kv-oneshot:40"]["mean_tokens"] / online["mean_tokens"])

@@ -51,7 +51,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     optional = given(args, "max_new_tokens", "probe", "tau", "delta", "every", "confirm")
     policies, knobs = split_policies(args.policy), None
     if args.knobs_from:
-        from serve_app.offline.peers import with_dev_knobs
+        from serve_app.offline.sweep import with_dev_knobs
 
         policies, knobs = with_dev_knobs(policies, args.knobs_from)
     cfg = EvalConfig(

@@ -30,6 +30,10 @@ def print_report(report: dict) -> None:
         from serve_app.offline.sweep import format_matched
 
         print("\n" + format_matched(report["sweep"]))
+    if report.get("knobs_from"):
+        from serve_app.offline.sweep import chosen_table, format_chosen
+
+        print("\n" + format_chosen(chosen_table(report)))
     if report.get("probe_auroc"):
         print("\nprobe AUROC of 'fast is enough' on this set: "
               + ", ".join(f"{k} {v:.3f}" for k, v in report["probe_auroc"].items()))
@@ -80,7 +84,8 @@ def plot_report(report: dict, path: str | Path) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     if "sweep" in report:
-        from serve_app.offline.sweep import plot_frontier
+        from serve_app.offline.sweep import chosen_table, plot_frontier
 
         path = Path(path)
-        plot_frontier(report["sweep"], path.with_name(f"{path.stem}-frontier.png"), title=f"Accuracy / tokens frontier: {Path(report['dataset']).name}")
+        plot_frontier(report["sweep"], path.with_name(f"{path.stem}-frontier.png"), title=f"Accuracy / tokens frontier: {Path(report['dataset']).name}",
+                      chosen=chosen_table(report) if report.get("knobs_from") else None)

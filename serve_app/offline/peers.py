@@ -17,8 +17,6 @@ kvswitch's own policies take a knob the same way, for knobs chosen on a dev set 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 from serve_app.core.early_exit import EXIT_KINDS, parse_exit
 
@@ -119,17 +117,6 @@ def choice(policy: str, probe, kv_difficulty: list[float] | None, prompt_lengths
 def knob_policy(family_: str, knob) -> str:
     """A swept family's point as a policy name (``dynasor`` knobs ``K/W`` → ``dynasor:K,W``)."""
     return f"{family_}:{str(knob).replace('/', ',')}"
-
-
-def with_dev_knobs(policies: list[str], sweep_report: str | Path) -> tuple[list[str], dict]:
-    """``policies`` with every bare family name that a dev-set sweep report (``eval --sweep``) has a
-    matched-accuracy point for replaced by that point's policy; and the choices made."""
-    report = json.loads(Path(sweep_report).read_text())
-    if "sweep" not in report:
-        raise ValueError(f"{sweep_report} holds no sweep: write it with `kvswitch eval --sweep` on a dev set")
-    best = report["sweep"]["matched"]["best"]
-    chosen = {p: knob_policy(p, best[p]["knob"]) for p in policies if ":" not in p and best.get(p) is not None}
-    return [chosen.get(p, p) for p in policies], {"from": str(sweep_report), "dataset": report.get("dataset"), "chosen": chosen}
 
 
 def probe_summary(records: list[dict]) -> dict | None:

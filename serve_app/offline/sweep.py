@@ -16,6 +16,7 @@ set as ordinary policies: the table on a test set is an envelope, not a result.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -91,37 +92,73 @@ def run_sweep(grids: dict[str, list], families: set[str], runs: dict[str, list[d
 
 
 def matched_table(curves: dict[str, list[dict]], slow_accuracy: float) -> dict:
-    """Per family: the point with the fewest mean tokens whose accuracy is >= slow's - ``MATCH_POINTS``
-    (None when no point gets there), and its tokens as a ratio to kv-online's."""
+    """Per family: the point with the fewest mean tokens, side-branch probe tokens included (every
+    generated token counts, as the Dynasor and DEER papers count them), whose accuracy is >= slow's -
+    ``MATCH_POINTS`` (None when no point gets there), and its tokens as a ratio to kv-online's, with
+    and without the probe tokens."""
     target = slow_accuracy - MATCH_POINTS
     table: dict[str, dict | None] = {}
     for family, points in curves.items():
         ok = [p for p in points if p["accuracy"] >= target - 1e-12]
-        table[family] = min(ok, key=lambda p: p["mean_tokens"]) if ok else None
+        table[family] = min(ok, key=_cost) if ok else None
     ref = table.get("kv-online")
     for family, best in table.items():
         if best is not None and ref is not None:
             best["tokens_vs_kv_online"] = best["mean_tokens"] / ref["mean_tokens"]
+            best["tokens_with_probes_vs_kv_online"] = _cost(best) / _cost(ref)
     return {"target_accuracy": target, "best": table}
+
+
+def _cost(point: dict) -> float:
+    return point.get("mean_tokens_with_probes", point["mean_tokens"])
+
+
+def chosen_table(report: dict) -> list[dict]:
+    """An ``eval --knobs-from`` report's dev-chosen policies as measured on this set: per family,
+    accuracy, its distance to always-slow's, tokens with and without probe tokens, and the ratio to
+    the dev-chosen kv-online's tokens (probe tokens included)."""
+    pols, chosen = report["policies"], report.get("knobs_from", {}).get("chosen", {})
+    slow = pols.get("slow")
+    ref = pols.get(chosen.get("kv-online", ""))
+    rows = []
+    for family, name in chosen.items():
+        pol = pols[name]
+        cost = pol.get("mean_tokens_with_probes", pol["mean_tokens"])
+        rows.append({"family": family, "policy": name, "accuracy": pol["accuracy"],
+                     "vs_slow_points": None if slow is None else 100 * (pol["accuracy"] - slow["accuracy"]),
+                     "mean_tokens": pol["mean_tokens"], "mean_tokens_with_probes": cost,
+                     "tokens_vs_kv_online": None if ref is None else cost / ref["mean_tokens"]})
+    return rows
+
+
+def format_chosen(rows: list[dict]) -> str:
+    out = ["knobs chosen on the dev set, measured here:",
+           f"{'family':>15} {'policy':>16} {'accuracy':>9} {'vs slow':>8} {'tokens':>8} {'+probes':>8} {'vs kv-online':>13}"]
+    for r in rows:
+        d, ratio = r["vs_slow_points"], r["tokens_vs_kv_online"]
+        out.append(f"{r['family']:>15} {r['policy']:>16} {r['accuracy']:>9.3f} {'' if d is None else f'{d:+.1f}':>8} "
+                   f"{r['mean_tokens']:>8.1f} {r['mean_tokens_with_probes']:>8.1f} {'' if ratio is None else f'{ratio:.2f}x':>13}")
+    return "\n".join(out)
 
 
 def format_matched(sweep: dict) -> str:
     m = sweep["matched"]
     rows = [f"tokens at matched accuracy (>= {m['target_accuracy']:.3f}):",
             f"{'family':>15} {'knob':>8} {'accuracy':>9} {'tokens':>8} {'+probes':>8} {'vs kv-online':>13}"]
-    for family, best in m["best"].items():
+    for family, best in m["best"].items():  # the ratio counts probe tokens
         if best is None:
             rows.append(f"{family:>15} {'-':>8} {'never reaches it':>28}")
             continue
-        ratio = best.get("tokens_vs_kv_online")
+        ratio = best.get("tokens_with_probes_vs_kv_online")
         rows.append(f"{family:>15} {str(best['knob']):>8} {best['accuracy']:>9.3f} {best['mean_tokens']:>8.1f} "
-                    f"{best['mean_tokens_with_probes']:>8.1f} {'' if ratio is None else f'{ratio:.2f}x':>13}")
+                    f"{_cost(best):>8.1f} {'' if ratio is None else f'{ratio:.2f}x':>13}")
     return "\n".join(rows)
 
 
-def plot_frontier(sweep: dict, path: str | Path, title: str = "") -> None:
+def plot_frontier(sweep: dict, path: str | Path, title: str = "", chosen: list[dict] | None = None) -> None:
     """Accuracy vs mean generated tokens: a curve per family (dashed: with side-branch tokens), the
-    anchors as points, the matched-accuracy line."""
+    anchors as points, the matched-accuracy line, and ``chosen`` (``chosen_table`` rows: knobs picked
+    on a dev set) as open diamonds at their tokens with probes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,6 +174,9 @@ def plot_frontier(sweep: dict, path: str | Path, title: str = "") -> None:
     for name, p in sweep["anchors"].items():
         ax.scatter(p["mean_tokens"], p["accuracy"], marker="*", s=140, zorder=5, color="black")
         ax.annotate(name, (p["mean_tokens"], p["accuracy"]), textcoords="offset points", xytext=(5, -10), fontsize=9)
+    for r in chosen or []:
+        ax.scatter(r["mean_tokens_with_probes"], r["accuracy"], marker="D", s=70, facecolors="none", edgecolors="black", zorder=6)
+        ax.annotate(r["policy"], (r["mean_tokens_with_probes"], r["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
     ax.axhline(sweep["matched"]["target_accuracy"], color="grey", lw=0.8, ls=":", label="always-slow - 1 point")
     ax.set(xscale="log", xlabel="mean generated tokens (log)", ylabel="accuracy", title=title or "Accuracy / tokens frontier")
     ax.grid(alpha=0.3)
@@ -144,3 +184,18 @@ def plot_frontier(sweep: dict, path: str | Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def with_dev_knobs(policies: list[str], sweep_report: str | Path) -> tuple[list[str], dict]:
+    """``policies`` with every bare family name that a dev-set sweep report (``eval --sweep``) has a
+    matched-accuracy point for replaced by that point's policy; and the choices made."""
+    report = json.loads(Path(sweep_report).read_text())
+    if "sweep" not in report:
+        raise ValueError(f"{sweep_report} holds no sweep: write it with `kvswitch eval --sweep` on a dev set")
+    sweep = report["sweep"]
+    if "curves" in sweep:  # recomputed: the stored table derives from the curves, by the rule of the version that wrote it
+        best = matched_table(sweep["curves"], sweep["anchors"]["slow"]["accuracy"])["best"]
+    else:
+        best = sweep["matched"]["best"]
+    chosen = {p: knob_policy(p, best[p]["knob"]) for p in policies if ":" not in p and best.get(p) is not None}
+    return [chosen.get(p, p) for p in policies], {"from": str(sweep_report), "dataset": report.get("dataset"), "chosen": chosen}
