@@ -203,6 +203,10 @@ def test_eval_sweep_writes_curves_table_and_frontier(tmp_path, model_dir):
     assert sweep["curves"]["deer"][0]["mean_tokens_with_probes"] > sweep["curves"]["deer"][0]["mean_tokens"]
     assert sweep["matched"]["target_accuracy"] == pytest.approx(slow["accuracy"] - 0.01)
     assert (tmp_path / "s-frontier.png").stat().st_size > 0 and (tmp_path / "s.png").is_file()
+    for png in ("s.png", "s-frontier.png"):
+        (tmp_path / png).unlink()
+    assert main(["plot-eval", str(out)]) == 0  # redrawn from the JSON alone
+    assert (tmp_path / "s-frontier.png").stat().st_size > 0 and (tmp_path / "s.png").stat().st_size > 0
 
 
 def test_knobs_chosen_on_a_dev_sweep_replace_bare_family_names(tmp_path, model_dir):

@@ -5,6 +5,7 @@ the handlers, so building the parser stays fast."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from serve_app.config import DEFAULT_MODEL
@@ -371,5 +372,20 @@ def add_demo(sub) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
-COMMANDS = (add_gen_data, add_train_model, add_eval, add_calibrate, add_fit_coe, add_quant_report, add_bench_overhead, add_bench_handoff, add_bench_engines, add_demo)
+def _cmd_plot_eval(args: argparse.Namespace) -> int:
+    from serve_app.offline.eval_report import plot_report
+
+    path = Path(args.report)
+    plot_report(json.loads(path.read_text()), path.with_suffix(".png"))
+    print(f"redrew {path.with_suffix('.png')} (and its frontier PNG when the report holds a sweep)")
+    return 0
+
+
+def add_plot_eval(sub) -> None:
+    p = sub.add_parser("plot-eval", help="redraw an `eval` report's PNGs from its JSON (no generation)")
+    p.add_argument("report", help="the JSON `kvswitch eval --out` wrote")
+    p.set_defaults(func=_cmd_plot_eval)
+
+
+COMMANDS = (add_gen_data, add_train_model, add_eval, add_plot_eval, add_calibrate, add_fit_coe, add_quant_report, add_bench_overhead, add_bench_handoff, add_bench_engines, add_demo)
 """Every offline command's parser builder, in ``kvswitch --help`` order."""

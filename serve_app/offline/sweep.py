@@ -156,30 +156,40 @@ def format_matched(sweep: dict) -> str:
 
 
 def plot_frontier(sweep: dict, path: str | Path, title: str = "", chosen: list[dict] | None = None) -> None:
-    """Accuracy vs mean generated tokens: a curve per family (dashed: with side-branch tokens), the
-    anchors as points, the matched-accuracy line, and ``chosen`` (``chosen_table`` rows: knobs picked
-    on a dev set) as open diamonds at their tokens with probes."""
+    """Accuracy vs mean generated tokens, left the whole range (log tokens), right a zoom on the band
+    from matched accuracy - 3 points up: a curve per family (dashed: with side-branch tokens), the
+    anchors as stars, the matched-accuracy line, and ``chosen`` (``chosen_table`` rows: knobs picked
+    on a dev set) as open diamonds at their tokens with probes, labelled in the zoom."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    target = sweep["matched"]["target_accuracy"]
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(14, 5.5))
     for family, points in sweep["curves"].items():
         pts = sorted(points, key=lambda p: p["mean_tokens"])
-        line, = ax.plot([p["mean_tokens"] for p in pts], [p["accuracy"] for p in pts], marker="o", ms=4, label=family)
-        if any(p["mean_tokens_with_probes"] > p["mean_tokens"] for p in pts):
-            ax.plot([p["mean_tokens_with_probes"] for p in pts], [p["accuracy"] for p in pts], ls="--", color=line.get_color(), alpha=0.6,
-                    label=f"{family} + probe tokens")
+        for a in (ax, zoom):
+            line, = a.plot([p["mean_tokens"] for p in pts], [p["accuracy"] for p in pts], marker="o", ms=4, label=family)
+            if any(p["mean_tokens_with_probes"] > p["mean_tokens"] for p in pts):
+                a.plot([p["mean_tokens_with_probes"] for p in pts], [p["accuracy"] for p in pts], ls="--", color=line.get_color(), alpha=0.6,
+                       label=f"{family} + probe tokens")
     for name, p in sweep["anchors"].items():
-        ax.scatter(p["mean_tokens"], p["accuracy"], marker="*", s=140, zorder=5, color="black")
-        ax.annotate(name, (p["mean_tokens"], p["accuracy"]), textcoords="offset points", xytext=(5, -10), fontsize=9)
-    for r in chosen or []:
-        ax.scatter(r["mean_tokens_with_probes"], r["accuracy"], marker="D", s=70, facecolors="none", edgecolors="black", zorder=6)
-        ax.annotate(r["policy"], (r["mean_tokens_with_probes"], r["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
-    ax.axhline(sweep["matched"]["target_accuracy"], color="grey", lw=0.8, ls=":", label="always-slow - 1 point")
+        for a in (ax, zoom):
+            a.scatter(p["mean_tokens"], p["accuracy"], marker="*", s=140, zorder=5, color="black")
+            a.annotate(name, (p["mean_tokens"], p["accuracy"]), textcoords="offset points", fontsize=9,
+                       xytext={"oracle": (-38, -12), "slow": (5, 6)}.get(name, (5, -10)))  # oracle and slow often sit close
+    for i, r in enumerate(chosen or []):
+        for a in (ax, zoom):
+            a.scatter(r["mean_tokens_with_probes"], r["accuracy"], marker="D", s=70, facecolors="none", edgecolors="black", zorder=6)
+        zoom.annotate(r["policy"], (r["mean_tokens_with_probes"], r["accuracy"]), textcoords="offset points", fontsize=7,
+                      xytext=(6, -14 + 9 * (i % 4)))  # staggered: chosen points often share an accuracy
+    for a in (ax, zoom):
+        a.axhline(target, color="grey", lw=0.8, ls=":", label="always-slow - 1 point")
+        a.grid(alpha=0.3)
     ax.set(xscale="log", xlabel="mean generated tokens (log)", ylabel="accuracy", title=title or "Accuracy / tokens frontier")
-    ax.grid(alpha=0.3)
+    zoom.set(ylim=(target - 0.03, 1.003), xlabel="mean generated tokens", ylabel="accuracy",
+             title="zoom: matched accuracy (diamonds: knobs chosen on the dev set)" if chosen else "zoom: matched accuracy")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
