@@ -57,10 +57,11 @@ class Slip:
     first: bool = False
 
 
-def _digit_changed(rng: random.Random, n: int) -> int:
-    """``n`` (>= 0) with one digit replaced by another (what a copying slip does: 91 -> 01, 59 -> 99)."""
+def _digit_changed(rng: random.Random, n: int, last: bool = False) -> int:
+    """``n`` (>= 0) with one digit (the last one if ``last``) replaced by another (what a copying slip
+    does: 91 -> 01, 59 -> 99)."""
     digits = list(str(n))
-    i = rng.randrange(len(digits))
+    i = len(digits) - 1 if last else rng.randrange(len(digits))
     digits[i] = rng.choice([d for d in "0123456789" if d != digits[i]])
     return int("".join(digits))
 
@@ -68,7 +69,8 @@ def _digit_changed(rng: random.Random, n: int) -> int:
 def sample_slip(rng: random.Random, problem: Problem) -> Slip:
     """A slip at a uniform step: half operand copies (one digit of the operand changed, or for a
     third of them the previous or next operand of the question taken instead), half wrong results:
-    one digit off (the sign kept), or, for a third of nonzero results, the sign flipped."""
+    one digit off (the sign kept; for half of them the last digit, the column where stage 3's verdicts
+    still called a mismatch "right"), or, for a third of nonzero results, the sign flipped."""
     step = rng.randrange(problem.num_operators)
     if rng.random() < 0.5:
         first = step == 0 and rng.random() < 0.3
@@ -80,7 +82,7 @@ def sample_slip(rng: random.Random, problem: Problem) -> Slip:
     value = problem.running_values()[step]
     if value != 0 and rng.random() < 1 / 3:
         return Slip(step, "result", -value)
-    wrong = _digit_changed(rng, abs(value))
+    wrong = _digit_changed(rng, abs(value), last=rng.random() < 0.5)
     return Slip(step, "result", -wrong if value < 0 else wrong)
 
 
