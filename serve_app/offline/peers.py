@@ -17,7 +17,6 @@ kvswitch's own policies take a knob the same way, for knobs chosen on a dev set 
 
 from __future__ import annotations
 
-
 from serve_app.core.early_exit import EXIT_KINDS, parse_exit
 
 ENGINE_PEERS = ("budget", *EXIT_KINDS)

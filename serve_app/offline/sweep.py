@@ -123,11 +123,10 @@ def chosen_table(report: dict) -> list[dict]:
     rows = []
     for family, name in chosen.items():
         pol = pols[name]
-        cost = pol.get("mean_tokens_with_probes", pol["mean_tokens"])
         rows.append({"family": family, "policy": name, "accuracy": pol["accuracy"],
                      "vs_slow_points": None if slow is None else 100 * (pol["accuracy"] - slow["accuracy"]),
-                     "mean_tokens": pol["mean_tokens"], "mean_tokens_with_probes": cost,
-                     "tokens_vs_kv_online": None if ref is None else cost / ref["mean_tokens"]})
+                     "mean_tokens": pol["mean_tokens"], "mean_tokens_with_probes": _cost(pol),
+                     "tokens_vs_kv_online": None if ref is None else _cost(pol) / _cost(ref)})
     return rows
 
 
