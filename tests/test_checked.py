@@ -4,12 +4,13 @@ redoes from it, what the trainer masks, and the self-correction table ``kvswitch
 import random
 
 import pytest
+import torch
 
 from serve_app.core.task import Problem, TaskConfig, is_correct, sample_problem
 from serve_app.offline import checked
 from serve_app.offline.checked import Slip, checked_reply, checked_thought, first_pass_value, sample_slip, self_correction
 from serve_app.offline.embedded import build_tokenizer
-from serve_app.offline.train import TrainConfig, checked_example, sample_batches, sample_training_problem
+from serve_app.offline.train import TrainConfig, checked_example, sample_batches, sample_training_problem, weighted_loss
 
 P = Problem((91, 5, 59), ("-", "+"))  # 91 - 5 + 59 = 145
 
@@ -82,7 +83,7 @@ def test_the_trainer_masks_exactly_the_slipped_line():
     rng = random.Random(3)
     for _ in range(20):
         p = sample_problem(rng, rng.randint(2, 6), 99)
-        ids, labels = checked_example(tok, p, random.Random(rng.random()), cfg)
+        ids, labels, _ = checked_example(tok, p, random.Random(rng.random()), cfg)
         masked = tok.decode([i for i, lab in zip(ids, labels) if lab == -100])
         kept = [i for i, lab in zip(ids, labels) if lab != -100]
         assert masked.endswith("\n") and masked.count("\n") == 1 and " so " in masked  # one step line
@@ -92,7 +93,8 @@ def test_the_trainer_masks_exactly_the_slipped_line():
 def test_forced_closes_happen_after_the_first_pass_of_a_right_reply():
     tok = build_tokenizer(seed=0, corpus_size=200)
     cfg = TrainConfig(reply_format="checked", slip_fraction=0.0, forced_close_fraction=1.0)
-    ids, labels = checked_example(tok, P, random.Random(0), cfg)
+    ids, labels, weights = checked_example(tok, P, random.Random(0), cfg)
+    assert weights is None
     text = tok.decode(ids)
     assert "So the first pass gives 145." in text and text.endswith("</think>\n\n145<|im_end|>")
     assert labels.count(-100) == len(tok.encode("</think>\n\n", add_special_tokens=False))
@@ -114,8 +116,38 @@ def test_checked_batches_are_well_formed():
     cfg = TrainConfig(reply_format="checked", tokens_per_batch=4096, task=TaskConfig(max_operators=8, max_operand=999, operands="mixed"))
     batches = sample_batches(cfg, tok, random.Random(0), pool_size=64)
     for _ in range(3):
-        ids, labels = next(batches)
-        assert ids.shape == labels.shape and (labels != -100).any()
+        ids, labels, weights = next(batches)
+        assert ids.shape == labels.shape == weights.shape and (labels != -100).any() and (weights == 1).all()
+
+
+def test_check_weight_falls_on_the_verdicts_and_the_redo():
+    tok = build_tokenizer(seed=0, corpus_size=200)
+    cfg = TrainConfig(reply_format="checked", slip_fraction=1.0, forced_close_fraction=0.0, check_weight=3.0)
+    rng = random.Random(5)
+    for _ in range(10):
+        p = sample_problem(rng, rng.randint(2, 6), 99)
+        ids, labels, weights = checked_example(tok, p, random.Random(rng.random()), cfg)
+        heavy = tok.decode([i for i, w in zip(ids, weights) if w == 3.0])
+        light = tok.decode([i for i, w in zip(ids, weights) if w == 1.0])
+        assert set(weights) == {1.0, 3.0}
+        assert "so step 1 is " in heavy and "is wrong. Redo from" in heavy and heavy.endswith(f"So the answer is {p.answer}.\n")
+        assert "Want" not in light and "Redo" not in light and "So the first pass gives" in light and "Undo:" in light
+    right = TrainConfig(reply_format="checked", slip_fraction=0.0, forced_close_fraction=0.0, check_weight=3.0)
+    ids, _, weights = checked_example(tok, P, random.Random(0), right)
+    assert "Every step checks out" in tok.decode([i for i, w in zip(ids, weights) if w == 1.0])
+
+
+def test_weighted_loss_is_the_models_loss_with_unit_weights_and_follows_the_weights():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11)
+    labels = torch.tensor([[-100, 3, 4, 5, -100, -100], [-100, -100, 1, 2, 3, 4]])
+    ones = torch.ones(2, 6)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="none")
+    assert torch.allclose(weighted_loss(logits, labels, ones), ce[labels[:, 1:].reshape(-1) != -100].mean())
+    w = ones.clone()
+    w[1, 5] = 4.0  # the last target counts four times
+    valid = ce[labels[:, 1:].reshape(-1) != -100]
+    assert torch.allclose(weighted_loss(logits, labels, w), (valid.sum() + 3 * valid[-1]) / (len(valid) + 3))
 
 
 def test_self_correction_table():

@@ -152,6 +152,24 @@ def checked_thought(problem: Problem, slip: Slip | None = None) -> tuple[str, tu
     return text, span
 
 
+def check_spans(thought: str) -> list[tuple[int, int]]:
+    """Character spans of the lines that decide what the check does: every verdict (``Want V, got X:
+    ... so step j is right/wrong.``), and on a mismatch the redone steps through ``So the answer is
+    N.`` The trainer can weight these tokens up (``TrainConfig.check_weight``): they are a few
+    percent of a reply, and they are where stage 4 still went wrong (a "right" verdict under a
+    mismatch in a middle digit, a redo that miscopied a number)."""
+    spans, pos, redo = [], 0, False
+    for line in thought.splitlines(keepends=True):
+        if line.startswith("Want ") or redo:
+            spans.append((pos, pos + len(line)))
+        if line.startswith("Want ") and "Redo from" in line:
+            redo = True
+        elif line.startswith("So the answer is"):
+            redo = False
+        pos += len(line)
+    return spans
+
+
 def checked_reply(problem: Problem, slip: Slip | None = None) -> str:
     """Thought, ``</think>``, then the answer the check arrived at (the true one: a slip is always found)."""
     thought, _ = checked_thought(problem, slip)

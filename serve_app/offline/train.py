@@ -56,6 +56,9 @@ class TrainConfig(BaseModel):
     slip it finds)."""
     slip_fraction: float = Field(0.3, ge=0, le=1)
     """``checked``: share of slow replies whose first pass carries one slip (masked) for the check to find."""
+    check_weight: float = Field(1.0, ge=1)
+    """``checked``: loss weight of the check's verdict and redo tokens (``checked.check_spans``); every
+    other reply token weighs 1."""
     fast_small_fraction: float = Field(0.0, ge=0, le=1)
     """Share of fast examples that are two-operator questions with single-digit operands (one-shot
     answers the model can learn: fast is then enough for small operands, not only one operator)."""
@@ -98,7 +101,8 @@ def model_config(cfg: TrainConfig, tokenizer) -> Qwen3Config:
 
 
 def sample_batches(cfg: TrainConfig, tokenizer, rng: random.Random, pool_size: int = 2048):
-    """Endless length-bucketed batches of (input_ids, labels); about tokens_per_batch tokens each."""
+    """Endless length-bucketed batches of (input_ids, labels, loss weights); about tokens_per_batch
+    tokens each."""
     while True:
         rows = []
         for _ in range(pool_size):
@@ -108,10 +112,11 @@ def sample_batches(cfg: TrainConfig, tokenizer, rng: random.Random, pool_size: i
             if thinking and cfg.reply_format == "checked":
                 rows.append((p, *checked_example(tokenizer, problem, rng, cfg)))
             elif thinking and rng.random() < cfg.forced_close_fraction:
-                rows.append((p, *forced_close_reply(tokenizer, problem, rng)))
+                ids, labels = forced_close_reply(tokenizer, problem, rng)
+                rows.append((p, ids, labels, None))
             else:
                 r = tokenizer.encode(reply(problem, thinking), add_special_tokens=False)
-                rows.append((p, r, r))
+                rows.append((p, r, r, None))
         rows.sort(key=lambda pr: len(pr[0]) + len(pr[1]))
         batches, start = [], 0
         while start < len(rows):
@@ -122,13 +127,16 @@ def sample_batches(cfg: TrainConfig, tokenizer, rng: random.Random, pool_size: i
             start = end
         rng.shuffle(batches)
         for batch in batches:
-            width = max(len(p) + len(r) for p, r, _ in batch)
+            width = max(len(p) + len(r) for p, r, _, _ in batch)
             ids = torch.full((len(batch), width), tokenizer.pad_token_id)
             labels = torch.full((len(batch), width), -100)
-            for i, (p, r, lab) in enumerate(batch):
+            weights = torch.ones((len(batch), width))
+            for i, (p, r, lab, w) in enumerate(batch):
                 ids[i, : len(p) + len(r)] = torch.tensor(p + r)
                 labels[i, len(p) : len(p) + len(r)] = torch.tensor(lab)
-            yield ids, labels
+                if w is not None:
+                    weights[i, len(p) : len(p) + len(r)] = torch.tensor(w)
+            yield ids, labels, weights
 
 
 def sample_training_problem(cfg: TrainConfig, rng: random.Random, thinking: bool):
@@ -146,15 +154,17 @@ def sample_training_problem(cfg: TrainConfig, rng: random.Random, thinking: bool
     return sample_problem(rng, k, task.max_operand, task.operands)
 
 
-def checked_example(tokenizer, problem, rng: random.Random, cfg: TrainConfig) -> tuple[list[int], list[int]]:
+def checked_example(tokenizer, problem, rng: random.Random, cfg: TrainConfig) -> tuple[list[int], list[int], list[float] | None]:
     """A v2 slow reply (``checked``): with ``slip_fraction`` one slip in the first pass, its line
     masked (the model learns to find and repair a slip, not to make one); else, with
     ``forced_close_fraction``, cut after the first pass and closed (what an online switch does).
-    Returns (reply ids, labels)."""
+    Returns (reply ids, labels, loss weights: ``check_weight`` on the check's verdict and redo tokens,
+    None when every token weighs 1)."""
     slip = checked.sample_slip(rng, problem) if rng.random() < cfg.slip_fraction else None
     thought, span = checked.checked_thought(problem, slip)
     if slip is None and rng.random() < cfg.forced_close_fraction:
-        return close_after_first_pass(tokenizer, thought, thought.index(checked.CHECK_HEADER), problem.answer, rng)
+        ids, labels = close_after_first_pass(tokenizer, thought, thought.index(checked.CHECK_HEADER), problem.answer, rng)
+        return ids, labels, None
     text = f"{thought}{THINK_CLOSE}\n\n{problem.answer}{IM_END}"
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = list(enc.input_ids)
@@ -162,7 +172,20 @@ def checked_example(tokenizer, problem, rng: random.Random, cfg: TrainConfig) ->
         for i, (a, b) in enumerate(enc.offset_mapping):
             if a < span[1] and b > span[0]:  # a token of the slipped line
                 labels[i] = -100
-    return list(enc.input_ids), labels
+    if cfg.check_weight == 1.0:
+        return list(enc.input_ids), labels, None
+    spans = checked.check_spans(thought)
+    weights = [cfg.check_weight if any(a < e and b > s for s, e in spans) else 1.0 for a, b in enc.offset_mapping]
+    return list(enc.input_ids), labels, weights
+
+
+def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, each target token weighted, averaged over the weights of the tokens
+    that count (label != -100). With every weight 1 it is the mean the model's own loss computes."""
+    logits, labels, weights = logits[:, :-1].float(), labels[:, 1:], weights[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="none")
+    w = weights.reshape(-1) * (labels.reshape(-1) != -100)
+    return (ce * w).sum() / w.sum()
 
 
 def forced_close_reply(tokenizer, problem, rng: random.Random) -> tuple[list[int], list[int]]:
@@ -238,9 +261,12 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        ids, labels = next(batches)
+        ids, labels, weights = next(batches)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = model(input_ids=ids, labels=labels).loss
+            if cfg.check_weight == 1.0:
+                loss = model(input_ids=ids, labels=labels).loss
+            else:
+                loss = weighted_loss(model(input_ids=ids).logits, labels, weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -52,6 +52,8 @@ def add_train_model(sub) -> None:
                                     "the options above override it")
     p.add_argument("--reply-format", dest="reply_format", choices=["v1", "checked"],
                    help="slow replies: v1 (the shipped model's) or checked (v2: first pass, a step-by-step check that finds and redoes a slip)")
+    p.add_argument("--check-weight", dest="check_weight", type=float,
+                   help="checked: loss weight of the check's verdict and redo tokens (default 1)")
     p.add_argument("--slip-fraction", dest="slip_fraction", type=float, help="checked: share of slow replies with a first-pass slip (default 0.3)")
     p.add_argument("--fast-small-fraction", dest="fast_small_fraction", type=float,
                    help="share of fast examples with two single-digit operands (default 0)")
