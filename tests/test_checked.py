@@ -160,6 +160,25 @@ def test_self_correction_table():
     t = self_correction(recs)
     assert t["all"] == {"n": 3, "first_wrong": 2, "fixed": 1, "first_right": 1, "kept": 1, "fixed_fraction": 0.5, "kept_fraction": 1.0}
     assert t["by_operators"]["3"]["fixed_fraction"] == 0.0 and t["by_operators"]["2"]["n"] == 2
+    assert "closed_wrong" not in t["all"]
+
+
+def test_self_correction_counts_thoughts_a_switch_closed():
+    recs = [  # kv-online: closed after a wrong first pass, closed after a right one, run to the end, closed before any first pass
+        {"operators": 3, "answer": "7", "correct": False, "route": "slow", "switched_at": 120, "output": "So the first pass gives 8.\n</think>\n\n8"},
+        {"operators": 3, "answer": "7", "correct": True, "route": "slow", "switched_at": 120, "output": "So the first pass gives 7.\n</think>\n\n7"},
+        {"operators": 2, "answer": "7", "correct": True, "route": "slow", "switched_at": None, "output": "So the first pass gives 9.\n... the answer is 7."},
+        {"operators": 2, "answer": "7", "correct": True, "route": "slow", "switched_at": 30, "output": "7 + 0: so 7\n</think>\n\n7"},
+        {"operators": 1, "answer": "7", "correct": True, "route": "fast", "switched_at": None, "output": "7"},
+    ]
+    t = self_correction(recs)
+    assert t["all"] == {"n": 3, "first_wrong": 2, "fixed": 1, "first_right": 1, "kept": 1, "closed_wrong": 1, "closed_right": 1,
+                        "fixed_fraction": 0.5, "kept_fraction": 1.0, "closed_before_first_pass": 1}
+    assert t["by_operators"]["2"]["closed_wrong"] == 0 and t["by_operators"]["3"]["closed_wrong"] == 1
+    from serve_app.offline.eval_report import format_self_correction
+
+    text = format_self_correction(t)
+    assert "closed after wrong" in text and "closed before a first pass was stated: 1" in text
     assert self_correction(recs[3:]) is None
     assert checked.first_pass_value("no first pass here") is None
 

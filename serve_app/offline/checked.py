@@ -188,11 +188,20 @@ def self_correction(records: list[dict]) -> dict | None:
     ``correct``, ``operators``) of replies that state a first pass: per operator count and over all,
     how many first passes ended wrong and the share of those whose final answer is right (fixed), how
     many ended right and the share of those still right at the end (kept). None when no reply states
-    a first pass (v1 or fast replies)."""
+    a first pass (v1 or fast replies).
+
+    For a policy that closes thoughts (records with ``switched_at``, ``route`` slow: kv-online's
+    slow → fast switch), ``closed_wrong`` / ``closed_right`` count the replies whose thought was closed
+    by a switch after a wrong / right first pass (so the check never ran to its end), and
+    ``all.closed_before_first_pass`` those closed before any first pass was stated."""
     cells: dict = defaultdict(lambda: {"n": 0, "first_wrong": 0, "fixed": 0, "first_right": 0, "kept": 0})
+    closes = any(r.get("switched_at") is not None and r.get("route") == "slow" for r in records)
+    before = 0
     for r in records:
         first = first_pass_value(r["output"])
+        closed = r.get("switched_at") is not None and r.get("route") == "slow"
         if first is None:
+            before += closed
             continue
         for key in (str(r["operators"]), "all"):
             c = cells[key]
@@ -200,10 +209,16 @@ def self_correction(records: list[dict]) -> dict | None:
             right = str(first) == str(r["answer"]).strip()
             c["first_right" if right else "first_wrong"] += 1
             c["kept" if right else "fixed"] += bool(r["correct"])
+            if closes:
+                c.setdefault("closed_wrong", 0)
+                c.setdefault("closed_right", 0)
+                c["closed_right" if right else "closed_wrong"] += closed
     if not cells:
         return None
     for c in cells.values():
         c["fixed_fraction"] = c["fixed"] / c["first_wrong"] if c["first_wrong"] else None
         c["kept_fraction"] = c["kept"] / c["first_right"] if c["first_right"] else None
     total = cells.pop("all")
+    if closes:
+        total["closed_before_first_pass"] = before
     return {"by_operators": dict(sorted(cells.items(), key=lambda kv: int(kv[0]))), "all": total}

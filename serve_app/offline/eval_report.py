@@ -51,11 +51,16 @@ def print_report(report: dict) -> None:
 
 
 def format_self_correction(table: dict) -> str:
-    rows = [f"{'operators':>9} {'n':>5} {'first wrong':>12} {'-> fixed':>9} {'first right':>12} {'-> kept':>8}"]
+    closes = "closed_wrong" in table["all"]
+    head = f"{'operators':>9} {'n':>5} {'first wrong':>12} {'-> fixed':>9} {'first right':>12} {'-> kept':>8}"
+    rows = [head + (f" {'closed after wrong':>19} {'closed after right':>19}" if closes else "")]
     for k, c in {**table["by_operators"], "all": table["all"]}.items():
         fixed = "" if c["fixed_fraction"] is None else f"{c['fixed_fraction']:.3f}"
         kept = "" if c["kept_fraction"] is None else f"{c['kept_fraction']:.3f}"
-        rows.append(f"{k:>9} {c['n']:>5} {c['first_wrong']:>12} {fixed:>9} {c['first_right']:>12} {kept:>8}")
+        row = f"{k:>9} {c['n']:>5} {c['first_wrong']:>12} {fixed:>9} {c['first_right']:>12} {kept:>8}"
+        rows.append(row + (f" {c['closed_wrong']:>19} {c['closed_right']:>19}" if closes else ""))
+    if closes:
+        rows.append(f"thoughts closed before a first pass was stated: {table['all']['closed_before_first_pass']}")
     return "\n".join(rows)
 
 
