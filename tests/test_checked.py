@@ -23,9 +23,9 @@ def test_a_right_first_pass_is_confirmed_step_by_step():
                     "So the first pass gives 145.\n"
                     "Let me check each step.\n"
                     "Step 1 took 91 to 86. Undo: 86 + 5: 6+5=11, 8+0+1=9, so 91.\n"
-                    "Want 91, got 91: 9 9 same, 1 1 same, so step 1 is right.\n"
+                    "Want 91, got 91: 9=9 1=1, so step 1 is right.\n"
                     "Step 2 took 86 to 145. Undo: 145 - 59: 15-9=6, 14-5-1=8, 1-0-1=0, so 86.\n"
-                    "Want 86, got 86: 8 8 same, 6 6 same, so step 2 is right.\n"
+                    "Want 86, got 86: 8=8 6=6, so step 2 is right.\n"
                     "Every step checks out, so the answer is 145.\n")
     assert first_pass_value(text) == 145 and is_correct(checked_reply(P), 145)
 
@@ -49,12 +49,12 @@ def test_the_check_finds_the_slip_says_so_and_redoes_from_the_last_right_value(s
 def test_the_verdict_compares_character_by_character():
     from serve_app.offline.checked import compare
 
-    assert compare(37, 37) == "3 3 same, 7 7 same" and compare(0, 0) == "0 0 same"
-    assert compare(37, 27) == "3 2 differ"  # up to the first differing pair
-    assert compare(-70, -76) == "- - same, 7 7 same, 0 6 differ" and compare(150, -50) == "1 - differ"
-    assert compare(5, 50) == "5 5 same, lengths differ" == compare(50, 5)
+    assert compare(37, 37) == "3=3 7=7" and compare(0, 0) == "0=0"
+    assert compare(37, 27) == "3 vs 2"  # up to the first differing pair
+    assert compare(-70, -76) == "-=- 7=7 0 vs 6" and compare(150, -50) == "1 vs -"
+    assert compare(5, 50) == "5=5 lengths differ" == compare(50, 5)
     text, _ = checked_thought(P, Slip(1, "operand", 99))
-    assert "Want 86, got 126: 8 1 differ, so step 2 is wrong. Redo from 86:" in text
+    assert "Want 86, got 126: 8 vs 1, so step 2 is wrong. Redo from 86:" in text
 
 
 def test_operand_slips_include_a_neighbouring_operand_taken_instead():

@@ -9,8 +9,8 @@ always "agrees": it never corrects anything. v2's thought is
    (``Step j took V to W.``: V is the question's first number for step 1 and the first pass's
    previous result after that, W the step's stated result), then undoes it from W with the
    *question's* operand (``Undo: `` and a ``step_line``), then compares: ``Want V, got X:`` and the
-   two numbers character by character from the left (``compare``: ``3 3 same, 7 7 same`` when they
-   match, up to the first differing pair ``3 2 differ`` when not). The value to come back to is looked up and
+   two numbers character by character from the left (``compare``: ``3=3 7=7`` when they match,
+   up to the first differing pair ``3 vs 2`` when not). The value to come back to is looked up and
    written before the undo is worked, so every check line trains the lookup; the verdict then
    rests on single characters written side by side (the previous format, a bare ``Want V, got X``,
    let the model call 7 of 11 mismatches "right": it judged whole numbers by habit);
@@ -87,20 +87,16 @@ def sample_slip(rng: random.Random, problem: Problem) -> Slip:
 
 
 def compare(want: int, got: int) -> str:
-    """Two numbers character by character from the left (the sign is a character): each pair written
-    as the two characters and then its verdict, ``3 3 same``, joined by ``, ``; up to and including the
-    first differing pair ``3 2 differ``, or ``lengths differ`` when one ends first.
-
-    The verdict comes after both characters are written, so it is a judgement on the two tokens just
-    before it. Stage 5's format (``3=3 7=7``, ``3 vs 2``) made the model commit to ``=`` before it
-    wrote the second character: it then wrote ``8=6`` and called the step right."""
+    """Two numbers character by character from the left (the sign is a character): every pair
+    ``a=a`` when they are equal; up to and including the first differing pair ``a vs b`` when not,
+    or ``lengths differ`` when one ends first."""
     a, b = str(want), str(got)
     pairs = []
     for x, y in zip(a, b):
         if x != y:
-            return ", ".join([*pairs, f"{x} {y} differ"])
-        pairs.append(f"{x} {y} same")
-    return ", ".join(pairs) if len(a) == len(b) else ", ".join([*pairs, "lengths differ"])
+            return " ".join([*pairs, f"{x} vs {y}"])
+        pairs.append(f"{x}={y}")
+    return " ".join(pairs) if len(a) == len(b) else " ".join([*pairs, "lengths differ"])
 
 
 def _apply(acc: int, op: str, operand: int) -> int:
