@@ -161,6 +161,8 @@ def test_self_correction_table():
     assert t["all"] == {"n": 3, "first_wrong": 2, "fixed": 1, "first_right": 1, "kept": 1, "fixed_fraction": 0.5, "kept_fraction": 1.0}
     assert t["by_operators"]["3"]["fixed_fraction"] == 0.0 and t["by_operators"]["2"]["n"] == 2
     assert "closed_wrong" not in t["all"]
+    assert self_correction(recs[3:]) is None
+    assert checked.first_pass_value("no first pass here") is None
 
 
 def test_self_correction_counts_thoughts_a_switch_closed():
@@ -179,8 +181,6 @@ def test_self_correction_counts_thoughts_a_switch_closed():
 
     text = format_self_correction(t)
     assert "closed after wrong" in text and "closed before a first pass was stated: 1" in text
-    assert self_correction(recs[3:]) is None
-    assert checked.first_pass_value("no first pass here") is None
 
 
 def test_train_model_options_and_config_file_make_the_v2_config(tmp_path):

@@ -195,11 +195,11 @@ def self_correction(records: list[dict]) -> dict | None:
     by a switch after a wrong / right first pass (so the check never ran to its end), and
     ``all.closed_before_first_pass`` those closed before any first pass was stated."""
     cells: dict = defaultdict(lambda: {"n": 0, "first_wrong": 0, "fixed": 0, "first_right": 0, "kept": 0})
-    closes = any(r.get("switched_at") is not None and r.get("route") == "slow" for r in records)
+    closed_by_switch = [r.get("switched_at") is not None and r.get("route") == "slow" for r in records]
+    closes = any(closed_by_switch)
     before = 0
-    for r in records:
+    for r, closed in zip(records, closed_by_switch):
         first = first_pass_value(r["output"])
-        closed = r.get("switched_at") is not None and r.get("route") == "slow"
         if first is None:
             before += closed
             continue
