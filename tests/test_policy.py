@@ -2,7 +2,7 @@
 
 import pytest
 
-from serve_app.core.policy import PolicyConfig, PoolLoad, choose_pool, expected_tokens
+from serve_app.core.policy import OnlineConfig, PolicyConfig, PoolLoad, choose_pool, expected_tokens, switch_decision, unreachable_switches
 
 CFG = PolicyConfig(borderline_margin=10, slow_saturation_requests=4, slow_saturation_tokens=1000, fast_saturation_requests=8)
 IDLE = PoolLoad()
@@ -43,3 +43,14 @@ def test_expected_tokens_grow_with_difficulty_in_the_slow_pool():
 def test_config_rejects_inverted_token_range():
     with pytest.raises(ValueError, match="slow_tokens_max"):
         PolicyConfig(slow_tokens_min=300, slow_tokens_max=100)
+
+
+def test_unreachable_switches_names_thresholds_outside_the_difficulty_range():
+    assert unreachable_switches(OnlineConfig(tau=50, delta=20)) == []
+    never_closes = OnlineConfig(tau=30, delta=45)  # the threshold v1's probe carried to a dev-chosen tau
+    notes = unreachable_switches(never_closes)
+    assert len(notes) == 1 and "slow -> fast never fires" in notes[0]
+    # and indeed no difficulty in [0, 100] switches a slow reply
+    assert all(switch_decision("slow", d, 0, never_closes)[0] is None for d in (0.0, 1.0, 50.0, 100.0))
+    both = unreachable_switches(OnlineConfig(tau=50, delta=50))
+    assert [n.split(":")[1].strip() for n in both] == ["slow -> fast never fires", "fast -> slow never fires"]

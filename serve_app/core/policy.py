@@ -97,6 +97,17 @@ class OnlineConfig(BaseModel):
     confirm: int = Field(1, ge=1, description="consecutive checks past the threshold before switching (1 = the paper)")
 
 
+def unreachable_switches(online: OnlineConfig, low: float = 0.0, high: float = 100.0) -> list[str]:
+    """What ``online`` can never do on difficulties in ``[low, high]`` (the probe's clamped range):
+    e.g. τ 30 with δ 45 puts the slow → fast threshold at −15, so a slow thought never closes early."""
+    notes = []
+    if online.tau - online.delta <= low:
+        notes.append(f"tau - delta = {online.tau - online.delta:g} <= {low:g}: slow -> fast never fires")
+    if online.tau + online.delta >= high:
+        notes.append(f"tau + delta = {online.tau + online.delta:g} >= {high:g}: fast -> slow never fires")
+    return notes
+
+
 def switch_decision(mode: Mode, difficulty: float, streak: int, online: OnlineConfig) -> tuple[Mode | None, int]:
     """One online check: (the mode to switch into now, or None; the new streak). Slow → fast below
     τ − δ, fast → slow above τ + δ, after ``confirm`` consecutive checks past the threshold."""

@@ -34,6 +34,7 @@ the KV columns only (KV-CoE R/C, calibrated confidence); the report's ``unavaila
 from __future__ import annotations
 
 import random
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -44,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve_app.core.grading import Grader, GraderName, get_grader
 from serve_app.core.kv_coe import kv_confidence
+from serve_app.core.policy import unreachable_switches
 from serve_app.core.prompts import ThinkTags
 from serve_app.core.quant import KVQuantConfig
 from serve_app.core.task import num_operators
@@ -237,6 +239,9 @@ def _run_eval(cfg: EvalConfig, exp: Experiment) -> dict:
         online = probe.online_config({"tau": cfg.tau, "delta": cfg.delta, "every": cfg.every, "confirm": cfg.confirm})
     confidence = probe.confidence if probe is not None else None
     grader = get_grader(cfg.grader)
+    warnings = unreachable_switches(online) if online is not None and "kv-online" in cfg.policies else []
+    for note in warnings:
+        print(f"warning: kv-online with tau {online.tau:g}, delta {online.delta:g}: {note}", file=sys.stderr)
 
     engine, dtype = exp.describe(cfg.engine, cfg.dtype)
     report: dict = {
@@ -245,6 +250,7 @@ def _run_eval(cfg: EvalConfig, exp: Experiment) -> dict:
         "n_questions": len(rows),
         "probe": str(cfg.probe_path()) if probe is not None else None,
         "online": online.model_dump() if online is not None else None,
+        **({"warnings": warnings} if warnings else {}),
         "kv_quant": None if cfg.kv_quant is None else cfg.kv_quant.name,
         "engine": engine,
         "dtype": dtype,
