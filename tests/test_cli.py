@@ -144,7 +144,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 def test_every_command_and_option_is_still_there():
     got = {name: sorted(s for act in p._actions for s in act.option_strings) for name, p in _subcommands(build_parser()).items()}
     assert sorted(set(OPTIONS) - set(got)) == []  # no command went missing
-    assert sorted(set(got) - set(OPTIONS)) == ["bench-autoscale", "fit-coe", "plot-eval"]  # added since (issues 17, 22, 21)
+    assert sorted(set(got) - set(OPTIONS)) == ["bench-autoscale", "fit-coe", "plot-eval", "set-thresholds"]  # added since (issues 17, 22, 21, 20)
     # options added since (gen-data --operators/--exclude/--drop-excluded) are allowed; none may go missing
     assert {name: sorted(set(OPTIONS[name]) - set(got[name])) for name in OPTIONS} == {name: [] for name in OPTIONS}
 
@@ -153,3 +153,17 @@ def test_every_command_and_option_is_still_there():
 def test_every_command_dispatches_to_a_handler(command):
     parser = _subcommands(build_parser())[command]
     assert callable(parser.get_default("func")), f"{command} has no handler"
+
+
+def test_calibrate_decode_pooling_takes_its_own_length_and_part():
+    from serve_app.offline.options import calibrate_poolings
+
+    parse = lambda *extra: build_parser().parse_args(["calibrate", "--dataset", "d.jsonl", "--out", "p.pt", *extra])  # noqa: E731
+    assert calibrate_poolings(parse()) == (None, None)  # nothing given: the defaults (or the served probe's)
+    prompt, decode = calibrate_poolings(parse("--last-tokens", "64", "--part", "k", "--decode-last-tokens", "32", "--decode-part", "kv"))
+    assert (prompt.last_tokens, prompt.part) == (64, "k")
+    assert (decode.last_tokens, decode.part) == (32, "kv")
+    prompt, decode = calibrate_poolings(parse("--last-tokens", "16", "--part", "v"))
+    assert decode is None and (prompt.last_tokens, prompt.part) == (16, "v")  # the decode pooling follows the prompt's
+    prompt, decode = calibrate_poolings(parse("--decode-part", "k"))
+    assert prompt is not None and prompt.part == "kv" and decode.part == "k" and decode.last_tokens == prompt.last_tokens

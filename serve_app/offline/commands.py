@@ -10,6 +10,7 @@ from pathlib import Path
 
 from serve_app.config import DEFAULT_MODEL
 from serve_app.offline.coe_cli import add_fit_coe
+from serve_app.offline.thresholds_cli import add_set_thresholds
 from serve_app.offline.gen_data import add_gen_data
 from serve_app.offline.train_cli import add_train_model
 from serve_app.offline.options import (
@@ -107,7 +108,6 @@ def _best_of_n(args: argparse.Namespace, kv_quant) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from serve_app.core.kv_features import PoolingConfig
     from serve_app.core.policy import OnlineConfig
     from serve_app.offline.calibrate import (
         CalibrateConfig,
@@ -115,15 +115,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         print_calibration,
     )
 
-    pooling = given(args, "last_tokens", "last_layers", "token", "heads", "layers", "part")
-    if args.l2:
-        pooling["l2"] = True
+    from serve_app.offline.options import calibrate_poolings
+
+    prompt_pooling, decode = calibrate_poolings(args)
     online = given(args, "tau", "delta", "every", "confirm")
-    decode = None
-    if args.decode_last_tokens is not None:
-        decode = PoolingConfig(**{**pooling, "last_tokens": args.decode_last_tokens})
-    # no pooling option: the default pooling, or with --url the served probe's
-    prompt_pooling = PoolingConfig(**pooling) if pooling or (decode is not None and args.url is None) else None
     extra = {**given(args, "limit", "max_new_tokens", "coe_variant"), **engine_options(args), **data_options(args)}
     if args.features is not None:
         extra["features"] = split(args.features)
@@ -301,6 +296,8 @@ def add_calibrate(sub) -> None:
     p.add_argument("--l2", action="store_true", help="L2-normalise the pooled feature")
     p.add_argument("--decode-last-tokens", dest="decode_last_tokens", type=int,
                    help="S for online re-scoring during decoding (default: the same as --last-tokens)")
+    p.add_argument("--decode-part", dest="decode_part", choices=["k", "v", "kv"],
+                   help="cache part pooled for online re-scoring (default: the same as --part)")
     p.add_argument("--tau", type=float, help="route slow above this difficulty (default 50)")
     p.add_argument("--delta", type=float, help="online hysteresis: switch below tau-delta / above tau+delta (default 20)")
     p.add_argument("--every", type=int, help="online check every k generated tokens (default 8)")
@@ -387,5 +384,6 @@ def add_plot_eval(sub) -> None:
     p.set_defaults(func=_cmd_plot_eval)
 
 
-COMMANDS = (add_gen_data, add_train_model, add_eval, add_plot_eval, add_calibrate, add_fit_coe, add_quant_report, add_bench_overhead, add_bench_handoff, add_bench_engines, add_demo)
+COMMANDS = (add_gen_data, add_train_model, add_eval, add_plot_eval, add_calibrate, add_set_thresholds, add_fit_coe,
+            add_quant_report, add_bench_overhead, add_bench_handoff, add_bench_engines, add_demo)
 """Every offline command's parser builder, in ``kvswitch --help`` order."""

@@ -82,3 +82,21 @@ def add_data_options(p, grader_default: str) -> None:
 def data_options(args: argparse.Namespace) -> dict:
     """The data set and grader options the user set, as config keyword arguments."""
     return given(args, "grader", "question_field", "answer_field")
+
+
+def calibrate_poolings(args: argparse.Namespace):
+    """``calibrate``'s prompt and decode poolings from its options: each None when not given (the
+    defaults, or with ``--url`` the served probe's); the decode pooling is the prompt pooling with
+    ``--decode-last-tokens`` / ``--decode-part`` in place of ``--last-tokens`` / ``--part``."""
+    from serve_app.core.kv_features import PoolingConfig
+
+    pooling = given(args, "last_tokens", "last_layers", "token", "heads", "layers", "part")
+    if args.l2:
+        pooling["l2"] = True
+    decode = None
+    if args.decode_last_tokens is not None or args.decode_part is not None:
+        own = {"last_tokens": args.decode_last_tokens, "part": args.decode_part}
+        decode = PoolingConfig(**{**pooling, **{k: v for k, v in own.items() if v is not None}})
+    # no pooling option: the default pooling, or with --url the served probe's
+    prompt = PoolingConfig(**pooling) if pooling or (decode is not None and args.url is None) else None
+    return prompt, decode
