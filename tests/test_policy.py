@@ -54,3 +54,13 @@ def test_unreachable_switches_names_thresholds_outside_the_difficulty_range():
     assert all(switch_decision("slow", d, 0, never_closes)[0] is None for d in (0.0, 1.0, 50.0, 100.0))
     both = unreachable_switches(OnlineConfig(tau=50, delta=50))
     assert [n.split(":")[1].strip() for n in both] == ["slow -> fast never fires", "fast -> slow never fires"]
+
+
+def test_eval_says_when_kv_online_cannot_close_a_thought(capsys):
+    from serve_app.offline.eval_report import warn_unreachable
+
+    never_closes = OnlineConfig(tau=30, delta=45)
+    assert warn_unreachable(never_closes, ["fast", "slow"]) == []  # no kv-online: nothing to say
+    notes = warn_unreachable(never_closes, ["slow", "kv-online"])
+    assert notes and "tau 30, delta 45" in capsys.readouterr().err
+    assert warn_unreachable(None, ["kv-online"]) == []

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+from serve_app.core.policy import OnlineConfig, unreachable_switches
 from serve_app.offline.metrics import format_coe_table
 
 
@@ -94,3 +96,11 @@ def plot_report(report: dict, path: str | Path) -> None:
         path = Path(path)
         plot_frontier(report["sweep"], path.with_name(f"{path.stem}-frontier.png"), title=f"Accuracy / tokens frontier: {Path(report['dataset']).name}",
                       chosen=chosen_table(report) if report.get("knobs_from") else None)
+
+
+def warn_unreachable(online: OnlineConfig | None, policies: list[str]) -> list[str]:
+    """kv-online thresholds that can never fire (``unreachable_switches``), said on stderr and returned for the report."""
+    notes = unreachable_switches(online) if online is not None and "kv-online" in policies else []
+    for note in notes:
+        print(f"warning: kv-online with tau {online.tau:g}, delta {online.delta:g}: {note}", file=sys.stderr)
+    return notes

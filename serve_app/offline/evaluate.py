@@ -34,7 +34,6 @@ the KV columns only (KV-CoE R/C, calibrated confidence); the report's ``unavaila
 from __future__ import annotations
 
 import random
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -45,13 +44,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve_app.core.grading import Grader, GraderName, get_grader
 from serve_app.core.kv_coe import kv_confidence
-from serve_app.core.policy import unreachable_switches
 from serve_app.core.prompts import ThinkTags
 from serve_app.core.quant import KVQuantConfig
 from serve_app.core.task import num_operators
 from serve_app.offline.checked import self_correction
 from serve_app.offline.coe_eval import coe_entry, probe_directions
 from serve_app.offline.common import EngineKind, Experiment, grader_name, setup
+from serve_app.offline.eval_report import warn_unreachable
 from serve_app.offline.generate import MAX_NEW_TOKENS
 from serve_app.offline import peers
 from serve_app.offline.metrics import auroc
@@ -239,9 +238,7 @@ def _run_eval(cfg: EvalConfig, exp: Experiment) -> dict:
         online = probe.online_config({"tau": cfg.tau, "delta": cfg.delta, "every": cfg.every, "confirm": cfg.confirm})
     confidence = probe.confidence if probe is not None else None
     grader = get_grader(cfg.grader)
-    warnings = unreachable_switches(online) if online is not None and "kv-online" in cfg.policies else []
-    for note in warnings:
-        print(f"warning: kv-online with tau {online.tau:g}, delta {online.delta:g}: {note}", file=sys.stderr)
+    warnings = warn_unreachable(online, cfg.policies)
 
     engine, dtype = exp.describe(cfg.engine, cfg.dtype)
     report: dict = {
