@@ -10,13 +10,14 @@ from pathlib import Path
 
 from serve_app.config import DEFAULT_MODEL
 from serve_app.offline.coe_cli import add_fit_coe
-from serve_app.offline.thresholds_cli import add_set_thresholds
 from serve_app.offline.gen_data import add_gen_data
+from serve_app.offline.thresholds_cli import add_set_thresholds
 from serve_app.offline.train_cli import add_train_model
 from serve_app.offline.options import (
     KV_QUANT_HELP,
     add_data_options,
     add_engine_options,
+    calibrate_poolings,
     data_options,
     engine_options,
     given,
@@ -114,8 +115,6 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         calibrate,
         print_calibration,
     )
-
-    from serve_app.offline.options import calibrate_poolings
 
     prompt_pooling, decode = calibrate_poolings(args)
     online = given(args, "tau", "delta", "every", "confirm")

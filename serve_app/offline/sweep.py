@@ -195,16 +195,20 @@ def plot_frontier(sweep: dict, path: str | Path, title: str = "", chosen: list[d
     plt.close(fig)
 
 
-def with_dev_knobs(policies: list[str], sweep_report: str | Path) -> tuple[list[str], dict]:
-    """``policies`` with every bare family name that a dev-set sweep report (``eval --sweep``) has a
-    matched-accuracy point for replaced by that point's policy; and the choices made."""
+def dev_matched_points(sweep_report: str | Path) -> tuple[dict, dict]:
+    """A dev-set sweep report (``eval --sweep``) and its matched-accuracy point per family."""
     report = json.loads(Path(sweep_report).read_text())
     if "sweep" not in report:
         raise ValueError(f"{sweep_report} holds no sweep: write it with `kvswitch eval --sweep` on a dev set")
     sweep = report["sweep"]
     if "curves" in sweep:  # recomputed: the stored table derives from the curves, by the rule of the version that wrote it
-        best = matched_table(sweep["curves"], sweep["anchors"]["slow"]["accuracy"])["best"]
-    else:
-        best = sweep["matched"]["best"]
+        return report, matched_table(sweep["curves"], sweep["anchors"]["slow"]["accuracy"])["best"]
+    return report, sweep["matched"]["best"]
+
+
+def with_dev_knobs(policies: list[str], sweep_report: str | Path) -> tuple[list[str], dict]:
+    """``policies`` with every bare family name that a dev-set sweep report (``eval --sweep``) has a
+    matched-accuracy point for replaced by that point's policy; and the choices made."""
+    report, best = dev_matched_points(sweep_report)
     chosen = {p: knob_policy(p, best[p]["knob"]) for p in policies if ":" not in p and best.get(p) is not None}
     return [chosen.get(p, p) for p in policies], {"from": str(sweep_report), "dataset": report.get("dataset"), "chosen": chosen}

@@ -9,7 +9,6 @@ records where they came from (``thresholds_source``). Nothing is generated.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,15 +19,11 @@ from serve_app.core.probe import Probe
 def dev_thresholds(reports: list[str | Path]) -> dict:
     """τ from a sweep report's matched ``kv-oneshot`` point, δ from one's matched ``kv-online``
     point. A δ sweep runs at one τ (its report's ``online.tau``): it must be the τ being set."""
-    from serve_app.offline.sweep import matched_table
+    from serve_app.offline.sweep import dev_matched_points
 
     chosen, tau_of_delta = {}, None
     for path in reports:
-        report = json.loads(Path(path).read_text())
-        if "sweep" not in report:
-            raise ValueError(f"{path} holds no sweep: write it with `kvswitch eval --sweep` on a dev set")
-        sweep = report["sweep"]
-        best = matched_table(sweep["curves"], sweep["anchors"]["slow"]["accuracy"])["best"] if "curves" in sweep else sweep["matched"]["best"]
+        report, best = dev_matched_points(path)
         for family, knob in (("kv-oneshot", "tau"), ("kv-online", "delta")):
             if best.get(family) is not None:
                 if knob in chosen:

@@ -48,29 +48,34 @@ GRIDS = {
  "b": [[4, 8, 16, 32, 64], ["mean"], ["kv"], [4, 2, 1], [False, True]],
  "c": [[4, 16, 64], ["sum"], ["k", "v"], [4], [False, True]],
 }
-grid = [p for name in sys.argv[1].split(",") for p in grid_from(GRIDS[name])]  # e.g. a  or  b,c
-out = sys.argv[2]
-results = []
-t0 = time.time()
-with setup(MODEL, "data/calib-2000-seed31337.jsonl", 1000, min_rows=0) as cexp, setup(MODEL, "data/dev-mix70-600-seed5050.jsonl", None, min_rows=0) as dexp:
-    qs = [r["question"] for r in cexp.rows]
-    tr, va = split_questions(qs, 0.25, 0)
-    assert len(dev_ok) == len(dexp.rows)
-    ct, dt = tails(cexp), tails(dexp)
-    print("prefill", round(time.time() - t0, 1), flush=True)
-    if "minilm" in sys.argv[3:]:
-        xm = minilm_features(qs); xdm = minilm_features([r["question"] for r in dexp.rows])
-        reg, m = _fit_head("minilm", xm, y, tr, va, cfg, fast_enough)
-        with torch.no_grad():
-            d = reg(xdm).clamp(0, 100).squeeze(-1).tolist()
-        ref = {"pooling": "minilm", "val_auroc": m["val_auroc"], "dev_auroc": auroc([-v for v in d], dev_ok)}
-        print(json.dumps(ref), flush=True); results.append(ref)
-    for p in grid:
-        t = time.time()
-        x, xd = pooled(ct, p), pooled(dt, p)
-        reg, m = _fit_head("kv", x, y, tr, va, cfg, fast_enough)
-        with torch.no_grad():
-            d = reg(xd).clamp(0, 100).squeeze(-1).tolist()
-        row = {"pooling": p.model_dump(), "val_auroc": round(m["val_auroc"], 4), "dev_auroc": round(auroc([-v for v in d], dev_ok), 4), "s": round(time.time() - t, 1)}
-        print(json.dumps(row), flush=True); results.append(row)
-        json.dump(results, open(out, "w"), indent=1)
+def main():
+    grid = [p for name in sys.argv[1].split(",") for p in grid_from(GRIDS[name])]  # e.g. a  or  b,c
+    out = sys.argv[2]
+    results = []
+    t0 = time.time()
+    with setup(MODEL, "data/calib-2000-seed31337.jsonl", 1000, min_rows=0) as cexp, setup(MODEL, "data/dev-mix70-600-seed5050.jsonl", None, min_rows=0) as dexp:
+        qs = [r["question"] for r in cexp.rows]
+        tr, va = split_questions(qs, 0.25, 0)
+        assert len(dev_ok) == len(dexp.rows)
+        ct, dt = tails(cexp), tails(dexp)
+        print("prefill", round(time.time() - t0, 1), flush=True)
+        if "minilm" in sys.argv[3:]:
+            xm = minilm_features(qs); xdm = minilm_features([r["question"] for r in dexp.rows])
+            reg, m = _fit_head("minilm", xm, y, tr, va, cfg, fast_enough)
+            with torch.no_grad():
+                d = reg(xdm).clamp(0, 100).squeeze(-1).tolist()
+            ref = {"pooling": "minilm", "val_auroc": m["val_auroc"], "dev_auroc": auroc([-v for v in d], dev_ok)}
+            print(json.dumps(ref), flush=True); results.append(ref)
+        for p in grid:
+            t = time.time()
+            x, xd = pooled(ct, p), pooled(dt, p)
+            reg, m = _fit_head("kv", x, y, tr, va, cfg, fast_enough)
+            with torch.no_grad():
+                d = reg(xd).clamp(0, 100).squeeze(-1).tolist()
+            row = {"pooling": p.model_dump(), "val_auroc": round(m["val_auroc"], 4), "dev_auroc": round(auroc([-v for v in d], dev_ok), 4), "s": round(time.time() - t, 1)}
+            print(json.dumps(row), flush=True); results.append(row)
+            json.dump(results, open(out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

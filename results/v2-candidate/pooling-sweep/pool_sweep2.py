@@ -1,40 +1,19 @@
 """Dev-only: does calibrating on all 2000 calibration questions help the KV probe against MiniLM?
 Labels: the first 1000 from the calibration report; the other 1000 from fast-mode generation only
 (0 = fast right in < 69 tokens, 75 otherwise: slow is right on 99.3% of calibration questions)."""
-import json, sys, time
+import json, sys
+from pathlib import Path
 import torch
 from serve_app.core.grading import get_grader
-from serve_app.core.kv_features import PoolingConfig, pool_kv, cache_kv
+from serve_app.core.kv_features import PoolingConfig
 from serve_app.offline.calibrate import split_questions, _fit_head, minilm_features
-from serve_app.offline.common import setup, batches
+from serve_app.offline.common import setup
 from serve_app.offline.metrics import auroc
-from serve_app.offline.probe_train import TrainProbeConfig
 
-MODEL = "models/arith-qwen3-tiny-v2"
-TAIL = 64
+sys.path.insert(0, str(Path(__file__).parent))
+from pool_sweep import MODEL, cfg, dev_ok, fast_enough, pooled, tails  # noqa: E402  (one prefill per set, poolings from its tail)
+
 cal = json.load(open("results/v2-candidate/probe1/calibration.json"))
-dev = json.load(open("results/v2-candidate/probe1/dev-mix70-tau.json"))
-dev_ok = [r["correct"] for r in dev["policies"]["fast"]["records"]]
-cfg = TrainProbeConfig()
-fast_enough = lambda v: v <= 25
-
-def tails(exp):
-    out = []
-    for idx in batches([len(p) for p in exp.prompt_ids], 64):
-        cache, mask, _, _ = exp.engine.prefill([exp.prompt_ids[i] for i in idx])
-        k, v = cache_kv(cache)
-        out.append((idx, [t[:, :, -TAIL:].clone() for t in k], [t[:, :, -TAIL:].clone() for t in v], mask[:, -TAIL:].clone()))
-    return out
-
-def pooled(tl, p):
-    x = None
-    n = sum(len(i) for i, *_ in tl)
-    for idx, k, v, m in tl:
-        f = pool_kv(k, v, m, p)
-        x = torch.zeros(n, f.shape[1]) if x is None else x
-        x[idx] = f
-    return x
-
 CANDS = [dict(last_tokens=4, last_layers=4), dict(last_tokens=4, last_layers=1, l2=True), dict(last_tokens=8, last_layers=2, l2=True),
          dict(last_tokens=32, last_layers=4), dict(last_tokens=16, last_layers=4, l2=True), dict(last_tokens=64, last_layers=4)]
 CANDS += [json.loads(s) for s in sys.argv[2:]]
