@@ -12,7 +12,9 @@ request then ends in one of:
 
 With ``baseline`` (the default) the same requests first run without kills; a wrong answer counts
 against the service only if the unfaulted run answered that request correctly (``corrupted``);
-the others are the model's own mistakes. The service holds up when nothing hangs, nothing is
+the others are the model's own mistakes. A request the prefill fallback sent to another pool than
+the unfaulted run's route gets the model's answer on that route: if it is wrong where the unfaulted
+one was right, it is counted apart (``rerouted_wrong``), not as corrupted. The service holds up when nothing hangs, nothing is
 unclear and nothing is corrupted. The report also
 counts requests kvswitch retried on another replica, requests routed by the prefill fallback, and
 how long Serve took to bring each killed deployment back to its replica count.
@@ -126,7 +128,12 @@ async def _watch_recovery(app: str, deployment: str, before: int, victim: str, k
 def summarize_chaos(records: list[RequestRecord], kills: list[dict], elapsed: float, baseline: list[RequestRecord] | None = None) -> dict:
     outcomes = [outcome(r) for r in records]
     base = {r.index: outcome(r) for r in baseline} if baseline is not None else None
-    corrupted = [r.index for r in records if outcome(r) == "wrong" and (base is None or base.get(r.index) == "correct")]
+    base_route = {r.index: r.route for r in baseline} if baseline is not None else {}
+    changed = [r for r in records if outcome(r) == "wrong" and (base is None or base.get(r.index) == "correct")]
+    # the prefill fallback answers in another pool than the unfaulted run did: that answer is the
+    # model's own on the fallback route (reported apart), not one the faults corrupted
+    rerouted = [r.index for r in changed if r.fallback is not None and r.index in base_route and r.route != base_route[r.index]]
+    corrupted = [r.index for r in changed if r.index not in rerouted]
     counts = {k: outcomes.count(k) for k in ("correct", "wrong", "clear_error", "hang", "unclear")}
     by_status: dict[str, int] = {}
     for r in records:
@@ -139,6 +146,8 @@ def summarize_chaos(records: list[RequestRecord], kills: list[dict], elapsed: fl
         **counts,
         "corrupted": len(corrupted),
         "corrupted_requests": corrupted,
+        "rerouted_wrong": len(rerouted),
+        "rerouted_wrong_requests": rerouted,
         "baseline": None if base is None else {k: list(base.values()).count(k) for k in ("correct", "wrong", "clear_error", "hang", "unclear")},
         "held_up": counts["hang"] == 0 and counts["unclear"] == 0 and not corrupted,
         "errors_by_status": by_status,
@@ -239,7 +248,8 @@ async def _record_recovery(cfg: ChaosConfig, kill: dict, before: int, at: float)
 
 def format_chaos(report: dict) -> str:
     lines = [f"chaos: {report['requests']} requests, {report['elapsed_s']} s",
-             f"  correct {report['correct']}, wrong {report['wrong']} (changed by the faults: {report['corrupted']}), "
+             f"  correct {report['correct']}, wrong {report['wrong']} (changed by the faults: {report['corrupted']}; "
+             f"on the prefill fallback's other route: {report.get('rerouted_wrong', 0)}), "
              f"clear errors {report['clear_error']}, hangs {report['hang']}, unclear {report['unclear']}",
              f"  unfaulted baseline: {report['baseline'] or 'not run'}",
              f"  retried on another replica {report['retried']}, streams resumed on another replica {report.get('resumed', 0)}, "

@@ -12,7 +12,7 @@ from serve_app.core.grading import GraderName
 from serve_app.core.policy import PolicyConfig
 from serve_app.core.prompts import ThinkTags
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "arith-qwen3-tiny"
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "arith-qwen3-tiny-v2"
 
 
 class _Strict(BaseModel):
@@ -83,7 +83,8 @@ class PoolConfig(_EngineChoice, DeploymentConfig):
     """A generation pool (``fast`` or ``slow``): the same class deployed twice."""
 
     max_batch_size: int = Field(16, ge=1, description="rows decoded together (continuous batching)")
-    max_tokens: int = Field(768, ge=1, description="upper limit of a request's max_tokens in this pool")
+    max_tokens: int = Field(1792, ge=1, description="upper limit of a request's max_tokens in this pool (the embedded model's "
+                            "longest slow replies, 8 operators with the check, are ~1350 tokens)")
     max_ongoing_requests: int = Field(32, ge=1)
     max_queued_requests: int = Field(64, ge=-1)
     autoscale_on: Literal["requests", "predicted_tokens"] = Field(

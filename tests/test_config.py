@@ -67,3 +67,20 @@ def test_vllm_serve_configs_are_valid_app_configs(path, model_dir):
     cfg = AppConfig.model_validate({**args, "model": str(model_dir)})  # the GPU example names a checkpoint this machine lacks
     assert cfg.prefill.engine == cfg.fast.engine == cfg.slow.engine == "vllm"
     assert cfg.slow.vllm["gpu_memory_utilization"] <= 0.85
+
+
+def test_the_router_context_is_never_longer_than_a_vllm_pools(model_dir):
+    """The embedded model has 2048 positions; a vLLM pool started with max_model_len 1024 would cut a
+    reply at 1024, so the router must admit and budget requests against 1024."""
+    from transformers import AutoConfig
+
+    from serve_app.core.probe import Probe
+    from serve_app.engines.load import routing_limits
+
+    model_config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    probe = Probe.load(model_dir / "probe.pt", model_config)
+    assert model_config.max_position_embeddings == 2048
+    assert routing_limits(AppConfig(model=str(model_dir)), probe, model_config)[1] == 2048
+    small = AppConfig(model=str(model_dir), slow={"engine": "vllm", "vllm": {"max_model_len": 1024}})
+    assert routing_limits(small, probe, model_config)[1] == 1024
+    assert routing_limits(AppConfig(model=str(model_dir), context_length=512), probe, model_config)[1] == 512

@@ -351,3 +351,24 @@ def test_duration_stops_sending_and_the_open_loop_follows_its_schedule(tmp_path)
     sent = [r["sent_at"] for r in report["levels"][0]["records"]["auto"]]
     planned = arrival_times(20, 40, 1.0, 3)
     assert max(abs(a - b) for a, b in zip(sent, planned)) < 0.05
+
+
+def test_chaos_tells_corrupted_answers_from_the_fallback_routes_own():
+    """A wrong answer where the unfaulted run was right is corrupted, unless the prefill fallback sent
+    the request to the other pool: then it is the model's answer on that route, counted apart."""
+    from loadtests.chaos import summarize_chaos
+
+    def rec(i, correct, route, fallback=None):
+        return RequestRecord(index=i, question=f"q{i}", answer="1", mode="auto", e2e=1.0, content="x", correct=correct,
+                             route=route, fallback=fallback)
+
+    base = [rec(0, True, "fast"), rec(1, True, "fast"), rec(2, False, "slow"), rec(3, True, "slow")]
+    run = [rec(0, False, "slow", "prefill_unavailable"), rec(1, False, "fast"), rec(2, False, "slow"),
+           rec(3, False, "slow", "prefill_unavailable")]
+    report = summarize_chaos(run, [], 1.0, base)
+    assert report["wrong"] == 4
+    assert report["rerouted_wrong_requests"] == [0]  # fallback, and another pool than the unfaulted run's
+    assert report["corrupted_requests"] == [1, 3]  # same pool: the faults changed the answer (3: fallback to the same pool)
+    assert not report["held_up"]
+    report = summarize_chaos(run[:1] + run[2:3], [], 1.0, base[:1] + base[2:3])
+    assert report["corrupted"] == 0 and report["rerouted_wrong"] == 1 and report["held_up"]

@@ -155,8 +155,18 @@ def test_eval_runs_the_peers_and_reports_probe_tokens(tmp_path, model_dir):
     assert {r["route"] for r in lengths.values()} <= {"fast", "slow"}
     with pytest.raises(ValueError, match="side branches"):
         main(["eval", "--model", str(model_dir), "--dataset", str(data), "--policy", "slow,deer", "--engine", "vllm"])
-    with pytest.raises(ValueError, match="length-oneshot:L"):  # the shipped probe was calibrated before L was fitted
-        main(["eval", "--model", str(model_dir), "--dataset", str(data), "--policy", "length-oneshot"])
+    # a bare length-oneshot takes the L the probe's calibration fitted; a probe calibrated before L was
+    # fitted (no length_threshold) is refused with a clear message
+    import torch
+
+    fitted = int(torch.load(model_dir / "probe.pt", weights_only=False)["length_threshold"])
+    assert main(["eval", "--model", str(model_dir), "--dataset", str(data), "--policy", "length-oneshot", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["thresholds"] == {"length-oneshot": fitted}
+    old = torch.load(model_dir / "probe.pt", weights_only=False)
+    del old["length_threshold"]
+    torch.save(old, tmp_path / "old-probe.pt")
+    with pytest.raises(ValueError, match="length-oneshot:L"):
+        main(["eval", "--model", str(model_dir), "--dataset", str(data), "--policy", "length-oneshot", "--probe", str(tmp_path / "old-probe.pt")])
 
 
 def test_sweep_grids_table_and_deciles():

@@ -16,6 +16,7 @@ from ray import serve  # noqa: E402
 
 from serve_app.app import build_app  # noqa: E402
 from serve_app.cli import main as kvswitch  # noqa: E402
+from serve_app.config import PoolConfig  # noqa: E402
 from serve_app.core.kv_coe import kv_confidence  # noqa: E402
 from serve_app.core.probe import Probe  # noqa: E402
 from serve_app.core.task import extract_answer, generate_problems, is_correct  # noqa: E402
@@ -101,7 +102,7 @@ def test_the_served_confidence_is_the_offline_kv_confidence_of_the_same_reply(ma
     for question, mode in ((EASY, "fast"), (HARD, "slow")):
         r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
                                       extra_body={"kvswitch": {"mode": mode, "online": False}})
-        ref = engine.generate([GenRequest(engine.encode_prompt(question), mode=mode)])[0]
+        ref = engine.generate([GenRequest(engine.encode_prompt(question), mode=mode, max_new_tokens=PoolConfig().max_tokens)])[0]
         assert r.usage.completion_tokens == ref.tokens and ref.end_mode == mode
         want = kv_confidence(probe.confidence, mode, ref)
         assert want is not None and r.model_extra["kvswitch"]["confidence"] == pytest.approx(want, abs=1e-4)
@@ -285,7 +286,7 @@ def _alone(local_probe, questions: list[str], mode=None) -> list[str]:
     from serve_app.engines.base import GenRequest
 
     engine, probe = local_probe
-    reqs = [GenRequest(engine.encode_prompt(q), mode=mode, online=mode is None, max_new_tokens=768) for q in questions]
+    reqs = [GenRequest(engine.encode_prompt(q), mode=mode, online=mode is None, max_new_tokens=PoolConfig().max_tokens) for q in questions]
     return [r.reply for r in engine.generate(reqs, probe=probe, online=OnlineConfig(**probe.thresholds))]
 
 

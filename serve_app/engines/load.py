@@ -32,9 +32,13 @@ def online_config(cfg: AppConfig, probe: Probe) -> OnlineConfig:
 
 
 def routing_limits(cfg: AppConfig, probe: Probe, model_config) -> tuple[float, int]:
-    """The router's τ (``policy.tau``, else the switching τ) and context length (config, else the model's)."""
+    """The router's τ (``policy.tau``, else the switching τ) and context length: the config's, else
+    the model's, and never more than a vLLM pool's ``max_model_len`` (vLLM would cut the reply there)."""
     tau = cfg.policy.tau if cfg.policy.tau is not None else online_config(cfg, probe).tau
-    return tau, cfg.context_length or int(getattr(model_config, "max_position_embeddings", 4096))
+    context = cfg.context_length or int(getattr(model_config, "max_position_embeddings", 4096))
+    engine_lens = [int(pc.vllm["max_model_len"]) for pc in map(cfg.engine_settings, ("prefill", "fast", "slow"))
+                   if pc.engine == "vllm" and pc.vllm.get("max_model_len")]
+    return tau, min([context, *engine_lens])
 
 
 def make_engine(cfg: AppConfig, pool: str) -> Engine:

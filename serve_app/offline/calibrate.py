@@ -46,6 +46,7 @@ from serve_app.core.quant import KVQuantConfig
 from serve_app.engines.base import GenRequest
 from serve_app.offline.coe_eval import learn_directions, score_columns
 from serve_app.offline.common import EngineKind, Experiment, setup
+from serve_app.offline.generate import MAX_NEW_TOKENS
 from serve_app.offline.metrics import auroc, fit_confidence
 from serve_app.offline.probe_train import (
     TrainProbeConfig,
@@ -83,7 +84,7 @@ class CalibrateConfig(BaseModel):
     decode_head: bool = True
     decode_points_per_question: int = Field(12, ge=1)
     batch_size: int = Field(64, ge=1)
-    max_new_tokens: int = 768
+    max_new_tokens: int = MAX_NEW_TOKENS
     limit: int | None = None
     train: TrainProbeConfig = TrainProbeConfig()
     kv_quant: KVQuantConfig | None = None

@@ -40,5 +40,5 @@ def add_fit_coe(sub) -> None:
     p.add_argument("--grader", help="default: the probe's")
     p.add_argument("--limit", type=int)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=768)
+    p.add_argument("--max-new-tokens", type=int, default=1792, help="generation cap per reply")
     p.set_defaults(func=_cmd_fit_coe)

@@ -29,6 +29,7 @@ from serve_app.core.kv_coe import (
     result_variant_scores,
 )
 from serve_app.core.probe import Probe
+from serve_app.offline.generate import MAX_NEW_TOKENS
 from serve_app.offline.metrics import auroc, coe_table, fit_confidence
 
 BASELINES = ("hidden_coe_r", "hidden_coe_c", "maxprob", "perplexity", "entropy")
@@ -100,7 +101,7 @@ class FitCoeConfig(BaseModel):
     """Where to write the probe (default: over ``probe``)."""
     limit: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=1)
-    max_new_tokens: int = Field(768, ge=1)
+    max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1)
     variant: str | None = None
     """Fit this variant instead of choosing one."""
     grader: str | None = None

@@ -26,8 +26,9 @@ def build_prompt(tokenizer: PreTrainedTokenizerBase, question: str, thinking: bo
     )
 
 
-MAX_NEW_TOKENS = 768
-"""Default generation cap: the longest slow reply of the embedded model (6 operators) is ~560 tokens."""
+MAX_NEW_TOKENS = 1792
+"""Default generation cap: the embedded model's (v2) longest slow replies, 8 operators with the check, are
+~1350 tokens; its context is 2048. Engines stop a reply earlier where the context ends."""
 
 
 @torch.inference_mode()

@@ -17,23 +17,25 @@ import torch
 
 def _hf_run(engine, probe, online, prompts, mode, on, batch):
     from serve_app.engines.base import GenRequest
+    from serve_app.offline.generate import MAX_NEW_TOKENS
 
     out = []
     for i in range(0, len(prompts), batch):
-        reqs = [GenRequest(p, mode=mode, online=on, max_new_tokens=768) for p in prompts[i : i + batch]]
+        reqs = [GenRequest(p, mode=mode, online=on, max_new_tokens=MAX_NEW_TOKENS) for p in prompts[i : i + batch]]
         out += engine.generate(reqs, probe=probe, online=online)
     return out
 
 
 async def _vllm_run(engine, prompts, mode, on, batch):
     from serve_app.engines.base import GenRequest
+    from serve_app.offline.generate import MAX_NEW_TOKENS
 
     sem = asyncio.Semaphore(batch)
 
     async def one(p):
         async with sem:
             res = None
-            async for _, res in engine.stream(GenRequest(p, mode=mode, online=on, max_new_tokens=768)):
+            async for _, res in engine.stream(GenRequest(p, mode=mode, online=on, max_new_tokens=MAX_NEW_TOKENS)):
                 pass
             return res
 
