@@ -247,7 +247,7 @@ def test_calibrate_through_the_service_gives_the_local_labels_and_probe(main_app
             "--batch-size", "24"]
     reports = {}
     # the local run names the shipped probe's poolings; through the service they are the served probe's
-    for where, extra in (("local", ["--last-tokens", "4", "--decode-last-tokens", "32"]), ("url", ["--url", main_app])):
+    for where, extra in (("local", ["--last-tokens", "64", "--part", "k", "--decode-last-tokens", "32", "--decode-part", "kv"]), ("url", ["--url", main_app])):
         out = tmp_path / f"{where}.pt"
         assert kvswitch(["calibrate", "--model", str(model_dir), *args, *extra, "--out", str(out), "--report", str(tmp_path / f"{where}.json")]) in (0, None)
         reports[where] = json.loads((tmp_path / f"{where}.json").read_text())
