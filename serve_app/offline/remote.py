@@ -152,8 +152,14 @@ class RemoteExperiment(Experiment):
                              f"{record[0].model_dump()}: calibrate without pooling options (the served ones) or serve a probe with yours")
         every = record[1] if record else None
 
+        context = int(self.info.get("context_length") or 0)
+
         async def one(client, req: GenRequest) -> GenResult:
-            body = {"prompt_ids": list(req.prompt_ids), "mode": req.mode, "add_prefix": req.add_prefix, "max_new_tokens": req.max_new_tokens,
+            # a local engine stops a reply where the model's context ends; the service refuses a request
+            # that asks past its context (a vLLM pool's max_model_len may be shorter than the model's), so
+            # ask for no more than fits, as a local run gets
+            cap = min(req.max_new_tokens, context - len(req.prompt_ids)) if context else req.max_new_tokens
+            body = {"prompt_ids": list(req.prompt_ids), "mode": req.mode, "add_prefix": req.add_prefix, "max_new_tokens": max(cap, 1),
                     "max_thinking_tokens": req.max_thinking_tokens, "record_every": every or req.record_every,
                     "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed}
             out = await self._request(client, "POST", "/admin/v1/generate", body)
