@@ -159,10 +159,9 @@ def test_eval_runs_the_peers_and_reports_probe_tokens(tmp_path, model_dir):
     # fitted (no length_threshold) is refused with a clear message
     import torch
 
-    fitted = int(torch.load(model_dir / "probe.pt", weights_only=False)["length_threshold"])
-    assert main(["eval", "--model", str(model_dir), "--dataset", str(data), "--policy", "length-oneshot", "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["thresholds"] == {"length-oneshot": fitted}
     old = torch.load(model_dir / "probe.pt", weights_only=False)
+    assert main(["eval", "--model", str(model_dir), "--dataset", str(data), "--policy", "length-oneshot", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["thresholds"] == {"length-oneshot": int(old["length_threshold"])}
     del old["length_threshold"]
     torch.save(old, tmp_path / "old-probe.pt")
     with pytest.raises(ValueError, match="length-oneshot:L"):

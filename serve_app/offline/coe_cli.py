@@ -13,7 +13,8 @@ def _cmd_fit_coe(args: argparse.Namespace) -> int:
     from serve_app.offline.coe_eval import FitCoeConfig, run_fit_coe
 
     cfg = FitCoeConfig(model=args.model, probe=args.probe, dataset=args.dataset, out=args.out, limit=args.limit,
-                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, variant=args.variant, grader=args.grader)
+                       batch_size=args.batch_size, variant=args.variant, grader=args.grader,
+                       **({} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}))
     report = run_fit_coe(cfg)
     print(f"\nKV-CoE variants on {report['n']} dev questions (errors: {report['errors']}), AUROC with the direction learned there:")
     table = report["dev_auroc_directed"]
@@ -40,5 +41,5 @@ def add_fit_coe(sub) -> None:
     p.add_argument("--grader", help="default: the probe's")
     p.add_argument("--limit", type=int)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=1792, help="generation cap per reply")
+    p.add_argument("--max-new-tokens", type=int, help="generation cap per reply (default: eval's, 1792)")
     p.set_defaults(func=_cmd_fit_coe)
