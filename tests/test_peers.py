@@ -253,3 +253,16 @@ def test_knobs_chosen_on_a_dev_sweep_replace_bare_family_names(tmp_path, model_d
     assert rows["kv-online"]["tokens_vs_kv_online"] == pytest.approx(1.0)
     assert rows["kv-online"]["vs_slow_points"] == pytest.approx(100 * (online["accuracy"] - slow["accuracy"]))
     assert rows["kv-oneshot"]["tokens_vs_kv_online"] == pytest.approx(rep["policies"]["kv-oneshot:40"]["mean_tokens"] / online["mean_tokens"])
+
+
+def test_a_sweep_point_the_eval_ran_as_a_policy_is_reused_not_run_again():
+    from serve_app.core.policy import OnlineConfig
+
+    probe_online = OnlineConfig(tau=40.0, delta=5.0)
+    runs = {"slow": ["s"], "budget:224": ["b"], "kv-online:45": ["k45"], "kv-online": ["k5"]}
+    assert peers.same_run(runs, "budget:224", probe_online, probe_online) == ["b"]
+    assert peers.same_run(runs, "budget:256", probe_online, probe_online) is None
+    assert peers.same_run(runs, "kv-online", probe_online, probe_online.model_copy(update={"delta": 45.0})) == ["k45"]
+    assert peers.same_run(runs, "kv-online", probe_online, probe_online.model_copy(update={"delta": 5.0})) == ["k5"]
+    assert peers.same_run(runs, "kv-online", probe_online, probe_online.model_copy(update={"delta": 25.0})) is None
+    assert peers.same_run({"slow": ["s"]}, "kv-online", None, None) is None

@@ -312,6 +312,9 @@ def _sweep(cfg: EvalConfig, exp: Experiment, runs: dict, difficulty: dict, probe
 
     def engine(policy: str, online_update: dict) -> list[dict]:
         run_online = online.model_copy(update=online_update) if online is not None and online_update else online
+        done = peers.same_run(runs, policy, online, run_online)
+        if done is not None:  # a point the eval ran already as a policy (--knobs-from's choices): not run twice
+            return done
         return [_record(row, r, confidence, grader) for row, r in zip(exp.rows, _engine_run(exp, cfg, policy, probe, run_online))]
 
     families = {peers.family(p) for p in cfg.policies} & set(DEFAULT_GRIDS)

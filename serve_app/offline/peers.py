@@ -102,6 +102,18 @@ def online_for(policy: str, online):
     return online
 
 
+def same_run(runs: dict[str, list[dict]], policy: str, online, run_online) -> list[dict] | None:
+    """The records of an engine run in ``runs`` that is the sweep point ``policy`` with ``run_online``:
+    the same peer policy by name, or a ``kv-online`` run with the same online settings."""
+    if is_engine_peer(policy):
+        return runs.get(policy)
+    if policy == "kv-online" and run_online is not None:
+        for name, records in runs.items():
+            if family(name) == "kv-online" and online_for(name, online) == run_online:
+                return records
+    return None
+
+
 def choice(policy: str, probe, kv_difficulty: list[float] | None, prompt_lengths: list[int]) -> tuple[list[bool], float]:
     """Which questions a threshold policy answers fast, and its threshold."""
     if family(policy) == "length-oneshot":
