@@ -66,15 +66,66 @@ def test_operand_slips_include_a_neighbouring_operand_taken_instead():
     assert 0.13 < len(neighbour) / len(slips) < 0.22  # about a third of the operand half (a digit change rarely lands on one)
 
 
-def test_every_sampled_slip_is_found_and_the_answer_is_always_right():
+@pytest.mark.parametrize("keyed", [False, True])
+def test_every_sampled_slip_is_found_and_the_answer_is_always_right(keyed):
     rng = random.Random(5)
     for _ in range(3000):
         p = sample_problem(rng, rng.randint(1, 8), 999, "mixed")
         slip = sample_slip(rng, p)
-        text, span = checked_thought(p, slip)
+        text, span = checked_thought(p, slip, keyed)
         assert first_pass_value(text) != p.answer  # a slip always moves the first pass off by its error
         assert "is wrong. Redo from" in text and text.endswith(f"So the answer is {p.answer}.\n")
         assert span is not None and text[span[0]:span[1]].count("\n") == 1
+
+
+def test_a_keyed_check_reads_each_operand_from_a_list_of_the_question():
+    text, span = checked_thought(P, keyed=True)
+    assert span is None
+    assert text == ("91 - 5: 11-5=6, 9-0-1=8, so 86\n"
+                    "86 + 59: 6+9=15, 8+5+1=14, so 145\n"
+                    "So the first pass gives 145.\n"
+                    "Let me check each step.\n"
+                    "The question: start 91, op 1 is - 5, op 2 is + 59.\n"
+                    "Step 1 took 91 to 86, op 1 is - 5. Undo: 86 + 5: 6+5=11, 8+0+1=9, so 91.\n"
+                    "Want 91, got 91: 9 9 same, 1 1 same, so step 1 is right.\n"
+                    "Step 2 took 86 to 145, op 2 is + 59. Undo: 145 - 59: 15-9=6, 14-5-1=8, 1-0-1=0, so 86.\n"
+                    "Want 86, got 86: 8 8 same, 6 6 same, so step 2 is right.\n"
+                    "Every step checks out, so the answer is 145.\n")
+    assert first_pass_value(text) == 145 and is_correct(checked_reply(P, keyed=True), 145)
+
+
+def test_a_keyed_check_catches_a_neighbouring_operand_and_redoes_with_the_keyed_one():
+    p = Problem((40, 7, 52, 3), ("+", "-", "+"))  # 40 + 7 - 52 + 3 = -2
+    text, span = checked_thought(p, Slip(1, "operand", 7), keyed=True)  # step 2 took 7 (step 1's operand) for 52
+    assert text[span[0]:span[1]].startswith("47 - 7:")
+    assert "Step 2 took 47 to 40, op 2 is - 52. Undo: 40 + 52:" in text
+    assert "Want 47, got 92: 4 9 differ, so step 2 is wrong. Redo from 47:\nop 2 is - 52: 47 - 52:" in text
+    assert "\nop 3 is + 3: -5 + 3:" in text and text.endswith("So the answer is -2.\n")
+    heavy = "".join(text[a:b] for a, b in checked.check_spans(text))
+    assert "The question: start 40, op 1 is + 7, op 2 is - 52, op 3 is + 3." in heavy
+    assert ", op 1 is + 7." in heavy and "Undo" not in heavy and "Step 1 took" not in heavy and "op 3 is + 3: -5 + 3:" in heavy
+
+
+def test_a_keyed_verdict_writes_each_pair_then_judges_it():
+    from serve_app.offline.checked import compare
+
+    assert compare(37, 37, keyed=True) == "3 3 same, 7 7 same" and compare(0, 0, keyed=True) == "0 0 same"
+    assert compare(37, 27, keyed=True) == "3 2 differ"
+    assert compare(-70, -76, keyed=True) == "- - same, 7 7 same, 0 6 differ" and compare(150, -50, keyed=True) == "1 - differ"
+    assert compare(5, 50, keyed=True) == "5 5 same, lengths differ" == compare(50, 5, keyed=True)
+
+
+def test_keyed_training_replies_fit_the_context_of_the_v2_model():
+    tok = build_tokenizer(seed=0, corpus_size=200)
+    cfg = TrainConfig(reply_format="checked-keyed", slip_fraction=0.6, check_weight=3.0, max_positions=2048,
+                      task=TaskConfig(max_operators=8, max_operand=999, operands="mixed"))
+    rng = random.Random(2)
+    for _ in range(40):
+        p = sample_training_problem(cfg, rng, thinking=True)
+        ids, labels, weights = checked_example(tok, p, random.Random(rng.random()), cfg)
+        assert len(ids) == len(labels) < cfg.max_positions - 64 and (weights is None or len(weights) == len(ids))
+        if weights is not None:  # not a forced close: the keyed list is in the reply and weighs 3
+            assert "The question: start" in tok.decode([i for i, w in zip(ids, weights) if w == 3.0])
 
 
 def test_the_trainer_masks_exactly_the_slipped_line():
@@ -193,6 +244,8 @@ def test_train_model_options_and_config_file_make_the_v2_config(tmp_path):
                                       "--slip-fraction", "0.25", "--max-operators", "8", "--operands", "mixed", "--max-positions", "2048"])
     cfg = train_config(args)
     assert (cfg.steps, cfg.slip_fraction, cfg.reply_format, cfg.max_positions) == (7, 0.25, "checked", 2048)
+    keyed = build_parser().parse_args(["train-model", "--out", "x", "--reply-format", "checked-keyed"])
+    assert train_config(keyed).reply_format == "checked-keyed"
     assert (cfg.task.max_operators, cfg.task.max_operand, cfg.task.operands) == (8, 500, "mixed")
     assert train_config(build_parser().parse_args(["train-model", "--out", "x"])) == TrainConfig()
 

@@ -26,6 +26,16 @@ find and repair a slip, not to make one).
 
 A check compares with what the *question* says (operands, first number), so a copied operand is
 caught; its own arithmetic is the column working the first pass uses.
+
+**Keyed** replies (``keyed=True``, ``train-model --reply-format checked-keyed``) look the question's
+operands up by key instead of by position. Right after ``Let me check each step.`` the check copies
+the question once, in order, as a keyed list (``The question: start 91, op 1 is - 5, op 2 is + 59.``);
+each check step then names its operation before the undo (``Step 2 took 86 to 145, op 2 is + 59.``)
+and each redone step before its working (``op 2 is + 59: 86 + 59: ...``). Stage 5 found operands by
+position: its undo sometimes took a neighbouring operand (a false alarm whose redo broke a right
+first pass) or repeated the first pass's own lookup error (a slip the check then agreed with). The
+verdict writes each pair of characters and then judges it (``8 6 differ``, ``1 1 same``): stage 5's
+``8=6`` committed to ``=`` before the second character was written.
 """
 
 from __future__ import annotations
@@ -86,11 +96,19 @@ def sample_slip(rng: random.Random, problem: Problem) -> Slip:
     return Slip(step, "result", -wrong if value < 0 else wrong)
 
 
-def compare(want: int, got: int) -> str:
+def compare(want: int, got: int, keyed: bool = False) -> str:
     """Two numbers character by character from the left (the sign is a character): every pair
     ``a=a`` when they are equal; up to and including the first differing pair ``a vs b`` when not,
-    or ``lengths differ`` when one ends first."""
+    or ``lengths differ`` when one ends first.
+
+    ``keyed``: each pair is written, then judged: ``3 3 same, 7 7 same``, ``3 2 differ``, joined by ``, ``."""
     a, b = str(want), str(got)
+    if keyed:
+        same = [f"{x} {y} same" for x, y in zip(a, b)]
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return ", ".join([*same[:i], f"{x} {y} differ"])
+        return ", ".join(same if len(a) == len(b) else [*same, "lengths differ"])
     pairs = []
     for x, y in zip(a, b):
         if x != y:
@@ -121,23 +139,38 @@ def first_pass(problem: Problem, slip: Slip | None = None) -> tuple[list[str], l
     return lines, values, None if slip is None else slip.step
 
 
-def checked_thought(problem: Problem, slip: Slip | None = None) -> tuple[str, tuple[int, int] | None]:
-    """The thinking text (no ``</think>``) and the character span of the slipped line (None without one)."""
+def operation_key(j: int, op: str, operand: int) -> str:
+    """A keyed reply's name for the question's operation ``j`` (1-based): ``op 2 is + 59``."""
+    return f"op {j} is {op} {operand}"
+
+
+def question_list(problem: Problem) -> str:
+    """The question copied once as a keyed list (keyed replies): ``The question: start 91, op 1 is - 5, op 2 is + 59.``"""
+    keys = [operation_key(j + 1, op, x) for j, (op, x) in enumerate(zip(problem.ops, problem.operands[1:]))]
+    return f"The question: start {problem.operands[0]}, {', '.join(keys)}."
+
+
+def checked_thought(problem: Problem, slip: Slip | None = None, keyed: bool = False) -> tuple[str, tuple[int, int] | None]:
+    """The thinking text (no ``</think>``) and the character span of the slipped line (None without one).
+
+    ``keyed``: the check reads the question's operations from a keyed list (module docstring)."""
     lines, values, slipped = first_pass(problem, slip)
-    out = [*lines, FIRST_PASS.format(values[-1]), CHECK_HEADER]
+    out = [*lines, FIRST_PASS.format(values[-1]), CHECK_HEADER, *([question_list(problem)] if keyed else [])]
     before = [problem.operands[0], *values[:-1]]  # what each step's undo must give back
     final = values[-1]
     for j, (op, operand) in enumerate(zip(problem.ops, problem.operands[1:])):
         undo = "-" if op == "+" else "+"
         back = _apply(values[j], undo, operand)
-        out.append(f"Step {j + 1} took {before[j]} to {values[j]}. Undo: {step_line(values[j], undo, operand)}.")
+        key = f", {operation_key(j + 1, op, operand)}" if keyed else ""
+        out.append(f"Step {j + 1} took {before[j]} to {values[j]}{key}. Undo: {step_line(values[j], undo, operand)}.")
+        verdict = f"Want {before[j]}, got {back}: {compare(before[j], back, keyed)}, so step {j + 1} is"
         if back == before[j]:
-            out.append(f"Want {before[j]}, got {back}: {compare(before[j], back)}, so step {j + 1} is right.")
+            out.append(f"{verdict} right.")
             continue
-        out.append(f"Want {before[j]}, got {back}: {compare(before[j], back)}, so step {j + 1} is wrong. Redo from {before[j]}:")
+        out.append(f"{verdict} wrong. Redo from {before[j]}:")
         acc = before[j]
-        for op2, operand2 in zip(problem.ops[j:], problem.operands[j + 1 :]):
-            out.append(step_line(acc, op2, operand2))
+        for k, (op2, operand2) in enumerate(zip(problem.ops[j:], problem.operands[j + 1 :]), start=j + 1):
+            out.append(f"{operation_key(k, op2, operand2)}: " * keyed + step_line(acc, op2, operand2))
             acc = _apply(acc, op2, operand2)
         final = acc
         out.append(f"So the answer is {final}.")
@@ -152,16 +185,23 @@ def checked_thought(problem: Problem, slip: Slip | None = None) -> tuple[str, tu
     return text, span
 
 
+_KEY_RE = re.compile(r", op \d+ is [+-] \d+\.")
+
+
 def check_spans(thought: str) -> list[tuple[int, int]]:
     """Character spans of the lines that decide what the check does: every verdict (``Want V, got X:
     ... so step j is right/wrong.``), and on a mismatch the redone steps through ``So the answer is
     N.`` The trainer can weight these tokens up (``TrainConfig.check_weight``): they are a few
     percent of a reply, and they are where stage 4 still went wrong (a "right" verdict under a
-    mismatch in a middle digit, a redo that miscopied a number)."""
+    mismatch in a middle digit, a redo that miscopied a number). In a keyed reply also the keyed
+    list of the question and each step's lookup in it (``, op j is + N.``): where stage 5's undo
+    took a neighbouring operand."""
     spans, pos, redo = [], 0, False
     for line in thought.splitlines(keepends=True):
-        if line.startswith("Want ") or redo:
+        if line.startswith("Want ") or line.startswith("The question: ") or redo:
             spans.append((pos, pos + len(line)))
+        elif line.startswith("Step ") and (key := _KEY_RE.search(line)):
+            spans.append((pos + key.start(), pos + key.end()))
         if line.startswith("Want ") and "Redo from" in line:
             redo = True
         elif line.startswith("So the answer is"):
@@ -170,9 +210,9 @@ def check_spans(thought: str) -> list[tuple[int, int]]:
     return spans
 
 
-def checked_reply(problem: Problem, slip: Slip | None = None) -> str:
+def checked_reply(problem: Problem, slip: Slip | None = None, keyed: bool = False) -> str:
     """Thought, ``</think>``, then the answer the check arrived at (the true one: a slip is always found)."""
-    thought, _ = checked_thought(problem, slip)
+    thought, _ = checked_thought(problem, slip, keyed)
     return f"{thought}{THINK_CLOSE}\n\n{problem.answer}{IM_END}"
 
 

@@ -50,10 +50,11 @@ class TrainConfig(BaseModel):
     # ``</think>\n\n`` (no loss on those tokens: the model must not learn to close by itself), then
     # answered. That is what an online slow → fast switch does at serving time (docs/method.md §5).
     forced_close_fraction: float = Field(0.25, ge=0, le=1)
-    reply_format: Literal["v1", "checked"] = "v1"
+    reply_format: Literal["v1", "checked", "checked-keyed"] = "v1"
     """``v1``: the shipped model's slow replies (a scripted re-check that always agrees); ``checked``:
     the v2 replies of ``serve_app.offline.checked`` (first pass, a step-by-step check, a redo from a
-    slip it finds)."""
+    slip it finds); ``checked-keyed``: the same with the check's operands looked up by key
+    (``checked_thought(keyed=True)``)."""
     slip_fraction: float = Field(0.3, ge=0, le=1)
     """``checked``: share of slow replies whose first pass carries one slip (masked) for the check to find."""
     check_weight: float = Field(1.0, ge=1)
@@ -109,7 +110,7 @@ def sample_batches(cfg: TrainConfig, tokenizer, rng: random.Random, pool_size: i
             thinking = rng.random() < cfg.slow_fraction
             problem = sample_training_problem(cfg, rng, thinking)
             p = tokenizer.encode(render_prompt(problem.question, thinking), add_special_tokens=False)
-            if thinking and cfg.reply_format == "checked":
+            if thinking and cfg.reply_format != "v1":
                 rows.append((p, *checked_example(tokenizer, problem, rng, cfg)))
             elif thinking and rng.random() < cfg.forced_close_fraction:
                 ids, labels = forced_close_reply(tokenizer, problem, rng)
@@ -161,7 +162,7 @@ def checked_example(tokenizer, problem, rng: random.Random, cfg: TrainConfig) ->
     Returns (reply ids, labels, loss weights: ``check_weight`` on the check's verdict and redo tokens,
     None when every token weighs 1)."""
     slip = checked.sample_slip(rng, problem) if rng.random() < cfg.slip_fraction else None
-    thought, span = checked.checked_thought(problem, slip)
+    thought, span = checked.checked_thought(problem, slip, keyed=cfg.reply_format == "checked-keyed")
     if slip is None and rng.random() < cfg.forced_close_fraction:
         ids, labels = close_after_first_pass(tokenizer, thought, thought.index(checked.CHECK_HEADER), problem.answer, rng)
         return ids, labels, None
@@ -277,7 +278,7 @@ def train(cfg: TrainConfig, out: Path) -> dict:
             log["loss"].append([step, round(loss.item(), 4), round(elapsed, 1)])
             bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens_seen / elapsed:.0f}")
         if (step + 1) % cfg.monitor_every == 0 or step + 1 == cfg.steps:
-            longest = cfg.task.max_operators if cfg.reply_format == "checked" else 6
+            longest = cfg.task.max_operators if cfg.reply_format != "v1" else 6
             report = monitor(model, tokenizer, cfg.monitor_size, tuple(sorted({1, 3, 6, longest})),
                              MAX_NEW_TOKENS if cfg.reply_format == "v1" else cfg.max_positions - 256)
             log["monitor"].append({"step": step + 1, "elapsed_s": round(time.time() - started, 1), **report})
