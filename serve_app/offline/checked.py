@@ -103,18 +103,13 @@ def compare(want: int, got: int, keyed: bool = False) -> str:
 
     ``keyed``: each pair is written, then judged: ``3 3 same, 7 7 same``, ``3 2 differ``, joined by ``, ``."""
     a, b = str(want), str(got)
-    if keyed:
-        same = [f"{x} {y} same" for x, y in zip(a, b)]
-        for i, (x, y) in enumerate(zip(a, b)):
-            if x != y:
-                return ", ".join([*same[:i], f"{x} {y} differ"])
-        return ", ".join(same if len(a) == len(b) else [*same, "lengths differ"])
+    same, differ, sep = ("{} {} same", "{} {} differ", ", ") if keyed else ("{}={}", "{} vs {}", " ")
     pairs = []
     for x, y in zip(a, b):
         if x != y:
-            return " ".join([*pairs, f"{x} vs {y}"])
-        pairs.append(f"{x}={y}")
-    return " ".join(pairs) if len(a) == len(b) else " ".join([*pairs, "lengths differ"])
+            return sep.join([*pairs, differ.format(x, y)])
+        pairs.append(same.format(x, y))
+    return sep.join(pairs if len(a) == len(b) else [*pairs, "lengths differ"])
 
 
 def _apply(acc: int, op: str, operand: int) -> int:
@@ -170,7 +165,8 @@ def checked_thought(problem: Problem, slip: Slip | None = None, keyed: bool = Fa
         out.append(f"{verdict} wrong. Redo from {before[j]}:")
         acc = before[j]
         for k, (op2, operand2) in enumerate(zip(problem.ops[j:], problem.operands[j + 1 :]), start=j + 1):
-            out.append(f"{operation_key(k, op2, operand2)}: " * keyed + step_line(acc, op2, operand2))
+            key = f"{operation_key(k, op2, operand2)}: " if keyed else ""
+            out.append(key + step_line(acc, op2, operand2))
             acc = _apply(acc, op2, operand2)
         final = acc
         out.append(f"So the answer is {final}.")
