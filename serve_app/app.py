@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from serve_app.config import AppConfig
 from serve_app.core.grading import get_grader
+from serve_app.core.policy import PolicyConfig
 from serve_app.core.probe import Probe
 from serve_app.core.prompts import resolve_prompts
 from serve_app.engines.load import routing_limits
@@ -29,7 +30,19 @@ def _with_probe(cfg: AppConfig) -> tuple[AppConfig, float, int]:
         raise ValueError(f"{cfg.model}: {e}") from None
     if cfg.grader is None:
         cfg = cfg.model_copy(update={"grader": get_grader(probe.grader).name})  # an unknown name is refused here
-    return cfg, *routing_limits(cfg, probe, model_config)
+    return with_token_map(cfg, probe), *routing_limits(cfg, probe, model_config)
+
+
+def with_token_map(cfg: AppConfig, probe: Probe) -> AppConfig:
+    """The config with the probe's fitted difficulty-to-tokens map (``Probe.token_map``) in every
+    ``policy`` field of it the config does not set; the result is validated again (a set
+    ``slow_tokens_min`` above the probe's ``slow_tokens_max`` is refused by name)."""
+    fitted = probe.token_map
+    unset = {k: v for k, v in (fitted or {}).items() if k not in cfg.policy.model_fields_set}
+    if not unset:
+        return cfg
+    policy = PolicyConfig.model_validate({**cfg.policy.model_dump(), **unset})
+    return cfg.model_copy(update={"policy": policy})
 
 
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:

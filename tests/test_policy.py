@@ -2,7 +2,7 @@
 
 import pytest
 
-from serve_app.core.policy import OnlineConfig, PolicyConfig, PoolLoad, choose_pool, expected_tokens, switch_decision, unreachable_switches
+from serve_app.core.policy import OnlineConfig, PolicyConfig, PoolLoad, choose_pool, expected_tokens, fit_token_map, switch_decision, unreachable_switches
 
 CFG = PolicyConfig(borderline_margin=10, slow_saturation_requests=4, slow_saturation_tokens=1000, fast_saturation_requests=8)
 IDLE = PoolLoad()
@@ -38,6 +38,20 @@ def test_expected_tokens_grow_with_difficulty_in_the_slow_pool():
     assert expected_tokens(80, "fast", cfg) == 4
     assert expected_tokens(0, "slow", cfg) == 100 and expected_tokens(50, "slow", cfg) == 200
     assert expected_tokens(150, "slow", cfg) == 300  # clamped
+
+
+def test_a_fitted_token_map_is_the_least_squares_line_read_at_0_and_100():
+    fitted = fit_token_map([0, 50, 100, 150], [100, 200, 300, 300], [2, 4])  # 150 counts as 100, as expected_tokens clamps it
+    assert fitted == pytest.approx({"fast_tokens": 3.0, "slow_tokens_min": 100.0, "slow_tokens_max": 300.0})
+    cfg = PolicyConfig(**fitted)
+    assert expected_tokens(50, "slow", cfg) == pytest.approx(200.0) and expected_tokens(90, "fast", cfg) == 3.0
+    steep = fit_token_map([90, 100], [0, 1000], [3])  # the line crosses 0 well above difficulty 0: floored there
+    assert steep["slow_tokens_min"] == 0.0 and steep["slow_tokens_max"] == pytest.approx(1000.0)
+    falling = fit_token_map([0, 100], [500, 100], [3])  # longer replies for easier questions: kept ordered, not inverted
+    assert falling["slow_tokens_max"] == falling["slow_tokens_min"] == 500.0
+    for bad in (([50], [100], [3]), ([50, 50], [100, 200], [3]), ([0, 100], [1, 2], [])):
+        with pytest.raises(ValueError, match="token map"):
+            fit_token_map(*bad)
 
 
 def test_config_rejects_inverted_token_range():

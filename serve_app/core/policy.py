@@ -9,7 +9,7 @@ RouteLLM's router, one function with one meaning each.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -61,6 +61,28 @@ def expected_tokens(difficulty: float, pool: Pool, cfg: PolicyConfig) -> float:
         return cfg.fast_tokens
     d = min(max(difficulty, 0.0), 100.0) / 100.0
     return cfg.slow_tokens_min + d * (cfg.slow_tokens_max - cfg.slow_tokens_min)
+
+
+TOKEN_MAP_FIELDS = ("fast_tokens", "slow_tokens_min", "slow_tokens_max")
+"""The ``PolicyConfig`` fields of the ``expected_tokens`` map, which a probe may carry fitted for its model."""
+
+
+def fit_token_map(difficulty: Sequence[float], slow_tokens: Sequence[float], fast_tokens: Sequence[float]) -> dict[str, float]:
+    """The ``expected_tokens`` map fitted on a dev set's replies: ``fast_tokens`` the mean fast reply;
+    the slow line by least squares of each question's slow reply tokens on its difficulty (clamped to
+    0–100 as ``expected_tokens`` clamps it), read at 0 and 100, floored at 0 and kept ordered."""
+    d = [min(max(float(x), 0.0), 100.0) for x in difficulty]
+    y = [float(t) for t in slow_tokens]
+    if len(d) != len(y) or len(d) < 2 or not fast_tokens:
+        raise ValueError("a token map needs at least two questions with a difficulty and a slow reply, and fast replies")
+    md, my = sum(d) / len(d), sum(y) / len(y)
+    var = sum((x - md) ** 2 for x in d)
+    if var == 0:
+        raise ValueError("a token map needs questions of more than one difficulty")
+    slope = sum((x - md) * (t - my) for x, t in zip(d, y)) / var
+    low = max(my - slope * md, 0.0)
+    return {"fast_tokens": sum(map(float, fast_tokens)) / len(fast_tokens), "slow_tokens_min": low,
+            "slow_tokens_max": max(my + slope * (100.0 - md), low)}
 
 
 def slow_saturated(load: PoolLoad, cfg: PolicyConfig) -> bool:

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.core.confidence import ConfidenceCalibration
 from serve_app.core.kv_features import PoolingConfig
-from serve_app.core.policy import OnlineConfig
+from serve_app.core.policy import TOKEN_MAP_FIELDS, OnlineConfig
 
 FORMAT = "kvswitch-probe/1"
 
@@ -143,6 +143,13 @@ class Probe:
         """The grader the probe's labels were graded with (``serve_app.core.grading``); checkpoints
         from before graders were recorded were all graded by ``number``."""
         return (self.data.get("calibration") or {}).get("grader", "number")
+
+    @property
+    def token_map(self) -> dict[str, float] | None:
+        """The ``expected_tokens`` map fitted for this probe's model on a dev set (``kvswitch
+        set-thresholds --token-map-from``), or None: serving then keeps ``PolicyConfig``'s defaults."""
+        fitted = self.data.get("token_map")
+        return None if fitted is None else {k: float(fitted[k]) for k in TOKEN_MAP_FIELDS}
 
     @property
     def confidence(self) -> dict[str, ConfidenceCalibration] | None:
