@@ -9,6 +9,7 @@ RouteLLM's router, one function with one meaning each.
 
 from __future__ import annotations
 
+import statistics
 from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -72,17 +73,13 @@ def fit_token_map(difficulty: Sequence[float], slow_tokens: Sequence[float], fas
     the slow line by least squares of each question's slow reply tokens on its difficulty (clamped to
     0–100 as ``expected_tokens`` clamps it), read at 0 and 100, floored at 0 and kept ordered."""
     d = [min(max(float(x), 0.0), 100.0) for x in difficulty]
-    y = [float(t) for t in slow_tokens]
-    if len(d) != len(y) or len(d) < 2 or not fast_tokens:
+    if len(d) != len(slow_tokens) or len(d) < 2 or not fast_tokens:
         raise ValueError("a token map needs at least two questions with a difficulty and a slow reply, and fast replies")
-    md, my = sum(d) / len(d), sum(y) / len(y)
-    var = sum((x - md) ** 2 for x in d)
-    if var == 0:
+    if len(set(d)) == 1:
         raise ValueError("a token map needs questions of more than one difficulty")
-    slope = sum((x - md) * (t - my) for x, t in zip(d, y)) / var
-    low = max(my - slope * md, 0.0)
-    return {"fast_tokens": sum(map(float, fast_tokens)) / len(fast_tokens), "slow_tokens_min": low,
-            "slow_tokens_max": max(my + slope * (100.0 - md), low)}
+    slope, intercept = statistics.linear_regression(d, [float(t) for t in slow_tokens])
+    low = max(intercept, 0.0)
+    return {"fast_tokens": statistics.fmean(fast_tokens), "slow_tokens_min": low, "slow_tokens_max": max(intercept + 100.0 * slope, low)}
 
 
 def slow_saturated(load: PoolLoad, cfg: PolicyConfig) -> bool:

@@ -60,7 +60,7 @@ def dev_token_map(report_path: str | Path) -> dict:
     pairs = [(r["difficulty"], slow[r["question"]]) for r in policies[scored]["records"]
              if r.get("difficulty") is not None and r["question"] in slow]
     fitted = fit_token_map([d for d, _ in pairs], [t for _, t in pairs], [r["tokens"] for r in policies["fast"]["records"]])
-    return {**fitted, "questions": len(pairs), "difficulty_from": scored}
+    return {**fitted, "questions": len(pairs), "difficulty_from": scored, "from": str(report_path)}
 
 
 def set_thresholds(probe_path: str | Path, values: dict, source: dict, out: str | Path | None = None,
@@ -74,7 +74,7 @@ def set_thresholds(probe_path: str | Path, values: dict, source: dict, out: str 
     if values:  # a token map alone leaves the thresholds' record of where they came from as it is
         data.update(thresholds=thresholds, thresholds_source={**source, "set": values, "previous": dict(probe.thresholds)})
     if token_map is not None:
-        data["token_map"] = {**token_map, "source": source}
+        data["token_map"] = {**token_map, "command": source["command"]}
     Probe(data).save(out or probe_path)
     return thresholds, unreachable_switches(OnlineConfig(**thresholds))
 
@@ -85,10 +85,7 @@ def _cmd_set_thresholds(args: argparse.Namespace) -> int:
     if not values and not args.token_map_from:
         raise SystemExit("nothing to set: give --from DEV_SWEEP_JSON and/or --tau / --delta / --every / --confirm, or --token-map-from DEV_EVAL_JSON")
     source = {"from": [str(p) for p in args.from_ or []], "command": args.command_line}
-    token_map = None
-    if args.token_map_from:
-        token_map = dev_token_map(args.token_map_from)
-        token_map["from"] = str(args.token_map_from)
+    token_map = dev_token_map(args.token_map_from) if args.token_map_from else None
     thresholds, notes = set_thresholds(args.probe, values, source, args.out, token_map)
     print(f"wrote {args.out or args.probe}: " + ", ".join(f"{k} {v:g}" for k, v in thresholds.items()))
     if token_map is not None:
