@@ -8,7 +8,8 @@ import torch
 
 from serve_app.core.task import Problem, TaskConfig, is_correct, sample_problem
 from serve_app.offline import checked
-from serve_app.offline.checked import Slip, checked_reply, checked_thought, first_pass_value, sample_slip, self_correction
+from serve_app.offline.checked import (CheckSlip, Slip, checked_reply, checked_thought, first_pass_value, sample_check_slip, sample_slip,
+                                      self_correction)
 from serve_app.offline.embedded import build_tokenizer
 from serve_app.offline.train import TrainConfig, checked_example, sample_batches, sample_training_problem, weighted_loss
 
@@ -115,6 +116,38 @@ def test_a_keyed_verdict_writes_each_pair_then_judges_it():
     assert compare(5, 50, keyed=True) == "5 5 same, lengths differ" == compare(50, 5, keyed=True)
 
 
+def test_a_check_slip_raises_a_false_alarm_that_the_redo_mends_with_the_questions_operand():
+    # stage 6's failure: the undo of step 2 took 69 for 59, and the redo copied 69 and broke a right first pass
+    text, span = checked_thought(P, judged=True, check_slip=CheckSlip(1, "operand", 69))
+    assert text[span[0]:span[1]] == "Undo: 145 - 69: 15-9=6, 14-6-1=7, 1-0-1=0, so 76.\n"
+    assert text.endswith("Step 2 took 86 to 145. Undo: 145 - 69: 15-9=6, 14-6-1=7, 1-0-1=0, so 76.\n"
+                         "Want 86, got 76: 8 7 differ, so step 2 is wrong. Redo from 86:\n"
+                         "86 + 59: 6+9=15, 8+5+1=14, so 145\n"
+                         "So the answer is 145.\n")
+    assert "Want 91, got 91: 9 9 same, 1 1 same, so step 1 is right." in text
+    text, span = checked_thought(P, check_slip=CheckSlip(0, "result", 81))  # stage 5's verdict, an undo's result one digit off
+    assert text[span[0]:span[1]] == "Undo: 86 + 5: 6+5=11, 8+0+1=9, so 81.\n"
+    assert "Want 91, got 81: 9 vs 8, so step 1 is wrong. Redo from 91:\n91 - 5:" in text and is_correct(checked_reply(P, check_slip=CheckSlip(0, "result", 81)), 145)
+    with pytest.raises(ValueError, match="not both"):
+        checked_thought(P, Slip(1, "result", 155), check_slip=CheckSlip(0, "result", 81))
+
+
+def test_every_sampled_check_slip_is_a_false_alarm_whose_redo_keeps_the_right_answer():
+    rng = random.Random(7)
+    kinds = {"neighbour": 0, "digit": 0, "result": 0}
+    for _ in range(3000):
+        p = sample_problem(rng, rng.randint(1, 8), 999, "mixed")
+        cs = sample_check_slip(rng, p)
+        text, span = checked_thought(p, judged=True, check_slip=cs)
+        assert first_pass_value(text) == p.answer and f"so step {cs.step + 1} is wrong. Redo from" in text
+        assert text.endswith(f"So the answer is {p.answer}.\n") and text.count(" differ, so step") == 1
+        masked = text[span[0]:span[1]]
+        assert masked.startswith("Undo: ") and masked.endswith(".\n") and text[:span[0]].rsplit("\n", 1)[1].startswith(f"Step {cs.step + 1} took ")
+        neighbours = p.operands[max(1, cs.step):cs.step + 3]
+        kinds["result" if cs.kind == "result" else "neighbour" if cs.value in neighbours else "digit"] += 1
+    assert 0.2 < kinds["result"] / 3000 < 0.3 and 0.12 < kinds["neighbour"] / 3000 < 0.3
+
+
 def test_keyed_training_replies_fit_the_context_of_the_v2_model():
     tok = build_tokenizer(seed=0, corpus_size=200)
     cfg = TrainConfig(reply_format="checked-keyed", slip_fraction=0.6, check_weight=3.0, max_positions=2048,
@@ -139,6 +172,24 @@ def test_the_trainer_masks_exactly_the_slipped_line():
         kept = [i for i, lab in zip(ids, labels) if lab != -100]
         assert masked.endswith("\n") and masked.count("\n") == 1 and " so " in masked  # one step line
         assert tok.decode(kept).endswith(f"{p.answer}<|im_end|>") and "is wrong. Redo from" in tok.decode(kept)
+
+
+def test_the_trainer_masks_a_check_slips_undo_and_weighs_the_redo_that_mends_it():
+    tok = build_tokenizer(seed=0, corpus_size=200)
+    cfg = TrainConfig(reply_format="checked-judged", slip_fraction=0.0, forced_close_fraction=0.0, check_slip_fraction=1.0, check_weight=3.0)
+    rng = random.Random(4)
+    for _ in range(20):
+        p = sample_problem(rng, rng.randint(2, 6), 99)
+        ids, labels, weights = checked_example(tok, p, random.Random(rng.random()), cfg)
+        masked = tok.decode([i for i, lab in zip(ids, labels) if lab == -100])
+        kept = tok.decode([i for i, lab in zip(ids, labels) if lab != -100])
+        heavy = tok.decode([i for i, w in zip(ids, weights) if w == 3.0])
+        assert masked.startswith("Undo:") and masked.count("\n") == 1  # one undo, nothing else
+        assert "So the first pass gives" in kept and kept.endswith(f"{p.answer}<|im_end|>")
+        assert " differ, so step" in heavy and "Redo from" in heavy and heavy.endswith(f"So the answer is {p.answer}.\n")
+    plain = TrainConfig(reply_format="checked-judged", slip_fraction=0.0, forced_close_fraction=0.0)
+    ids, labels, _ = checked_example(tok, P, random.Random(0), plain)
+    assert -100 not in labels and "9 9 same, 1 1 same, so step 1 is right" in tok.decode(ids)
 
 
 def test_forced_closes_happen_after_the_first_pass_of_a_right_reply():
@@ -246,6 +297,8 @@ def test_train_model_options_and_config_file_make_the_v2_config(tmp_path):
     assert (cfg.steps, cfg.slip_fraction, cfg.reply_format, cfg.max_positions) == (7, 0.25, "checked", 2048)
     keyed = build_parser().parse_args(["train-model", "--out", "x", "--reply-format", "checked-keyed"])
     assert train_config(keyed).reply_format == "checked-keyed"
+    judged = build_parser().parse_args(["train-model", "--out", "x", "--reply-format", "checked-judged", "--check-slip-fraction", "0.4"])
+    assert (train_config(judged).reply_format, train_config(judged).check_slip_fraction) == ("checked-judged", 0.4)
     assert (cfg.task.max_operators, cfg.task.max_operand, cfg.task.operands) == (8, 500, "mixed")
     assert train_config(build_parser().parse_args(["train-model", "--out", "x"])) == TrainConfig()
 

@@ -36,6 +36,15 @@ position: its undo sometimes took a neighbouring operand (a false alarm whose re
 first pass) or repeated the first pass's own lookup error (a slip the check then agreed with). The
 verdict writes each pair of characters and then judges it (``8 6 differ``, ``1 1 same``): stage 5's
 ``8=6`` committed to ``=`` before the second character was written.
+
+**Judged** verdicts without keys (``judged=True``, ``train-model --reply-format checked-judged``) are
+that verdict with stage 5's positional check. Alone (stage 6) it exposed the check's own slips: an
+undo that takes a wrong operand raises a false alarm, and the redo copied the undo's wrong operand,
+because in every training reply the redo's operand was the undo's. A **check slip** (``CheckSlip``,
+``TrainConfig.check_slip_fraction``) puts that false alarm into training replies whose first pass is
+right: the undo of one step takes a wrong operand or states a wrong result (masked, like a first-pass
+slip), the verdict finds the mismatch, and the redo, worked with the *question's* operands, comes
+back to the first pass's values and the right answer.
 """
 
 from __future__ import annotations
@@ -67,6 +76,18 @@ class Slip:
     first: bool = False
 
 
+@dataclass(frozen=True)
+class CheckSlip:
+    """One error in the check's own undo, in a training reply whose first pass is right: at step
+    ``step`` (0-based) the undo takes ``value`` as its operand (``operand``) or states ``value`` as
+    its result (``result``). The verdict then reports a mismatch that is a false alarm, and the redo
+    must come back to the first pass's values with the question's operands."""
+
+    step: int
+    kind: Literal["operand", "result"]
+    value: int
+
+
 def _digit_changed(rng: random.Random, n: int, last: bool = False) -> int:
     """``n`` (>= 0) with one digit (the last one if ``last``) replaced by another (what a copying slip
     does: 91 -> 01, 59 -> 99)."""
@@ -94,6 +115,22 @@ def sample_slip(rng: random.Random, problem: Problem) -> Slip:
         return Slip(step, "result", -value)
     wrong = _digit_changed(rng, abs(value), last=rng.random() < 0.5)
     return Slip(step, "result", -wrong if value < 0 else wrong)
+
+
+def sample_check_slip(rng: random.Random, problem: Problem) -> CheckSlip:
+    """A check slip at a uniform step: three quarters wrong operands in the undo (for a third of them
+    the previous or next operand of the question, else one digit changed: what stage 6's undo did,
+    ``1 + 42`` for ``- 82``, ``-276 + 09`` for ``- 0``), a quarter a result one digit off."""
+    step = rng.randrange(problem.num_operators)
+    operand = problem.operands[step + 1]
+    if rng.random() < 0.75:
+        neighbours = [o for o in problem.operands[max(1, step):step + 3] if o != operand]
+        if neighbours and rng.random() < 1 / 3:
+            return CheckSlip(step, "operand", rng.choice(neighbours))
+        return CheckSlip(step, "operand", _digit_changed(rng, operand))
+    back = problem.running_values()[step - 1] if step else problem.operands[0]
+    wrong = _digit_changed(rng, abs(back))
+    return CheckSlip(step, "result", -wrong if back < 0 else wrong)
 
 
 def compare(want: int, got: int, keyed: bool = False) -> str:
@@ -145,20 +182,33 @@ def question_list(problem: Problem) -> str:
     return f"The question: start {problem.operands[0]}, {', '.join(keys)}."
 
 
-def checked_thought(problem: Problem, slip: Slip | None = None, keyed: bool = False) -> tuple[str, tuple[int, int] | None]:
-    """The thinking text (no ``</think>``) and the character span of the slipped line (None without one).
+def checked_thought(problem: Problem, slip: Slip | None = None, keyed: bool = False, *, judged: bool | None = None,
+                    check_slip: CheckSlip | None = None) -> tuple[str, tuple[int, int] | None]:
+    """The thinking text (no ``</think>``) and the character span to mask: the slipped line, or for a
+    ``check_slip`` the slipped undo (from ``Undo:`` to the end of its line); None without either.
 
-    ``keyed``: the check reads the question's operations from a keyed list (module docstring)."""
+    ``keyed``: the check reads the question's operations from a keyed list (module docstring).
+    ``judged``: each verdict pair is written, then judged (``8 6 differ``); keyed replies always are."""
+    if slip is not None and check_slip is not None:
+        raise ValueError("a check slip goes into a reply whose first pass is right: give slip or check_slip, not both")
+    judged = keyed if judged is None else judged or keyed
     lines, values, slipped = first_pass(problem, slip)
     out = [*lines, FIRST_PASS.format(values[-1]), CHECK_HEADER, *([question_list(problem)] if keyed else [])]
     before = [problem.operands[0], *values[:-1]]  # what each step's undo must give back
-    final = values[-1]
+    final, undo_span = values[-1], None
     for j, (op, operand) in enumerate(zip(problem.ops, problem.operands[1:])):
         undo = "-" if op == "+" else "+"
-        back = _apply(values[j], undo, operand)
+        used = check_slip.value if check_slip is not None and check_slip.step == j and check_slip.kind == "operand" else operand
+        work, back = step_line(values[j], undo, used), _apply(values[j], undo, used)
+        if check_slip is not None and check_slip.step == j and check_slip.kind == "result":
+            work, back = work.rsplit(", so ", 1)[0] + f", so {check_slip.value}", check_slip.value
         key = f", {operation_key(j + 1, op, operand)}" if keyed else ""
-        out.append(f"Step {j + 1} took {before[j]} to {values[j]}{key}. Undo: {step_line(values[j], undo, operand)}.")
-        verdict = f"Want {before[j]}, got {back}: {compare(before[j], back, keyed)}, so step {j + 1} is"
+        head = f"Step {j + 1} took {before[j]} to {values[j]}{key}. "
+        if check_slip is not None and check_slip.step == j:
+            start = sum(len(line) + 1 for line in out) + len(head)
+            undo_span = (start, start + len(f"Undo: {work}.") + 1)
+        out.append(f"{head}Undo: {work}.")
+        verdict = f"Want {before[j]}, got {back}: {compare(before[j], back, judged)}, so step {j + 1} is"
         if back == before[j]:
             out.append(f"{verdict} right.")
             continue
@@ -174,11 +224,10 @@ def checked_thought(problem: Problem, slip: Slip | None = None, keyed: bool = Fa
     else:
         out.append(f"Every step checks out, so the answer is {final}.")
     text = "\n".join(out) + "\n"
-    span = None
-    if slipped is not None:
-        start = sum(len(line) + 1 for line in lines[:slipped])
-        span = (start, start + len(lines[slipped]) + 1)
-    return text, span
+    if slipped is None:
+        return text, undo_span
+    start = sum(len(line) + 1 for line in lines[:slipped])
+    return text, (start, start + len(lines[slipped]) + 1)
 
 
 _KEY_RE = re.compile(r", op \d+ is [+-] \d+\.")
@@ -206,9 +255,11 @@ def check_spans(thought: str) -> list[tuple[int, int]]:
     return spans
 
 
-def checked_reply(problem: Problem, slip: Slip | None = None, keyed: bool = False) -> str:
-    """Thought, ``</think>``, then the answer the check arrived at (the true one: a slip is always found)."""
-    thought, _ = checked_thought(problem, slip, keyed)
+def checked_reply(problem: Problem, slip: Slip | None = None, keyed: bool = False, *, judged: bool | None = None,
+                  check_slip: CheckSlip | None = None) -> str:
+    """Thought, ``</think>``, then the answer the check arrived at (the true one: a slip is always
+    found, and a check slip's redo comes back to it)."""
+    thought, _ = checked_thought(problem, slip, keyed, judged=judged, check_slip=check_slip)
     return f"{thought}{THINK_CLOSE}\n\n{problem.answer}{IM_END}"
 
 

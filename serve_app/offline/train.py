@@ -50,13 +50,17 @@ class TrainConfig(BaseModel):
     # ``</think>\n\n`` (no loss on those tokens: the model must not learn to close by itself), then
     # answered. That is what an online slow → fast switch does at serving time (docs/method.md §5).
     forced_close_fraction: float = Field(0.25, ge=0, le=1)
-    reply_format: Literal["v1", "checked", "checked-keyed"] = "v1"
+    reply_format: Literal["v1", "checked", "checked-keyed", "checked-judged"] = "v1"
     """``v1``: the shipped model's slow replies (a scripted re-check that always agrees); ``checked``:
     the v2 replies of ``serve_app.offline.checked`` (first pass, a step-by-step check, a redo from a
     slip it finds); ``checked-keyed``: the same with the check's operands looked up by key
-    (``checked_thought(keyed=True)``)."""
+    (``checked_thought(keyed=True)``); ``checked-judged``: ``checked`` with each verdict pair written,
+    then judged (``checked_thought(judged=True)``)."""
     slip_fraction: float = Field(0.3, ge=0, le=1)
     """``checked``: share of slow replies whose first pass carries one slip (masked) for the check to find."""
+    check_slip_fraction: float = Field(0.0, ge=0, le=1)
+    """``checked``: share of the slow replies with a right first pass (and not force-closed) whose
+    check makes one slip of its own in an undo (masked): a false alarm the redo must mend."""
     check_weight: float = Field(1.0, ge=1)
     """``checked``: loss weight of the check's verdict and redo tokens (``checked.check_spans``); every
     other reply token weighs 1."""
@@ -158,14 +162,18 @@ def sample_training_problem(cfg: TrainConfig, rng: random.Random, thinking: bool
 def checked_example(tokenizer, problem, rng: random.Random, cfg: TrainConfig) -> tuple[list[int], list[int], list[float] | None]:
     """A v2 slow reply (``checked``): with ``slip_fraction`` one slip in the first pass, its line
     masked (the model learns to find and repair a slip, not to make one); else, with
-    ``forced_close_fraction``, cut after the first pass and closed (what an online switch does).
+    ``forced_close_fraction``, cut after the first pass and closed (what an online switch does); else,
+    with ``check_slip_fraction``, one slip in an undo of the check, masked (a false alarm it mends).
     Returns (reply ids, labels, loss weights: ``check_weight`` on the check's verdict and redo tokens,
     None when every token weighs 1)."""
     slip = checked.sample_slip(rng, problem) if rng.random() < cfg.slip_fraction else None
-    thought, span = checked.checked_thought(problem, slip, keyed=cfg.reply_format == "checked-keyed")
+    fmt = {"keyed": cfg.reply_format == "checked-keyed", "judged": cfg.reply_format == "checked-judged"}
+    thought, span = checked.checked_thought(problem, slip, **fmt)
     if slip is None and rng.random() < cfg.forced_close_fraction:
         ids, labels = close_after_first_pass(tokenizer, thought, thought.index(checked.CHECK_HEADER), problem.answer, rng)
         return ids, labels, None
+    if slip is None and cfg.check_slip_fraction and rng.random() < cfg.check_slip_fraction:
+        thought, span = checked.checked_thought(problem, check_slip=checked.sample_check_slip(rng, problem), **fmt)
     text = f"{thought}{THINK_CLOSE}\n\n{problem.answer}{IM_END}"
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = list(enc.input_ids)

@@ -50,9 +50,12 @@ def add_train_model(sub) -> None:
     p.add_argument("--init-from", dest="init_from", help="fine-tune this checkpoint directory instead of training from scratch")
     p.add_argument("--config", help="a TrainConfig as JSON or YAML (e.g. a checkpoint's train_config.json: the same run again); "
                                     "the options above override it")
-    p.add_argument("--reply-format", dest="reply_format", choices=["v1", "checked", "checked-keyed"],
-                   help="slow replies: v1 (the shipped model's), checked (v2: first pass, a step-by-step check that finds and redoes a slip) "
-                        "or checked-keyed (the check looks the question's operands up by key)")
+    p.add_argument("--reply-format", dest="reply_format", choices=["v1", "checked", "checked-keyed", "checked-judged"],
+                   help="slow replies: v1 (the shipped model's), checked (v2: first pass, a step-by-step check that finds and redoes a slip), "
+                        "checked-keyed (the check looks the question's operands up by key) "
+                        "or checked-judged (each compared pair is written, then judged: '8 6 differ')")
+    p.add_argument("--check-slip-fraction", dest="check_slip_fraction", type=float,
+                   help="checked: share of right-first-pass slow replies whose check slips once in an undo (a false alarm to mend; default 0)")
     p.add_argument("--check-weight", dest="check_weight", type=float,
                    help="checked: loss weight of the check's verdict and redo tokens (default 1)")
     p.add_argument("--slip-fraction", dest="slip_fraction", type=float, help="checked: share of slow replies with a first-pass slip (default 0.3)")
