@@ -55,6 +55,7 @@ from serve_app.offline.generate import MAX_NEW_TOKENS
 from serve_app.offline import peers
 from serve_app.offline.metrics import auroc
 from serve_app.offline.probe_train import random_features
+from serve_app.offline.records import choose, summarize
 
 ENGINE_POLICIES = ("fast", "slow", "kv-oneshot", "kv-online", "hidden-oneshot")
 CHOICE_POLICIES = ("oracle", "random", "minilm-oneshot")
@@ -138,16 +139,6 @@ class EvalConfig(BaseModel):
         return Path(self.probe) if self.probe else Path(self.model) / "probe.pt"
 
 
-def summarize(records: list[dict]) -> dict:
-    n = len(records)
-    return {
-        "n": n,
-        "accuracy": sum(r["correct"] for r in records) / n if n else 0.0,
-        "mean_tokens": sum(r["tokens"] for r in records) / n if n else 0.0,
-        "finished_fraction": sum(r["finished"] for r in records) / n if n else 0.0,
-    }
-
-
 def oracle_efficiency(t_slow: float, t_policy: float, t_oracle: float) -> float | None:
     """``(T_slow − T_policy) / (T_slow − T_oracle)``; None when the oracle saves nothing."""
     gap = t_slow - t_oracle
@@ -176,15 +167,6 @@ def _record(row: dict, res, confidence=None, grader: Grader | None = None) -> di
     if conf is not None:
         rec["confidence"] = round(conf, 4)
     return rec
-
-
-def _choose(fast: list[dict], slow: list[dict], use_fast: list[bool], difficulty: list[float] | None = None) -> list[dict]:
-    out = []
-    for i, f in enumerate(use_fast):
-        rec = dict(fast[i] if f else slow[i])
-        rec["difficulty"] = None if difficulty is None else round(float(difficulty[i]), 2)
-        out.append(rec)
-    return out
 
 
 def _minilm_or_none(questions: list[str]):
@@ -284,12 +266,12 @@ def _run_eval(cfg: EvalConfig, exp: Experiment) -> dict:
     runs.update(_choice_runs(cfg, runs, difficulty, online.tau if online is not None else 50.0))
     for policy in filter(peers.is_choice_knob, cfg.policies):
         use_fast, report.setdefault("thresholds", {})[policy] = peers.choice(policy, probe, difficulty.get("kv"), [len(p) for p in exp.prompt_ids])
-        runs[policy] = _choose(runs["fast"], runs["slow"], use_fast)
+        runs[policy] = choose(runs["fast"], runs["slow"], use_fast)
 
     t_slow = summarize(runs["slow"])["mean_tokens"] if "slow" in runs else None
     t_oracle = None
     if "fast" in runs and "slow" in runs:
-        t_oracle = summarize(_choose(runs["fast"], runs["slow"], [r["correct"] for r in runs["fast"]]))["mean_tokens"]
+        t_oracle = summarize(choose(runs["fast"], runs["slow"], [r["correct"] for r in runs["fast"]]))["mean_tokens"]
     report["slow_mean_tokens"], report["oracle_mean_tokens"] = t_slow, t_oracle
     for policy in cfg.policies:
         entry = _policy_entry(policy, runs[policy], t_slow, t_oracle, report.get("probe_auroc", {}))
@@ -362,14 +344,14 @@ def _choice_runs(cfg: EvalConfig, runs: dict[str, list[dict]], difficulty: dict[
     """The policies that only choose between each question's fast and slow reply."""
     out = {}
     if "oracle" in cfg.policies:
-        out["oracle"] = _choose(runs["fast"], runs["slow"], [r["correct"] for r in runs["fast"]])
+        out["oracle"] = choose(runs["fast"], runs["slow"], [r["correct"] for r in runs["fast"]])
     if "minilm-oneshot" in cfg.policies:
-        out["minilm-oneshot"] = _choose(runs["fast"], runs["slow"], [d <= tau for d in difficulty["minilm"]], difficulty["minilm"])
+        out["minilm-oneshot"] = choose(runs["fast"], runs["slow"], [d <= tau for d in difficulty["minilm"]], difficulty["minilm"])
     if "random" in cfg.policies:
         n = len(runs["fast"])
         n_fast = sum(d <= tau for d in difficulty["kv"])
         pick = set(random.Random(cfg.seed).sample(range(n), n_fast))
-        out["random"] = _choose(runs["fast"], runs["slow"], [i in pick for i in range(n)])
+        out["random"] = choose(runs["fast"], runs["slow"], [i in pick for i in range(n)])
     return out
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from serve_app.offline.peers import choice, knob_policy
+from serve_app.offline.records import choose, summarize
 
 DEFAULT_GRIDS: dict[str, list] = {
     "kv-oneshot": [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100],
@@ -53,14 +54,10 @@ def parse_grids(spec: str | None) -> dict[str, list]:
 
 
 def _point(knob, records: list[dict]) -> dict:
-    n = len(records)
-    tokens = sum(r["tokens"] for r in records) / n
-    probe = sum(r.get("probe_tokens", 0) for r in records) / n
-    return {"knob": knob, "accuracy": sum(r["correct"] for r in records) / n, "mean_tokens": tokens, "mean_tokens_with_probes": tokens + probe}
-
-
-def _choose(fast: list[dict], slow: list[dict], use_fast: list[bool]) -> list[dict]:
-    return [f if u else s for f, s, u in zip(fast, slow, use_fast)]
+    summary = summarize(records)
+    probe = sum(r.get("probe_tokens", 0) for r in records) / len(records)
+    return {"knob": knob, "accuracy": summary["accuracy"], "mean_tokens": summary["mean_tokens"],
+            "mean_tokens_with_probes": summary["mean_tokens"] + probe}
 
 
 def deciles(values: list[int]) -> list[int]:
@@ -80,7 +77,7 @@ def run_sweep(grids: dict[str, list], families: set[str], runs: dict[str, list[d
         grid = grids[family]
         if family in ("kv-oneshot", "length-oneshot"):  # the thresholds of peers.choice, the rule eval runs them by
             grid = grid or deciles(prompt_lengths)
-            curves[family] = [_point(v, _choose(fast, slow, choice(knob_policy(family, v), None, kv_difficulty, prompt_lengths)[0])) for v in grid]
+            curves[family] = [_point(v, choose(fast, slow, choice(knob_policy(family, v), None, kv_difficulty, prompt_lengths)[0])) for v in grid]
         elif family == "kv-online":
             curves[family] = [_point(d, engine("kv-online", {"delta": float(d)})) for d in grid]
         else:
