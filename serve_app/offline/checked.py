@@ -182,7 +182,7 @@ def question_list(problem: Problem) -> str:
     return f"The question: start {problem.operands[0]}, {', '.join(keys)}."
 
 
-def checked_thought(problem: Problem, slip: Slip | None = None, keyed: bool = False, *, judged: bool | None = None,
+def checked_thought(problem: Problem, slip: Slip | None = None, keyed: bool = False, *, judged: bool = False,
                     check_slip: CheckSlip | None = None) -> tuple[str, tuple[int, int] | None]:
     """The thinking text (no ``</think>``) and the character span to mask: the slipped line, or for a
     ``check_slip`` the slipped undo (from ``Undo:`` to the end of its line); None without either.
@@ -191,20 +191,21 @@ def checked_thought(problem: Problem, slip: Slip | None = None, keyed: bool = Fa
     ``judged``: each verdict pair is written, then judged (``8 6 differ``); keyed replies always are."""
     if slip is not None and check_slip is not None:
         raise ValueError("a check slip goes into a reply whose first pass is right: give slip or check_slip, not both")
-    judged = keyed if judged is None else judged or keyed
+    judged = judged or keyed
     lines, values, slipped = first_pass(problem, slip)
     out = [*lines, FIRST_PASS.format(values[-1]), CHECK_HEADER, *([question_list(problem)] if keyed else [])]
     before = [problem.operands[0], *values[:-1]]  # what each step's undo must give back
     final, undo_span = values[-1], None
     for j, (op, operand) in enumerate(zip(problem.ops, problem.operands[1:])):
         undo = "-" if op == "+" else "+"
-        used = check_slip.value if check_slip is not None and check_slip.step == j and check_slip.kind == "operand" else operand
+        slipping = check_slip is not None and check_slip.step == j
+        used = check_slip.value if slipping and check_slip.kind == "operand" else operand
         work, back = step_line(values[j], undo, used), _apply(values[j], undo, used)
-        if check_slip is not None and check_slip.step == j and check_slip.kind == "result":
+        if slipping and check_slip.kind == "result":
             work, back = work.rsplit(", so ", 1)[0] + f", so {check_slip.value}", check_slip.value
         key = f", {operation_key(j + 1, op, operand)}" if keyed else ""
         head = f"Step {j + 1} took {before[j]} to {values[j]}{key}. "
-        if check_slip is not None and check_slip.step == j:
+        if slipping:
             start = sum(len(line) + 1 for line in out) + len(head)
             undo_span = (start, start + len(f"Undo: {work}.") + 1)
         out.append(f"{head}Undo: {work}.")
@@ -255,7 +256,7 @@ def check_spans(thought: str) -> list[tuple[int, int]]:
     return spans
 
 
-def checked_reply(problem: Problem, slip: Slip | None = None, keyed: bool = False, *, judged: bool | None = None,
+def checked_reply(problem: Problem, slip: Slip | None = None, keyed: bool = False, *, judged: bool = False,
                   check_slip: CheckSlip | None = None) -> str:
     """Thought, ``</think>``, then the answer the check arrived at (the true one: a slip is always
     found, and a check slip's redo comes back to it)."""

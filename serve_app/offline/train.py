@@ -168,12 +168,14 @@ def checked_example(tokenizer, problem, rng: random.Random, cfg: TrainConfig) ->
     None when every token weighs 1)."""
     slip = checked.sample_slip(rng, problem) if rng.random() < cfg.slip_fraction else None
     fmt = {"keyed": cfg.reply_format == "checked-keyed", "judged": cfg.reply_format == "checked-judged"}
-    thought, span = checked.checked_thought(problem, slip, **fmt)
     if slip is None and rng.random() < cfg.forced_close_fraction:
+        thought, _ = checked.checked_thought(problem, **fmt)
         ids, labels = close_after_first_pass(tokenizer, thought, thought.index(checked.CHECK_HEADER), problem.answer, rng)
         return ids, labels, None
+    check_slip = None
     if slip is None and cfg.check_slip_fraction and rng.random() < cfg.check_slip_fraction:
-        thought, span = checked.checked_thought(problem, check_slip=checked.sample_check_slip(rng, problem), **fmt)
+        check_slip = checked.sample_check_slip(rng, problem)
+    thought, span = checked.checked_thought(problem, slip, check_slip=check_slip, **fmt)
     text = f"{thought}{THINK_CLOSE}\n\n{problem.answer}{IM_END}"
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = list(enc.input_ids)
