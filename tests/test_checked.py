@@ -8,8 +8,8 @@ import torch
 
 from serve_app.core.task import Problem, TaskConfig, is_correct, sample_problem
 from serve_app.offline import checked
-from serve_app.offline.checked import (CheckSlip, Slip, checked_reply, checked_thought, first_pass_value, sample_check_slip, sample_slip,
-                                      self_correction)
+from serve_app.offline.checked import (CheckSlip, Slip, checked_reply, checked_thought, first_pass_value, sample_check_slip,
+                                      sample_double_slip, sample_slip, self_correction)
 from serve_app.offline.embedded import build_tokenizer
 from serve_app.offline.train import TrainConfig, checked_example, sample_batches, sample_training_problem, weighted_loss
 
@@ -17,8 +17,8 @@ P = Problem((91, 5, 59), ("-", "+"))  # 91 - 5 + 59 = 145
 
 
 def test_a_right_first_pass_is_confirmed_step_by_step():
-    text, span = checked_thought(P)
-    assert span is None
+    text, masked = checked_thought(P)
+    assert masked == []
     assert text == ("91 - 5: 11-5=6, 9-0-1=8, so 86\n"
                     "86 + 59: 6+9=15, 8+5+1=14, so 145\n"
                     "So the first pass gives 145.\n"
@@ -38,8 +38,8 @@ def test_a_right_first_pass_is_confirmed_step_by_step():
     (Slip(1, "result", -145), "86 + 59: 6+9=15, 8+5+1=14, so -145\n", 86),            # a result's sign flipped
 ])
 def test_the_check_finds_the_slip_says_so_and_redoes_from_the_last_right_value(slip, wrong_line, redo_from):
-    text, span = checked_thought(P, slip)
-    assert text[span[0]:span[1]] == wrong_line
+    text, [(a, b)] = checked_thought(P, slip)
+    assert text[a:b] == wrong_line
     step = slip.step + 1
     assert f"so step {step} is wrong. Redo from {redo_from}:" in text
     assert text.endswith("So the answer is 145.\n") and first_pass_value(text) != 145
@@ -73,15 +73,15 @@ def test_every_sampled_slip_is_found_and_the_answer_is_always_right(keyed):
     for _ in range(3000):
         p = sample_problem(rng, rng.randint(1, 8), 999, "mixed")
         slip = sample_slip(rng, p)
-        text, span = checked_thought(p, slip, keyed)
+        text, [(a, b)] = checked_thought(p, slip, keyed)
         assert first_pass_value(text) != p.answer  # a slip always moves the first pass off by its error
         assert "is wrong. Redo from" in text and text.endswith(f"So the answer is {p.answer}.\n")
-        assert span is not None and text[span[0]:span[1]].count("\n") == 1
+        assert text[a:b].count("\n") == 1
 
 
 def test_a_keyed_check_reads_each_operand_from_a_list_of_the_question():
-    text, span = checked_thought(P, keyed=True)
-    assert span is None
+    text, masked = checked_thought(P, keyed=True)
+    assert masked == []
     assert text == ("91 - 5: 11-5=6, 9-0-1=8, so 86\n"
                     "86 + 59: 6+9=15, 8+5+1=14, so 145\n"
                     "So the first pass gives 145.\n"
@@ -97,8 +97,8 @@ def test_a_keyed_check_reads_each_operand_from_a_list_of_the_question():
 
 def test_a_keyed_check_catches_a_neighbouring_operand_and_redoes_with_the_keyed_one():
     p = Problem((40, 7, 52, 3), ("+", "-", "+"))  # 40 + 7 - 52 + 3 = -2
-    text, span = checked_thought(p, Slip(1, "operand", 7), keyed=True)  # step 2 took 7 (step 1's operand) for 52
-    assert text[span[0]:span[1]].startswith("47 - 7:")
+    text, [(a, b)] = checked_thought(p, Slip(1, "operand", 7), keyed=True)  # step 2 took 7 (step 1's operand) for 52
+    assert text[a:b].startswith("47 - 7:")
     assert "Step 2 took 47 to 40, op 2 is - 52. Undo: 40 + 52:" in text
     assert "Want 47, got 92: 4 9 differ, so step 2 is wrong. Redo from 47:\nop 2 is - 52: 47 - 52:" in text
     assert "\nop 3 is + 3: -5 + 3:" in text and text.endswith("So the answer is -2.\n")
@@ -118,17 +118,17 @@ def test_a_keyed_verdict_writes_each_pair_then_judges_it():
 
 def test_a_check_slip_raises_a_false_alarm_that_the_redo_mends_with_the_questions_operand():
     # stage 6's failure: the undo of step 2 took 69 for 59, and the redo copied 69 and broke a right first pass
-    text, span = checked_thought(P, judged=True, check_slip=CheckSlip(1, "operand", 69))
-    assert text[span[0]:span[1]] == "Undo: 145 - 69: 15-9=6, 14-6-1=7, 1-0-1=0, so 76.\n"
+    text, [(a, b)] = checked_thought(P, judged=True, check_slip=CheckSlip(1, "operand", 69))
+    assert text[a:b] == "Undo: 145 - 69: 15-9=6, 14-6-1=7, 1-0-1=0, so 76.\n"
     assert text.endswith("Step 2 took 86 to 145. Undo: 145 - 69: 15-9=6, 14-6-1=7, 1-0-1=0, so 76.\n"
                          "Want 86, got 76: 8 7 differ, so step 2 is wrong. Redo from 86:\n"
                          "86 + 59: 6+9=15, 8+5+1=14, so 145\n"
                          "So the answer is 145.\n")
     assert "Want 91, got 91: 9 9 same, 1 1 same, so step 1 is right." in text
-    text, span = checked_thought(P, check_slip=CheckSlip(0, "result", 81))  # stage 5's verdict, an undo's result one digit off
-    assert text[span[0]:span[1]] == "Undo: 86 + 5: 6+5=11, 8+0+1=9, so 81.\n"
+    text, [(a, b)] = checked_thought(P, check_slip=CheckSlip(0, "result", 81))  # stage 5's verdict, an undo's result one digit off
+    assert text[a:b] == "Undo: 86 + 5: 6+5=11, 8+0+1=9, so 81.\n"
     assert "Want 91, got 81: 9 vs 8, so step 1 is wrong. Redo from 91:\n91 - 5:" in text and is_correct(checked_reply(P, check_slip=CheckSlip(0, "result", 81)), 145)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="must be at the same step"):
         checked_thought(P, Slip(1, "result", 155), check_slip=CheckSlip(0, "result", 81))
 
 
@@ -138,7 +138,7 @@ def test_every_sampled_check_slip_is_a_false_alarm_whose_redo_keeps_the_right_an
     for _ in range(3000):
         p = sample_problem(rng, rng.randint(1, 8), 999, "mixed")
         cs = sample_check_slip(rng, p)
-        text, span = checked_thought(p, judged=True, check_slip=cs)
+        text, [span] = checked_thought(p, judged=True, check_slip=cs)
         assert first_pass_value(text) == p.answer and f"so step {cs.step + 1} is wrong. Redo from" in text
         assert text.endswith(f"So the answer is {p.answer}.\n") and text.count(" differ, so step") == 1
         masked = text[span[0]:span[1]]
@@ -191,6 +191,49 @@ def test_the_trainer_masks_a_check_slips_undo_and_weighs_the_redo_that_mends_it(
     ids, labels, _ = checked_example(tok, P, random.Random(0), plain)
     assert -100 not in labels and "9 9 same, 1 1 same, so step 1 is right" in tok.decode(ids)
 
+
+
+def test_a_double_slip_masks_both_slips_and_the_redo_reads_the_questions_operand():
+    # the first pass took 69 for 59 and the undo of that step took 50: the redo must use 59, neither
+    text, [(a, b), (c, d)] = checked_thought(P, Slip(1, "operand", 69), judged=True, check_slip=CheckSlip(1, "operand", 50))
+    assert text[a:b] == "86 + 69: 6+9=15, 8+6+1=15, so 155\n"
+    assert text[c:d] == "Undo: 155 - 50: 5-0=5, 5-5=0, 1-0=1, so 105.\n"
+    assert text.endswith("Step 2 took 86 to 155. Undo: 155 - 50: 5-0=5, 5-5=0, 1-0=1, so 105.\n"
+                         "Want 86, got 105: 8 1 differ, so step 2 is wrong. Redo from 86:\n"
+                         "86 + 59: 6+9=15, 8+5+1=14, so 145\n"
+                         "So the answer is 145.\n")
+    assert first_pass_value(text) == 155
+
+
+def test_every_sampled_double_slip_keeps_the_mismatch_and_uses_neither_wrong_operand():
+    rng = random.Random(11)
+    neighbour = 0
+    for _ in range(3000):
+        p = sample_problem(rng, rng.randint(1, 8), 999, "mixed")
+        slip = sample_slip(rng, p)
+        cs = sample_double_slip(rng, p, slip)
+        assert cs is not None and cs.step == slip.step and cs.kind == "operand"
+        assert cs.value != p.operands[slip.step + 1] and not (slip.kind == "operand" and not slip.first and cs.value == slip.value)
+        text, [(a, b), (c, d)] = checked_thought(p, slip, judged=True, check_slip=cs)
+        assert a < b < c < d and text[c:d].startswith("Undo: ") and text[c:d].count("\n") == 1
+        assert text.count(" differ, so step") == 1 and f"so step {slip.step + 1} is wrong. Redo from" in text
+        assert text.endswith(f"So the answer is {p.answer}.\n") and first_pass_value(text) != p.answer
+        neighbour += cs.value in p.operands[max(1, cs.step):cs.step + 3]
+    assert 0.15 < neighbour / 3000 < 0.4
+
+
+def test_the_trainer_masks_both_lines_of_a_double_slip_and_nothing_else():
+    tok = build_tokenizer(seed=0, corpus_size=200)
+    cfg = TrainConfig(reply_format="checked-judged", slip_fraction=1.0, double_slip_fraction=1.0, forced_close_fraction=0.0)
+    rng = random.Random(6)
+    for _ in range(20):
+        p = sample_problem(rng, rng.randint(2, 6), 99)
+        ids, labels, _ = checked_example(tok, p, random.Random(rng.random()), cfg)
+        masked = tok.decode([i for i, lab in zip(ids, labels) if lab == -100])
+        kept = tok.decode([i for i, lab in zip(ids, labels) if lab != -100])
+        assert masked.count("\n") == 2 and "Undo:" in masked and " so " in masked.split("\n")[0]  # a step line, then an undo
+        assert kept.endswith(f"{p.answer}<|im_end|>") and "is wrong. Redo from" in kept
+        assert kept.count("Undo:") == kept.count("is right.")  # the kept undos are the confirmed steps; the slipped one is masked
 
 def test_forced_closes_happen_after_the_first_pass_of_a_right_reply():
     tok = build_tokenizer(seed=0, corpus_size=200)
@@ -299,6 +342,8 @@ def test_train_model_options_and_config_file_make_the_v2_config(tmp_path):
     assert train_config(keyed).reply_format == "checked-keyed"
     judged = build_parser().parse_args(["train-model", "--out", "x", "--reply-format", "checked-judged", "--check-slip-fraction", "0.4"])
     assert (train_config(judged).reply_format, train_config(judged).check_slip_fraction) == ("checked-judged", 0.4)
+    double = build_parser().parse_args(["train-model", "--out", "x", "--reply-format", "checked-judged", "--double-slip-fraction", "0.5"])
+    assert train_config(double).double_slip_fraction == 0.5
     assert (cfg.task.max_operators, cfg.task.max_operand, cfg.task.operands) == (8, 500, "mixed")
     assert train_config(build_parser().parse_args(["train-model", "--out", "x"])) == TrainConfig()
 

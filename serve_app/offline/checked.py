@@ -45,6 +45,13 @@ because in every training reply the redo's operand was the undo's. A **check sli
 right: the undo of one step takes a wrong operand or states a wrong result (masked, like a first-pass
 slip), the verdict finds the mismatch, and the redo, worked with the *question's* operands, comes
 back to the first pass's values and the right answer.
+
+A **double slip** (``sample_double_slip``, ``TrainConfig.double_slip_fraction``) puts a check slip at
+the *same* step as a first-pass slip: the undo of the slipped step takes a wrong operand that is
+neither the question's nor the first pass's (both lines masked), the mismatch stands, and the redo
+must read the operand from the question. Stage 7's false alarms rewarded a redo that copies the first
+pass (their right redo *is* the first pass's lines); a double slip's right redo copies neither the
+first pass nor the undo, so no copy is ever rewarded.
 """
 
 from __future__ import annotations
@@ -133,6 +140,26 @@ def sample_check_slip(rng: random.Random, problem: Problem) -> CheckSlip:
     return CheckSlip(step, "result", -wrong if back < 0 else wrong)
 
 
+def sample_double_slip(rng: random.Random, problem: Problem, slip: Slip, tries: int = 20) -> CheckSlip | None:
+    """A check slip at ``slip``'s step: the undo takes a wrong operand, the previous or next operand of
+    the question for a third of them, else the question's with one digit changed; never the question's
+    own operand nor the one the first pass used, and never one whose undo happens to come back to the
+    value the step started from (the mismatch must stand). None when ``tries`` draws find none (a
+    one-operator question whose operand has no digit change left that keeps the mismatch)."""
+    step = slip.step
+    operand = problem.operands[step + 1]
+    used = slip.value if slip.kind == "operand" and not slip.first else operand
+    _, values, _ = first_pass(problem, slip)
+    before = problem.operands[0] if step == 0 else values[step - 1]
+    undo = "-" if problem.ops[step] == "+" else "+"
+    neighbours = [o for o in problem.operands[max(1, step):step + 3] if o not in (operand, used)]
+    for _ in range(tries):
+        value = rng.choice(neighbours) if neighbours and rng.random() < 1 / 3 else _digit_changed(rng, operand)
+        if value not in (operand, used) and _apply(values[step], undo, value) != before:
+            return CheckSlip(step, "operand", value)
+    return None
+
+
 def compare(want: int, got: int, keyed: bool = False) -> str:
     """Two numbers character by character from the left (the sign is a character): every pair
     ``a=a`` when they are equal; up to and including the first differing pair ``a vs b`` when not,
@@ -183,14 +210,16 @@ def question_list(problem: Problem) -> str:
 
 
 def checked_thought(problem: Problem, slip: Slip | None = None, keyed: bool = False, *, judged: bool = False,
-                    check_slip: CheckSlip | None = None) -> tuple[str, tuple[int, int] | None]:
-    """The thinking text (no ``</think>``) and the character span to mask: the slipped line, or for a
-    ``check_slip`` the slipped undo (from ``Undo:`` to the end of its line); None without either.
+                    check_slip: CheckSlip | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """The thinking text (no ``</think>``) and the character spans to mask, in order: the slipped line
+    and the slipped undo (from ``Undo:`` to the end of its line), each when there is one.
 
     ``keyed``: the check reads the question's operations from a keyed list (module docstring).
-    ``judged``: each verdict pair is written, then judged (``8 6 differ``); keyed replies always are."""
-    if slip is not None and check_slip is not None:
-        raise ValueError("a check slip goes into a reply whose first pass is right: give slip or check_slip, not both")
+    ``judged``: each verdict pair is written, then judged (``8 6 differ``); keyed replies always are.
+    ``slip`` and ``check_slip`` together are a double slip: both at the same step."""
+    if slip is not None and check_slip is not None and check_slip.step != slip.step:
+        raise ValueError("a check slip beside a first-pass slip must be at the same step (a double slip); "
+                         f"got steps {slip.step} and {check_slip.step}")
     judged = judged or keyed
     lines, values, slipped = first_pass(problem, slip)
     out = [*lines, FIRST_PASS.format(values[-1]), CHECK_HEADER, *([question_list(problem)] if keyed else [])]
@@ -225,10 +254,11 @@ def checked_thought(problem: Problem, slip: Slip | None = None, keyed: bool = Fa
     else:
         out.append(f"Every step checks out, so the answer is {final}.")
     text = "\n".join(out) + "\n"
-    if slipped is None:
-        return text, undo_span
-    start = sum(len(line) + 1 for line in lines[:slipped])
-    return text, (start, start + len(lines[slipped]) + 1)
+    spans = []
+    if slipped is not None:
+        start = sum(len(line) + 1 for line in lines[:slipped])
+        spans.append((start, start + len(lines[slipped]) + 1))
+    return text, spans + ([] if undo_span is None else [undo_span])
 
 
 _KEY_RE = re.compile(r", op \d+ is [+-] \d+\.")

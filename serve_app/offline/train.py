@@ -61,6 +61,10 @@ class TrainConfig(BaseModel):
     check_slip_fraction: float = Field(0.0, ge=0, le=1)
     """``checked``: share of the slow replies with a right first pass (and not force-closed) whose
     check makes one slip of its own in an undo (masked): a false alarm the redo must mend."""
+    double_slip_fraction: float = Field(0.0, ge=0, le=1)
+    """``checked``: share of the slow replies with a first-pass slip whose check slips too, at the same
+    step: the undo takes an operand that is neither the question's nor the first pass's (masked), so
+    the redo must read the question's (``checked.sample_double_slip``)."""
     check_weight: float = Field(1.0, ge=1)
     """``checked``: loss weight of the check's verdict and redo tokens (``checked.check_spans``); every
     other reply token weighs 1."""
@@ -163,7 +167,8 @@ def checked_example(tokenizer, problem, rng: random.Random, cfg: TrainConfig) ->
     """A v2 slow reply (``checked``): with ``slip_fraction`` one slip in the first pass, its line
     masked (the model learns to find and repair a slip, not to make one); else, with
     ``forced_close_fraction``, cut after the first pass and closed (what an online switch does); else,
-    with ``check_slip_fraction``, one slip in an undo of the check, masked (a false alarm it mends).
+    with ``check_slip_fraction``, one slip in an undo of the check, masked (a false alarm it mends);
+    a slipped reply, with ``double_slip_fraction``, also a slip in the undo of the slipped step (masked).
     Returns (reply ids, labels, loss weights: ``check_weight`` on the check's verdict and redo tokens,
     None when every token weighs 1)."""
     slip = checked.sample_slip(rng, problem) if rng.random() < cfg.slip_fraction else None
@@ -175,14 +180,15 @@ def checked_example(tokenizer, problem, rng: random.Random, cfg: TrainConfig) ->
     check_slip = None
     if slip is None and cfg.check_slip_fraction and rng.random() < cfg.check_slip_fraction:
         check_slip = checked.sample_check_slip(rng, problem)
-    thought, span = checked.checked_thought(problem, slip, check_slip=check_slip, **fmt)
+    elif slip is not None and cfg.double_slip_fraction and rng.random() < cfg.double_slip_fraction:
+        check_slip = checked.sample_double_slip(rng, problem, slip)
+    thought, masked = checked.checked_thought(problem, slip, check_slip=check_slip, **fmt)
     text = f"{thought}{THINK_CLOSE}\n\n{problem.answer}{IM_END}"
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = list(enc.input_ids)
-    if span is not None:
-        for i, (a, b) in enumerate(enc.offset_mapping):
-            if a < span[1] and b > span[0]:  # a token of the slipped line
-                labels[i] = -100
+    for i, (a, b) in enumerate(enc.offset_mapping):
+        if any(a < e and b > s for s, e in masked):  # a token of a slipped line
+            labels[i] = -100
     if cfg.check_weight == 1.0:
         return list(enc.input_ids), labels, None
     spans = checked.check_spans(thought)

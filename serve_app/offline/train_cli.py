@@ -56,6 +56,9 @@ def add_train_model(sub) -> None:
                         "or checked-judged (each compared pair is written, then judged: '8 6 differ')")
     p.add_argument("--check-slip-fraction", dest="check_slip_fraction", type=float,
                    help="checked: share of right-first-pass slow replies whose check slips once in an undo (a false alarm to mend; default 0)")
+    p.add_argument("--double-slip-fraction", dest="double_slip_fraction", type=float,
+                   help="checked: share of slipped slow replies whose check also slips, in the undo of the slipped step, "
+                        "so the redo must read the question's operand (default 0)")
     p.add_argument("--check-weight", dest="check_weight", type=float,
                    help="checked: loss weight of the check's verdict and redo tokens (default 1)")
     p.add_argument("--slip-fraction", dest="slip_fraction", type=float, help="checked: share of slow replies with a first-pass slip (default 0.3)")
