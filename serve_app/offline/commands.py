@@ -10,6 +10,7 @@ from pathlib import Path
 
 from serve_app.config import DEFAULT_MODEL
 from serve_app.offline.coe_cli import add_fit_coe
+from serve_app.offline.first_pass_errors import add_first_pass_errors
 from serve_app.offline.gen_data import add_gen_data
 from serve_app.offline.thresholds_cli import add_set_thresholds
 from serve_app.offline.train_cli import add_train_model
@@ -383,6 +384,6 @@ def add_plot_eval(sub) -> None:
     p.set_defaults(func=_cmd_plot_eval)
 
 
-COMMANDS = (add_gen_data, add_train_model, add_eval, add_plot_eval, add_calibrate, add_set_thresholds, add_fit_coe,
+COMMANDS = (add_gen_data, add_train_model, add_eval, add_plot_eval, add_first_pass_errors, add_calibrate, add_set_thresholds, add_fit_coe,
             add_quant_report, add_bench_overhead, add_bench_handoff, add_bench_engines, add_demo)
 """Every offline command's parser builder, in ``kvswitch --help`` order."""
