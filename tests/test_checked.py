@@ -344,6 +344,8 @@ def test_train_model_options_and_config_file_make_the_v2_config(tmp_path):
     assert (train_config(judged).reply_format, train_config(judged).check_slip_fraction) == ("checked-judged", 0.4)
     double = build_parser().parse_args(["train-model", "--out", "x", "--reply-format", "checked-judged", "--double-slip-fraction", "0.5"])
     assert train_config(double).double_slip_fraction == 0.5
+    close = build_parser().parse_args(["train-model", "--out", "x", "--close-step-fraction", "0.3"])
+    assert train_config(close).close_step_fraction == 0.3
     assert (cfg.task.max_operators, cfg.task.max_operand, cfg.task.operands) == (8, 500, "mixed")
     assert train_config(build_parser().parse_args(["train-model", "--out", "x"])) == TrainConfig()
 
@@ -357,3 +359,32 @@ def test_half_of_the_one_digit_result_slips_change_the_last_digit():
     last = [s for s in digit if str(abs(s.value))[:-1] == str(abs(values[s.step]))[:-1]]
     # half forced to the last digit, plus the uniform choice landing there for the other half (1/2 of two-digit values)
     assert 0.65 < len(last) / len(digit) < 0.85
+
+
+def test_close_steps_put_one_signed_step_with_close_magnitudes_into_slow_training_questions():
+    from serve_app.offline.first_pass_errors import crosses_zero
+    from serve_app.offline.train import with_close_step
+
+    task = TaskConfig(max_operators=8, max_operand=999, operands="mixed")  # the v2 training questions
+    cfg = TrainConfig(reply_format="checked", close_step_fraction=1.0, task=task)
+    rng = random.Random(12)
+    with_close, crossing = 0, 0
+    for _ in range(2000):
+        p = sample_training_problem(cfg, rng, thinking=True)
+        assert all(0 <= x <= 999 for x in p.operands)
+        values = [p.operands[0], *p.running_values()]
+        close = [j for j, (op, x) in enumerate(zip(p.ops, p.operands[1:]))
+                 if abs(values[j + 1]) <= 9 and abs(abs(values[j]) - x) <= 9 and (op == "+") == (values[j] < 0)]
+        with_close += bool(close)
+        crossing += any(crosses_zero(p, j) for j in close)
+    assert with_close / 2000 > 0.95  # all but those whose running value passed 999 there (the operand is clamped: 77 of 2000)
+    assert 0.4 < crossing / 2000 < 0.6  # about half cross zero (where d and the running value differ in sign)
+    assert with_close_step(random.Random(0), Problem((5, 3), ("+",)), 99).ops == ("-",)  # after 5: 5 - b, b in 0..14
+    off = cfg.model_copy(update={"close_step_fraction": 0.0})
+    fast = [sample_training_problem(cfg, random.Random(k), thinking=False) for k in range(50)]
+    assert fast == [sample_training_problem(off, random.Random(k), thinking=False) for k in range(50)]  # fast questions untouched
+    plain = []
+    for k in range(50):
+        r = random.Random(k)
+        plain.append(sample_problem(r, r.randint(task.min_operators, task.max_operators), 999, "mixed"))
+    assert [sample_training_problem(off, random.Random(k), thinking=True) for k in range(50)] == plain  # without it, as before

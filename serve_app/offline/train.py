@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 from typing import Literal
 
 from serve_app.core.prompts import THINK_CLOSE
-from serve_app.core.task import TaskConfig, generate_problems, is_correct, sample_problem
+from serve_app.core.task import Problem, TaskConfig, generate_problems, is_correct, sample_problem
 from serve_app.offline import checked
 from serve_app.offline.embedded import IM_END, build_tokenizer, first_pass_chars, render_prompt, reply, slow_thought
 from serve_app.offline.generate import MAX_NEW_TOKENS, build_prompt, generate_greedy
@@ -65,6 +65,9 @@ class TrainConfig(BaseModel):
     """``checked``: share of the slow replies with a first-pass slip whose check slips too, at the same
     step: the undo takes an operand that is neither the question's nor the first pass's (masked), so
     the redo must read the question's (``checked.sample_double_slip``)."""
+    close_step_fraction: float = Field(0.0, ge=0, le=1)
+    """Share of slow training questions with one step rebuilt as a signed step whose two magnitudes
+    differ by at most 9 (``with_close_step``: ``-65 + 68``, ``93 - 89``)."""
     check_weight: float = Field(1.0, ge=1)
     """``checked``: loss weight of the check's verdict and redo tokens (``checked.check_spans``); every
     other reply token weighs 1."""
@@ -160,7 +163,25 @@ def sample_training_problem(cfg: TrainConfig, rng: random.Random, thinking: bool
             k = task.min_operators
         elif r < cfg.fast_one_operator_fraction + cfg.fast_small_fraction:
             return sample_problem(rng, 2, 9)
-    return sample_problem(rng, k, task.max_operand, task.operands)
+    problem = sample_problem(rng, k, task.max_operand, task.operands)
+    if thinking and cfg.close_step_fraction and rng.random() < cfg.close_step_fraction:
+        return with_close_step(rng, problem, task.max_operand)
+    return problem
+
+
+def with_close_step(rng: random.Random, problem: Problem, max_operand: int) -> Problem:
+    """``problem`` with one step, at a uniform position, rebuilt as a signed step whose two magnitudes
+    differ by at most 9: ``-a + b`` after a negative running value, ``a - b`` after a non-negative one,
+    ``b = a + d`` with ``d`` uniform in -9..9 (kept within 0..``max_operand``), so the step's result is
+    ``d`` or ``-d``, about half of the time across zero. Where v2's first pass goes wrong most (``kvswitch
+    first-pass-errors``: the magnitudes written smaller first or miscopied). The later steps keep
+    their operations and operands."""
+    j = rng.randrange(problem.num_operators)
+    before = problem.operands[0] if j == 0 else problem.running_values()[j - 1]
+    operand = min(max(abs(before) + rng.randint(-9, 9), 0), max_operand)
+    operands = (*problem.operands[: j + 1], operand, *problem.operands[j + 2 :])
+    ops = (*problem.ops[:j], "+" if before < 0 else "-", *problem.ops[j + 1 :])
+    return Problem(operands, ops)
 
 
 def checked_example(tokenizer, problem, rng: random.Random, cfg: TrainConfig) -> tuple[list[int], list[int], list[float] | None]:
