@@ -9,7 +9,7 @@ import torch
 from serve_app.core.task import Problem, TaskConfig, is_correct, sample_problem
 from serve_app.offline import checked
 from serve_app.offline.checked import (CheckSlip, Slip, checked_reply, checked_thought, first_pass_value, sample_check_slip,
-                                      sample_double_slip, sample_slip, self_correction)
+                                      sample_double_slip, sample_operation_slip, sample_slip, self_correction)
 from serve_app.offline.embedded import build_tokenizer
 from serve_app.offline.train import TrainConfig, checked_example, sample_batches, sample_training_problem, weighted_loss
 
@@ -45,6 +45,55 @@ def test_the_check_finds_the_slip_says_so_and_redoes_from_the_last_right_value(s
     assert text.endswith("So the answer is 145.\n") and first_pass_value(text) != 145
     assert text.count("is right.") == slip.step  # the steps before the slip were confirmed
     assert f"Step {step} took {redo_from} to " in text  # the value to come back to, written before the undo
+
+
+def test_an_operation_slip_is_found_because_the_undo_inverts_the_questions_operation():
+    # the first pass works 86 - 59 where the question reads + 59 (stage 9: `-64 - 36` for `+ 36`)
+    text, [(a, b)] = checked_thought(P, Slip(1, "operation", 59))
+    assert text[a:b] == "86 - 59: 16-9=7, 8-5-1=2, so 27\n"
+    assert "Step 2 took 86 to 27. Undo: 27 - 59: 59 - 27 instead, 9-7=2, 5-2=3, so -32.\n" in text  # - 59, not + 59
+    assert text.endswith("Want 86, got -32: 8 vs -, so step 2 is wrong. Redo from 86:\n"
+                         "86 + 59: 6+9=15, 8+5+1=14, so 145\n"
+                         "So the answer is 145.\n")
+    assert first_pass_value(text) == 27
+
+
+def test_every_sampled_operation_slip_flips_a_nonzero_step_and_is_found():
+    rng = random.Random(12)
+    steps = set()
+    for _ in range(3000):
+        p = sample_problem(rng, rng.randint(1, 8), 999, "mixed")
+        slip = sample_operation_slip(rng, p)
+        if all(x == 0 for x in p.operands[1:]):
+            assert slip is None
+            continue
+        assert slip.kind == "operation" and slip.value == p.operands[slip.step + 1] != 0
+        text, [(a, b)] = checked_thought(p, slip)
+        other = "-" if p.ops[slip.step] == "+" else "+"
+        assert text[a:b].split(":")[0].endswith(f" {other} {slip.value}")  # the slipped line works the other operation
+        assert f"so step {slip.step + 1} is wrong. Redo from" in text and text.endswith(f"So the answer is {p.answer}.\n")
+        assert first_pass_value(text) != p.answer
+        steps.add(slip.step)
+    assert steps == set(range(8))
+    assert sample_operation_slip(rng, Problem((5, 0, 0), ("+", "-"))) is None
+
+
+def test_the_trainer_takes_operation_slips_at_their_fraction_and_leaves_other_replies_alone():
+    tok = build_tokenizer(seed=0, corpus_size=200)
+    base = TrainConfig(reply_format="checked", slip_fraction=1.0, forced_close_fraction=0.0)
+    both = base.model_copy(update={"operation_slip_fraction": 0.5})
+    rng = random.Random(8)
+    flipped = 0
+    for _ in range(200):
+        p = sample_problem(rng, rng.randint(2, 6), 99)
+        ids, labels, _ = checked_example(tok, p, random.Random(rng.random()), both)
+        masked = tok.decode([i for i, lab in zip(ids, labels) if lab == -100])
+        assert masked.count("\n") == 1 and "is wrong. Redo from" in tok.decode(ids)
+        k = tok.decode(ids).split("\n").index(masked.rstrip("\n"))  # the slipped step's line is line k
+        flipped += masked.split(":")[0].split(" ")[1] != p.ops[k]  # "acc op x:" with the other operation
+    assert 0.35 < flipped / 200 < 0.65  # about half; operand and result slips keep the operation
+    p = Problem((43, 27, 93), ("-", "+"))
+    assert checked_example(tok, p, random.Random(1), base) == checked_example(tok, p, random.Random(1), base.model_copy(update={"operation_slip_fraction": 0.0}))
 
 
 def test_the_verdict_compares_character_by_character():
@@ -346,6 +395,8 @@ def test_train_model_options_and_config_file_make_the_v2_config(tmp_path):
     assert train_config(double).double_slip_fraction == 0.5
     close = build_parser().parse_args(["train-model", "--out", "x", "--close-step-fraction", "0.3"])
     assert train_config(close).close_step_fraction == 0.3
+    operation = build_parser().parse_args(["train-model", "--out", "x", "--operation-slip-fraction", "0.3"])
+    assert train_config(operation).operation_slip_fraction == 0.3
     assert (cfg.task.max_operators, cfg.task.max_operand, cfg.task.operands) == (8, 500, "mixed")
     assert train_config(build_parser().parse_args(["train-model", "--out", "x"])) == TrainConfig()
 

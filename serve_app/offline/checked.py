@@ -19,7 +19,9 @@ always "agrees": it never corrects anything. v2's thought is
 
 Training replies carry, at a rate the trainer sets, one **slip** in the first pass (``Slip``: an
 operand copied wrongly, as the v1 model does with single-digit operands, or a step's result off in
-one digit or with its sign flipped, as a swapped subtraction goes wrong); the first pass goes on from
+one digit or with its sign flipped, as a swapped subtraction goes wrong; with
+``TrainConfig.operation_slip_fraction``, the step's operation flipped, ``- 36`` for ``+ 36``, which
+the check finds only when its undo inverts the question's operation); the first pass goes on from
 the slipped value and the check finds it. The slipped line
 is context only: ``checked_thought`` returns its span so the trainer masks it (the model learns to
 find and repair a slip, not to make one).
@@ -75,10 +77,11 @@ _FIRST_PASS_RE = re.compile(r"So the first pass gives (-?\d+)\.")
 class Slip:
     """One error in a training reply's first pass: at step ``step`` (0-based; for ``operand`` at step
     0 the first number itself may be miscopied, ``first=True``), the step uses ``value`` as its
-    operand (``operand``) or states ``value`` as its result (``result``)."""
+    operand (``operand``), states ``value`` as its result (``result``), or works the question's
+    operand ``value`` with the other operation (``operation``: ``- 36`` for ``+ 36``)."""
 
     step: int
-    kind: Literal["operand", "result"]
+    kind: Literal["operand", "result", "operation"]
     value: int
     first: bool = False
 
@@ -122,6 +125,19 @@ def sample_slip(rng: random.Random, problem: Problem) -> Slip:
         return Slip(step, "result", -value)
     wrong = _digit_changed(rng, abs(value), last=rng.random() < 0.5)
     return Slip(step, "result", -wrong if value < 0 else wrong)
+
+
+def sample_operation_slip(rng: random.Random, problem: Problem) -> Slip | None:
+    """A slip of the operation at a uniform step whose operand is not 0 (where ``+`` and ``-`` differ):
+    the first pass works ``- 36`` where the question reads ``+ 36``, as v2 stage 9's first pass did.
+    The check's undo takes the inverse of the *question's* operation, so it does not come back and the
+    mismatch is found (an undo that inverts the first pass's operation agrees with the slip). None
+    when every operand is 0."""
+    steps = [j for j, x in enumerate(problem.operands[1:]) if x != 0]
+    if not steps:
+        return None
+    step = rng.choice(steps)
+    return Slip(step, "operation", problem.operands[step + 1])
 
 
 def sample_check_slip(rng: random.Random, problem: Problem) -> CheckSlip:
@@ -186,7 +202,10 @@ def first_pass(problem: Problem, slip: Slip | None = None) -> tuple[list[str], l
     acc = slip.value if slip is not None and slip.first else problem.operands[0]
     lines, values = [], []
     for j, (op, operand) in enumerate(zip(problem.ops, problem.operands[1:])):
-        used = slip.value if slip is not None and slip.step == j and slip.kind == "operand" and not slip.first else operand
+        here = slip is not None and slip.step == j
+        used = slip.value if here and slip.kind == "operand" and not slip.first else operand
+        if here and slip.kind == "operation":
+            op = "-" if op == "+" else "+"
         line = step_line(acc, op, used)
         value = _apply(acc, op, used)
         if slip is not None and slip.step == j and slip.kind == "result":

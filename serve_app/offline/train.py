@@ -65,6 +65,9 @@ class TrainConfig(BaseModel):
     """``checked``: share of the slow replies with a first-pass slip whose check slips too, at the same
     step: the undo takes an operand that is neither the question's nor the first pass's (masked), so
     the redo must read the question's (``checked.sample_double_slip``)."""
+    operation_slip_fraction: float = Field(0.0, ge=0, le=1)
+    """``checked``: share of the first-pass slips that flip the step's operation (``- 36`` for ``+ 36``,
+    ``checked.sample_operation_slip``) instead of an operand or result slip."""
     close_step_fraction: float = Field(0.0, ge=0, le=1)
     """Share of slow training questions with one step rebuilt as a signed step whose two magnitudes
     differ by at most 9 (``with_close_step``: ``-65 + 68``, ``93 - 89``)."""
@@ -189,10 +192,13 @@ def checked_example(tokenizer, problem, rng: random.Random, cfg: TrainConfig) ->
     masked (the model learns to find and repair a slip, not to make one); else, with
     ``forced_close_fraction``, cut after the first pass and closed (what an online switch does); else,
     with ``check_slip_fraction``, one slip in an undo of the check, masked (a false alarm it mends);
-    a slipped reply, with ``double_slip_fraction``, also a slip in the undo of the slipped step (masked).
+    a slipped reply, with ``double_slip_fraction``, also a slip in the undo of the slipped step (masked);
+    ``operation_slip_fraction`` of the slips flip the step's operation.
     Returns (reply ids, labels, loss weights: ``check_weight`` on the check's verdict and redo tokens,
     None when every token weighs 1)."""
     slip = checked.sample_slip(rng, problem) if rng.random() < cfg.slip_fraction else None
+    if slip is not None and cfg.operation_slip_fraction and rng.random() < cfg.operation_slip_fraction:
+        slip = checked.sample_operation_slip(rng, problem) or slip
     fmt = {"keyed": cfg.reply_format == "checked-keyed", "judged": cfg.reply_format == "checked-judged"}
     if slip is None and rng.random() < cfg.forced_close_fraction:
         thought, _ = checked.checked_thought(problem, **fmt)

@@ -59,6 +59,9 @@ def add_train_model(sub) -> None:
     p.add_argument("--double-slip-fraction", dest="double_slip_fraction", type=float,
                    help="checked: share of slipped slow replies whose check also slips, in the undo of the slipped step, "
                         "so the redo must read the question's operand (default 0)")
+    p.add_argument("--operation-slip-fraction", dest="operation_slip_fraction", type=float,
+                   help="checked: share of first-pass slips that flip the step's operation (- 36 for + 36), "
+                        "so the check's undo must take the question's operation (default 0)")
     p.add_argument("--close-step-fraction", dest="close_step_fraction", type=float,
                    help="share of slow training questions with one signed step whose magnitudes differ by at most 9 "
                         "(-65 + 68, 93 - 89; default 0)")
