@@ -87,18 +87,29 @@ def _slow(prompts, **kw):
 def test_side_branches_leave_the_reply_untouched_and_answer_like_a_real_close(engine, prompts):
     """A rule that never fires probes every 16 thinking tokens: the replies are token for token the
     plain slow ones, every probe is counted apart, and the answer probed after 16 thinking tokens is
-    the one the main branch writes when a 16-token thinking budget closes the thought there."""
+    what the main branch writes when a 16-token thinking budget closes the thought there: the same
+    answer, or, where that close is not followed by an answer and EOS within the probe's
+    ``max_answer_tokens`` (v2 stage 9 sometimes goes on working after a close in mid-line), no answer."""
     ids, problems = prompts
+    rule = EarlyExit("dynasor", every=16, window=10_000)
     plain = engine.generate(_slow(ids))
-    probed = engine.generate(_slow(ids, early_exit=EarlyExit("dynasor", every=16, window=10_000)))
+    probed = engine.generate(_slow(ids, early_exit=rule))
     budget = engine.generate(_slow(ids, max_thinking_tokens=16))
+    answered = 0
     for a, b, c, p in zip(plain, probed, budget, problems):
         assert b.token_ids == a.token_ids and b.tokens == a.tokens and b.exited_at is None
         think = a.text.index("</think>")
         assert len(b.probe_answers) == len(engine.tokenizer.encode(a.text[:think], add_special_tokens=False)) // 16
         assert b.probe_tokens >= len(b.probe_answers) * (len(engine.switch_ids["fast"]) + 1)
-        assert b.probe_answers[0] == c.text.split("</think>")[-1].replace("<|im_end|>", "").strip()
+        close = engine.tokenizer.decode(engine.switch_ids["fast"])  # "</think>\n\n", forced by the budget
+        after = c.text[c.text.index(close) + len(close):]  # what the main branch wrote after it
+        if after.count("<|im_end|>") and len(engine.tokenizer.encode(after.split("<|im_end|>")[0], add_special_tokens=False)) < rule.max_answer_tokens:
+            assert b.probe_answers[0] == after.split("<|im_end|>")[0].strip()
+            answered += 1
+        else:
+            assert b.probe_answers[0] is None
         assert b.probe_answers[-1] == str(p.answer)  # at the end of the thought the probe reads the answer
+    assert answered >= 2  # most closes after 16 tokens are answered at once
 
 
 def test_early_exits_close_the_thought_where_their_rule_fires(engine, prompts):
