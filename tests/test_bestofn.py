@@ -93,8 +93,8 @@ def test_eval_best_of_reports_the_curve_seeds_and_margins(model_dir, tmp_path):
     data = tmp_path / "easy.jsonl"
     write_jsonl(generate_problems(4, seed=737373, config=TaskConfig(min_operators=1, max_operators=2)), data)
     out = tmp_path / "bon.json"
-    rc = main(["eval", "--model", str(model_dir), "--dataset", str(data), "--policy", "fast", "--best-of", "4",
-               "--select", "coe,vote,coe-vote", "--temperature", "1.5", "--seed", "5", "--out", str(out)])
+    rc = main(["eval", "--model", str(model_dir), "--dataset", str(data), "--policy", "fast,slow", "--best-of", "4",
+               "--select", "coe,vote,coe-vote", "--temperature", "1.5", "--seed", "5", "--max-new-tokens", "24", "--out", str(out)])
     assert rc == 0 and out.with_suffix(".png").stat().st_size > 0
     report = json.loads(out.read_text())
     assert report["command"].startswith("kvswitch eval ") and "--best-of 4" in report["command"]
@@ -106,8 +106,12 @@ def test_eval_best_of_reports_the_curve_seeds_and_margins(model_dir, tmp_path):
     assert seeds == [5_000_000 + i for i in range(16)]
     assert all(0 <= s["confidence"] <= 1 for r in records for s in r["samples"])
     # a best-of-4 pick is right exactly when its chosen sample is; counts agree with accuracies
-    cell = fast["vs_greedy_fast"]["coe"]
-    assert cell["correct"] == round(fast["curve"]["4"]["coe"]["accuracy"] * 4)
-    assert cell["other_correct"] == report["greedy"]["fast"]["correct"]
-    assert cell["margin"] == cell["wins"] - cell["losses"]
+    # each mode's picks are set against the greedy reply of that mode, not another mode's
+    for mode, entry in report["sampled"].items():
+        cell = entry["vs_greedy"]["coe"]
+        assert cell["correct"] == round(entry["curve"]["4"]["coe"]["accuracy"] * 4)
+        assert cell["other_correct"] == report["greedy"][mode]["correct"]
+        assert cell["other_correct"] == sum(r[f"greedy_{mode}"]["correct"] for r in entry["records"])
+        assert cell["margin"] == cell["wins"] - cell["losses"]
+    assert set(report["sampled"]) == {"fast", "slow"}
     assert fast["curve"]["4"]["coe"]["mean_tokens"] == pytest.approx(sum(s["tokens"] for r in records for s in r["samples"]) / 4)

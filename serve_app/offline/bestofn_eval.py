@@ -144,7 +144,8 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict:
         flat_ok = [s["correct"] for per_q in samples for s in per_q]
         entry = {
             "curve": _without_picks(curve),
-            "vs_greedy_fast": {rule: _paired(top[rule]["chosen"], [s["correct"] for s in greedy["fast"]]) for rule in rules},
+            # against the greedy reply in the same mode: what the N samples cost N times over
+            "vs_greedy": {rule: _paired(top[rule]["chosen"], [s["correct"] for s in greedy[mode]]) for rule in rules},
             "vs_random": {rule: _paired(top[rule]["chosen"], top["random"]["chosen"]) for rule in rules if rule != "random"},
             "sample_accuracy": sum(flat_ok) / len(flat_ok),
             "sample_confidence_auroc": auroc([s["confidence"] if s["confidence"] is not None else float("nan")
@@ -172,7 +173,7 @@ def print_best_of_n(report: dict) -> None:
         for n, cell in curve.items():
             print(f"{n:>3} {cell[rules[0]]['mean_tokens']:>8.1f} " + " ".join(f"{cell[r]['accuracy']:>12.3f}" for r in rules))
         n_max = list(curve)[-1]
-        for name, table in (("greedy fast", entry["vs_greedy_fast"]), ("random pick", entry["vs_random"])):
+        for name, table in ((f"greedy {mode}", entry["vs_greedy"]), ("random pick", entry["vs_random"])):
             print(f"N={n_max} vs {name}: " + "; ".join(
                 f"{r} {c['correct']} vs {c['other_correct']} ({c['margin']:+d}, {c['wins']} won / {c['losses']} lost, p={c['sign_test_p']:.3g})"
                 for r, c in table.items()))
