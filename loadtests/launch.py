@@ -72,6 +72,19 @@ def launched(serve_config: str | Path, log_path: str | Path | None = None, timeo
             yield url
         finally:
             _stop(proc)
+            # Ray's HTTP proxy can hold the port for a while after `serve run` has exited; a caller
+            # that launches the next config at once (bench-autoscale) would find it taken.
+            _wait_closed(url)
+
+
+def _wait_closed(url: str, timeout: float = 60.0, poll_s: float = 0.5) -> bool:
+    """Wait until nothing listens on ``url``'s port; False if something still does after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while _port_open(url):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)
+    return True
 
 
 def _stop(proc: subprocess.Popen) -> None:
