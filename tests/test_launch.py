@@ -11,14 +11,9 @@ import time
 import pytest
 
 from loadtests import launch
+from tests.ports import free_port
 
 LINGER_S = 2.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -51,7 +46,7 @@ def fake_serve(tmp_path, monkeypatch):
     '''))
     script.chmod(0o755)
     monkeypatch.setattr(launch, "_serve_binary", lambda: str(script))
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "config.yaml"
     config.write_text(f"http_options:\n  host: 127.0.0.1\n  port: {port}\napplications: []\n")
     return config, f"http://127.0.0.1:{port}"

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,12 +16,7 @@ import pytest
 
 from loadtests.runner import LoadConfig, run_load
 from serve_app.core.task import generate_problems, num_operators
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port
 
 
 def _serve(cmd: list[str], env: dict, log_path: Path, ready: str, timeout: float = 240):
@@ -57,7 +51,7 @@ def plain_server(model_dir, tmp_path_factory):
         cli = shutil.which("transformers")
     if cli is None:
         pytest.skip("the transformers CLI is not installed")
-    port = _free_port()
+    port = free_port()
     home = tmp_path_factory.mktemp("hf-home")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1", "HF_HOME": str(home)}
     url = f"http://127.0.0.1:{port}"
@@ -91,7 +85,7 @@ def test_loadtest_runs_against_a_plain_vllm_server(model_dir, tmp_path):
     package ships no ``vllm`` CLI) with its Qwen3 reasoning parser: forced modes go through
     ``enable_thinking``, kvswitch's fields stay null."""
     pytest.importorskip("vllm")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--served-model-name", "tiny",
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--gpu-memory-utilization", "0.2",

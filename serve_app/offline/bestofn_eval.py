@@ -144,7 +144,7 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict:
         flat_ok = [s["correct"] for per_q in samples for s in per_q]
         entry = {
             "curve": _without_picks(curve),
-            # against the greedy reply in the same mode: what the N samples cost N times over
+            # each rule's pick against the greedy reply of the same mode: does spending N samples beat one greedy reply?
             "vs_greedy": {rule: _paired(top[rule]["chosen"], [s["correct"] for s in greedy[mode]]) for rule in rules},
             "vs_random": {rule: _paired(top[rule]["chosen"], top["random"]["chosen"]) for rule in rules if rule != "random"},
             "sample_accuracy": sum(flat_ok) / len(flat_ok),
